@@ -1,0 +1,18 @@
+"""gunicorn settings for `sidecar serve` (CLI --bind / --workers override bind / workers)."""
+
+bind = ["127.0.0.1:8080"]
+workers = 2
+# Threads keep connections alive between a gateway's calls; sync workers would close each one.
+worker_class = "gthread"
+threads = 4
+keepalive = 15
+timeout = 30
+# SIGTERM: stop accepting, let in-flight requests finish for up to this long.
+graceful_timeout = 20
+# Each worker builds its own app (database pool, caches) after the fork.
+preload_app = False
+accesslog = "-"
+# %(U)s is the path without the query string: a misplaced token in a URL never reaches a log.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+errorlog = "-"
+loglevel = "info"

@@ -1,0 +1,61 @@
+"""The audit trail: every exchange decision, granted or denied, with the reason.
+
+Never a token or a secret: a subject token appears as a short SHA-256 prefix, a minted token as its
+``jti``. Each event is written to the database and to the ``sidecar.audit`` log as one JSON line.
+A granted exchange whose audit record cannot be written is not answered with a token (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sidecar.errors import TemporarilyUnavailableError
+from sidecar.store.models import AuditEventRow
+
+log = logging.getLogger("sidecar.audit")
+
+GRANTED, DENIED = "granted", "denied"
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    """Filled in as an exchange progresses, so a denial records how far the request got."""
+
+    at: float
+    decision: str = DENIED
+    error: str | None = None
+    reason: str | None = None
+    client_id: str | None = None
+    subject: str | None = None
+    subject_issuer: str | None = None
+    subject_token_sha256: str | None = None
+    actor: str | None = None
+    audiences: list[str] = field(default_factory=list)
+    scope: str | None = None
+    jti: str | None = None
+    expires_at: float | None = None
+    kid: str | None = None
+
+
+class AuditTrail:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def record(self, event: AuditEvent) -> None:
+        """Write the event; raises TemporarilyUnavailableError if a *grant* cannot be recorded."""
+        values = asdict(event)
+        log.info("exchange %s", json.dumps(values, separators=(",", ":")))
+        values["audiences"] = json.dumps(event.audiences)
+        values["reason"] = (event.reason or "")[:255] or None
+        try:
+            with self._sessions() as session, session.begin():
+                session.add(AuditEventRow(**values))
+        except SQLAlchemyError as exc:
+            log.error("audit record not written: %s", type(exc).__name__)
+            if event.decision == GRANTED:
+                raise TemporarilyUnavailableError(reason="audit trail unavailable") from exc

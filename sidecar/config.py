@@ -1,0 +1,436 @@
+"""The configuration: one YAML file, read once at start-up into one typed, validated object.
+
+``${NAME}`` in any string is replaced by the environment variable NAME (``$${`` writes a literal
+``${``); a missing variable, an unknown key or a bad value is a :class:`ConfigError` whose message
+names the key path, e.g. ``trusted_issuers[0].algorithms[1]: ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+# Only asymmetric algorithms: an HMAC "key" would be the issuer's public key, which is the
+# classic algorithm-confusion attack, and "none" is never acceptable.
+SubjectAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+SigningAlgorithm = Literal["ES256", "EdDSA", "RS256", "PS256"]
+
+# Scope values that grant "everything" defeat the point of narrowing; refused in any policy.
+OMNIBUS_SCOPES = frozenset({"*", "all", "any", "root", "admin:*"})
+# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key path and the problem."""
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"15m"``, ``"24h"``, ``"7d"``, ``"500ms"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 30s, 15m or 24h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError("must be a duration such as 30s, 15m or 24h")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+def _check_http_url(value: str, *, allow_path: bool = True) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("must use https (plain http is allowed only on loopback)")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if not allow_path and parts.path not in ("", "/"):
+        raise ValueError("must not have a path")
+    return value
+
+
+class TokensConfig(_Strict):
+    algorithm: SigningAlgorithm = "ES256"
+    max_ttl: int = Field(300, ge=10, le=3600)
+    leeway: int = Field(30, ge=0, le=300)
+
+
+class KeysConfig(_Strict):
+    rotate_every: Duration = 24 * 3600.0
+    publish_ahead: Duration = 15 * 60.0
+    retain_after: Duration = 15 * 60.0
+    encryption_key: SecretStr | None = None
+    # How often every worker re-reads the keyring from the database (seconds).
+    refresh_interval: Duration = 10.0
+
+    @field_validator("rotate_every")
+    @classmethod
+    def _rotate_not_tiny(cls, value: float) -> float:
+        if value < 60:
+            raise ValueError("must be at least 60s")
+        return value
+
+
+class TrustedIssuerConfig(_Strict):
+    issuer: str
+    jwks_uri: str | None = None
+    jwks_file: Path | None = None
+    audiences: list[str] = Field(min_length=1)
+    algorithms: list[SubjectAlgorithm] = Field(default_factory=lambda: ["RS256", "ES256"])
+    # Scheduled refresh of the issuer's JWKS, and the minimum gap between two refetches that an
+    # unknown `kid` may trigger (so a flood of unknown kids cannot hammer the IdP).
+    refresh_interval: Duration = 300.0
+    min_refetch_interval: Duration = 30.0
+    fetch_timeout: Duration = 3.0
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        # Compared byte for byte with `iss`; no normalisation is applied, by design.
+        return _check_http_url(value)
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms_present(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one algorithm")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> TrustedIssuerConfig:
+        if (self.jwks_uri is None) == (self.jwks_file is None):
+            raise ValueError("exactly one of jwks_uri or jwks_file is required")
+        return self
+
+
+class ClientConfig(_Strict):
+    client_id: str = Field(min_length=1, max_length=255)
+    client_secret: SecretStr | None = None
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = None
+    grant_types: list[str] = Field(default_factory=lambda: [TOKEN_EXCHANGE_GRANT])
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ClientConfig:
+        has_keys = self.jwks is not None or self.jwks_uri is not None
+        if (self.client_secret is None) == (not has_keys):
+            raise ValueError(
+                "exactly one credential is required: client_secret, or jwks / jwks_uri "
+                "(private_key_jwt)"
+            )
+        if self.jwks is not None and self.jwks_uri is not None:
+            raise ValueError("jwks and jwks_uri are mutually exclusive")
+        if self.jwks is not None and not isinstance(self.jwks.get("keys"), list):
+            raise ValueError("jwks must be a JWK Set with a 'keys' list")
+        return self
+
+    @property
+    def auth_methods(self) -> tuple[str, ...]:
+        if self.client_secret is not None:
+            return ("client_secret_basic", "client_secret_post")
+        return ("private_key_jwt",)
+
+
+class PolicyConfig(_Strict):
+    client_id: str = Field(min_length=1)
+    audience: str = Field(min_length=1, max_length=2048)
+    scopes: list[str] = Field(min_length=1)
+    default_scopes: list[str] = Field(default_factory=list)
+    ttl: int = Field(120, ge=1)
+    enabled: bool = True
+    # Requested (and default) scopes must also be present in the subject token's scopes.
+    require_subject_scopes: bool = False
+    # Claims copied from the verified subject token into the minted token (an allowlist).
+    copy_claims: list[str] = Field(default_factory=list)
+
+    @field_validator("scopes", "default_scopes")
+    @classmethod
+    def _scope_syntax(cls, value: list[str]) -> list[str]:
+        for scope in value:
+            if not SCOPE_TOKEN.match(scope):
+                raise ValueError(f"{scope!r} is not a valid scope token (RFC 6749 §3.3)")
+            if scope.lower() in OMNIBUS_SCOPES or scope.endswith("*"):
+                raise ValueError(f"{scope!r} is an omnibus scope; list the scopes explicitly")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a scope twice")
+        return value
+
+    @field_validator("copy_claims")
+    @classmethod
+    def _copyable(cls, value: list[str]) -> list[str]:
+        from sidecar.exchange.claims import RESERVED_CLAIMS
+
+        for name in value:
+            if name in RESERVED_CLAIMS:
+                raise ValueError(f"{name!r} is set by the sidecar and cannot be copied")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_allowed(self) -> PolicyConfig:
+        outside = set(self.default_scopes) - set(self.scopes)
+        if outside:
+            raise ValueError(f"default_scopes {sorted(outside)} are not in scopes")
+        return self
+
+
+class Settings(_Strict):
+    issuer: str
+    database_url: str = "sqlite:///var/sidecar.db"
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
+    keys: KeysConfig = Field(default_factory=KeysConfig)
+    trusted_issuers: list[TrustedIssuerConfig] = Field(min_length=1)
+    clients: list[ClientConfig] = Field(min_length=1)
+    policies: list[PolicyConfig] = Field(default_factory=list)
+    # How often every worker re-reads the policy table (seconds): the bound on how long a
+    # policy change takes to reach every worker of every replica.
+    policy_refresh_interval: Duration = 5.0
+    # Where the config file lives; relative jwks_file paths resolve against it. Not a YAML key.
+    config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        _check_http_url(value)
+        if value.endswith("/"):
+            raise ValueError("must not end with '/'")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql")):
+            raise ValueError("must be sqlite:///PATH or postgresql+psycopg://...")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        issuers = [i.issuer for i in self.trusted_issuers]
+        if self.issuer in issuers:
+            # Our own tokens must never be accepted back as subject tokens.
+            raise ValueError("trusted_issuers must not include this service's own issuer")
+        _refuse_duplicates("trusted_issuers", issuers)
+        _refuse_duplicates("clients", [c.client_id for c in self.clients])
+        if self.keys.retain_after < self.tokens.max_ttl + self.tokens.leeway:
+            raise ValueError(
+                "keys.retain_after must be at least tokens.max_ttl + tokens.leeway, so that "
+                "every token outlives the publication of its key"
+            )
+        validate_policies(self.policies, self)
+        return self
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.issuer}/token"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.issuer}/.well-known/jwks.json"
+
+    def find_client(self, client_id: str) -> ClientConfig | None:
+        for client in self.clients:
+            if client.client_id == client_id:
+                return client
+        return None
+
+
+def _refuse_duplicates(what: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what}: {value!r} appears twice")
+        seen.add(value)
+
+
+def validate_policies(policies: list[PolicyConfig], settings: Settings) -> None:
+    """Cross-checks a policy set against the settings; raises ValueError naming the policy."""
+    client_ids = {c.client_id for c in settings.clients}
+    seen: set[tuple[str, str]] = set()
+    for index, policy in enumerate(policies):
+        where = f"policies[{index}] ({policy.client_id} -> {policy.audience})"
+        if policy.client_id not in client_ids:
+            raise ValueError(f"{where}: client_id is not one of the configured clients")
+        if policy.ttl > settings.tokens.max_ttl:
+            raise ValueError(f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl")
+        key = (policy.client_id, policy.audience)
+        if key in seen:
+            raise ValueError(f"{where}: a second policy for the same client and audience")
+        seen.add(key)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def _path_text(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def substitute_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()) -> Any:
+    """Replace ``${NAME}`` in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {k: substitute_env(v, env, (*loc, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, env, (*loc, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name = match.group(1)
+        if not _ENV_NAME.match(name):
+            raise ConfigError(f"{_path_text(loc)}: ${{{name}}} is not a valid variable name")
+        if name not in env:
+            raise ConfigError(f"{_path_text(loc)}: environment variable {name} is not set")
+        return env[name]
+
+    return _ENV_REF.sub(replace, value)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{_path_text(tuple(error['loc']))}: {message}")
+    return "\n".join(lines)
+
+
+def settings_from_mapping(
+    data: dict[str, Any], *, env: Mapping[str, str] | None = None, config_dir: Path | None = None
+) -> Settings:
+    data = substitute_env(data, os.environ if env is None else env)
+    try:
+        settings = Settings.model_validate({**data, "config_dir": config_dir or Path(".")})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    return settings
+
+
+def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
+    """Read, substitute and validate the configuration file at ``path``."""
+    config_path = Path(path)
+    data = read_yaml(config_path)
+    if "config_dir" in data:
+        raise ConfigError("config_dir: unknown key")
+    return settings_from_mapping(data, env=env, config_dir=config_path.resolve().parent)
+
+
+def load_policies_file(path: Path, settings: Settings) -> list[PolicyConfig]:
+    """The ``policies:`` list of a YAML file (a policy file or a whole config file)."""
+    data = read_yaml(path)
+    raw = data.get("policies")
+    if raw is None:
+        raise ConfigError(f"{path}: no 'policies' key")
+    raw = substitute_env(raw, os.environ, ("policies",))
+    if not isinstance(raw, list):
+        raise ConfigError("policies: must be a list")
+    policies = []
+    for index, item in enumerate(raw):
+        try:
+            policies.append(PolicyConfig.model_validate(item))
+        except ValidationError as exc:
+            text = format_validation_error(exc)
+            raise ConfigError(
+                "\n".join(f"policies[{index}].{line}" for line in text.splitlines())
+            ) from None
+    try:
+        validate_policies(policies, settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return policies

@@ -1,0 +1,59 @@
+"""The demo identity provider behind ``make run``: a generated key under ``keys/`` (git-ignored)
+whose public JWKS the demo configuration trusts, and subject tokens signed with it."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from sidecar.keys.material import (
+    generate_private_key,
+    private_key_from_pem,
+    private_key_to_pem,
+    public_jwk,
+)
+
+DEMO_ALGORITHM = "ES256"
+
+
+def init_demo_idp(private_path: Path, jwks_path: Path) -> bool:
+    """Create the demo IdP key pair if absent; True if created."""
+    if private_path.exists() and jwks_path.exists():
+        return False
+    key = generate_private_key(DEMO_ALGORITHM)
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    private_path.write_bytes(private_key_to_pem(key))
+    private_path.chmod(0o600)
+    jwks_path.write_text(json.dumps({"keys": [public_jwk(key, DEMO_ALGORITHM)]}, indent=2) + "\n")
+    return True
+
+
+def demo_token(
+    private_path: Path,
+    *,
+    issuer: str,
+    audience: str,
+    subject: str,
+    scope: str,
+    ttl: int,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    key = private_key_from_pem(private_path.read_bytes())
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience,
+        "scope": scope,
+        "iat": now,
+        "exp": now + ttl,
+        "jti": secrets.token_urlsafe(12),
+        **(extra or {}),
+    }
+    kid = public_jwk(key, DEMO_ALGORITHM)["kid"]
+    return jwt.encode(claims, key, algorithm=DEMO_ALGORITHM, headers={"kid": kid, "typ": "at+jwt"})

@@ -1,0 +1,65 @@
+"""Trusted issuers of subject and actor tokens (DESIGN §2 step 2, §4 ``trusted_issuers``).
+
+Each entry holds its own key set, audiences and algorithm allowlist; keys are looked up by
+(issuer, kid) in that issuer's set only, so a token of one issuer can never be verified with a
+key of another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from sidecar.config import Settings, TrustedIssuerConfig
+from sidecar.exchange.subject import VerificationKey
+from sidecar.jwks import JwksSource, RefreshRules, fetch_json
+
+
+class TrustedIssuer:
+    def __init__(
+        self,
+        config: TrustedIssuerConfig,
+        *,
+        config_dir: Path,
+        clock: Callable[[], float],
+        fetch: Callable[[str, float], object] = fetch_json,
+    ) -> None:
+        self.issuer = config.issuer
+        self.audiences = tuple(config.audiences)
+        self.algorithms = frozenset(config.algorithms)
+        path = None
+        if config.jwks_file is not None:
+            path = config.jwks_file if config.jwks_file.is_absolute() else config_dir / config.jwks_file
+        self._keys = JwksSource(
+            name=config.issuer,
+            allowed=self.algorithms,
+            rules=RefreshRules(
+                refresh_interval=config.refresh_interval,
+                min_refetch_interval=config.min_refetch_interval,
+                fetch_timeout=config.fetch_timeout,
+            ),
+            clock=clock,
+            url=config.jwks_uri,
+            path=path,
+            fetch=fetch,
+        )
+
+    def find_key(self, kid: str) -> VerificationKey | None:
+        return self._keys.find_key(kid)
+
+
+class IssuerDirectory:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float],
+        fetch: Callable[[str, float], object] = fetch_json,
+    ) -> None:
+        self._issuers = {
+            entry.issuer: TrustedIssuer(entry, config_dir=settings.config_dir, clock=clock, fetch=fetch)
+            for entry in settings.trusted_issuers
+        }
+
+    def find_issuer(self, issuer: str) -> TrustedIssuer | None:
+        # Exact, byte-for-byte: no case folding, no trailing-slash normalisation.
+        return self._issuers.get(issuer)

@@ -1,0 +1,1 @@
+"""Signing keys: generation, storage and the keyring that signs minted tokens."""

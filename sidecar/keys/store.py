@@ -1,0 +1,194 @@
+"""The database-backed keyring: loading keys, generating the first one, rotating and retiring,
+each change made under the ``keyring`` lease so that exactly one process performs it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from sidecar.config import KeysConfig
+from sidecar.keys.encryption import KeyDecryptionError, KeyEncryptor
+from sidecar.keys.keyring import Keyring, SigningKey
+from sidecar.keys.material import (
+    PrivateKey,
+    check_key_fits,
+    generate_private_key,
+    private_key_from_pem,
+    private_key_to_pem,
+    public_jwk,
+)
+from sidecar.store.db import hold_lease
+from sidecar.store.models import SigningKeyRow
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KeyDecryptionError", "KeyStore"]
+
+
+class KeyStore:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        keys: KeysConfig,
+        algorithm: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self._sessions = sessions
+        self._config = keys
+        self._algorithm = algorithm
+        self._clock = clock
+        secret = keys.encryption_key.get_secret_value() if keys.encryption_key else None
+        self._encryptor = KeyEncryptor(secret) if secret else None
+        # Parsed private keys by kid: a refresh re-reads rows but never re-parses a known key.
+        self._parsed: dict[str, PrivateKey] = {}
+
+    @property
+    def encrypts(self) -> bool:
+        return self._encryptor is not None
+
+    def _private_key(self, row: SigningKeyRow) -> PrivateKey:
+        cached = self._parsed.get(row.kid)
+        if cached is not None:
+            return cached
+        pem = row.private_key
+        if row.encryption is not None:
+            if self._encryptor is None:
+                raise KeyDecryptionError(
+                    f"signing key {row.kid} is encrypted but keys.encryption_key is not set"
+                )
+            pem = self._encryptor.decrypt(pem, row.kid)
+        key = private_key_from_pem(pem)
+        check_key_fits(key, row.algorithm)
+        self._parsed[row.kid] = key
+        return key
+
+    def _to_key(self, row: SigningKeyRow) -> SigningKey:
+        return SigningKey(
+            kid=row.kid,
+            algorithm=row.algorithm,
+            private_key=self._private_key(row),
+            public_jwk=json.loads(row.public_jwk),
+            created_at=row.created_at,
+            activates_at=row.activates_at,
+            retires_at=row.retires_at,
+            removes_at=row.removes_at,
+        )
+
+    def load(self) -> Keyring:
+        with self._sessions() as session:
+            rows = session.scalars(select(SigningKeyRow)).all()
+            keyring = Keyring([self._to_key(row) for row in rows])
+        known = {k.kid for k in keyring.keys}
+        for kid in set(self._parsed) - known:
+            del self._parsed[kid]
+        return keyring
+
+    def _insert_new_key(self, session: Session, now: float, activates_at: float) -> SigningKeyRow:
+        private_key = generate_private_key(self._algorithm)
+        jwk = public_jwk(private_key, self._algorithm)
+        pem = private_key_to_pem(private_key)
+        encryption = None
+        if self._encryptor is not None:
+            pem = self._encryptor.encrypt(pem, jwk["kid"])
+            encryption = self._encryptor.scheme
+        row = SigningKeyRow(
+            kid=jwk["kid"],
+            algorithm=self._algorithm,
+            private_key=pem,
+            encryption=encryption,
+            public_jwk=json.dumps(jwk),
+            created_at=now,
+            activates_at=activates_at,
+        )
+        session.add(row)
+        self._parsed[row.kid] = private_key
+        return row
+
+    def _locked_keyring(self, session: Session) -> Keyring:
+        rows = session.scalars(select(SigningKeyRow)).all()
+        return Keyring([self._to_key(row) for row in rows])
+
+    def ensure_current(self) -> bool:
+        """Generate a signing key if none signs now; True if one was generated."""
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "keyring")
+            now = self._clock()
+            if self._locked_keyring(session).current(now) is not None:
+                return False
+            row = self._insert_new_key(session, now, now)
+            log.info("generated signing key kid=%s alg=%s", row.kid, row.algorithm)
+            return True
+
+    def rotate(self, *, immediate: bool = False) -> SigningKey:
+        """Start a rotation: a new key that signs after ``publish_ahead`` (or at once)."""
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "keyring")
+            now = self._clock()
+            keyring = self._locked_keyring(session)
+            pending = keyring.upcoming(now)
+            if pending is not None and not immediate:
+                return pending
+            if pending is not None:
+                # --now with a key already published: bring that one forward.
+                session.execute(
+                    update(SigningKeyRow)
+                    .where(SigningKeyRow.kid == pending.kid)
+                    .values(activates_at=now)
+                )
+            plan = keyring.plan_rotation(
+                now,
+                publish_ahead=self._config.publish_ahead,
+                retain_after=self._config.retain_after,
+                immediate=immediate,
+            )
+            if plan.retiring_kid is not None:
+                session.execute(
+                    update(SigningKeyRow)
+                    .where(SigningKeyRow.kid == plan.retiring_kid)
+                    .values(retires_at=plan.retires_at, removes_at=plan.removes_at)
+                )
+            if pending is not None:
+                kid = pending.kid
+            else:
+                kid = self._insert_new_key(session, now, plan.activates_at).kid
+            log.info("rotation started: kid=%s activates_at=%.0f", kid, plan.activates_at)
+        new_key = self.load().find(kid)
+        assert new_key is not None
+        return new_key
+
+    def retire(self, kid: str) -> bool:
+        """Stop signing with ``kid`` now (it stays published for ``retain_after``)."""
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "keyring")
+            now = self._clock()
+            row = session.get(SigningKeyRow, kid)
+            if row is None:
+                return False
+            row.retires_at = min(row.retires_at or now, now)
+            row.removes_at = min(row.removes_at or now + self._config.retain_after,
+                                 now + self._config.retain_after)
+        return True
+
+    def maintain(self) -> Keyring:
+        """Keep the keyring healthy and return it: a current key exists, a rotation starts when
+        one is due, and keys past their publication window are deleted."""
+        keyring = self.load()
+        now = self._clock()
+        changed = False
+        if keyring.current(now) is None:
+            changed = self.ensure_current()
+        elif keyring.rotation_due(
+            now, rotate_every=self._config.rotate_every, publish_ahead=self._config.publish_ahead
+        ):
+            self.rotate()
+            changed = True
+        if any(k.removes_at is not None and k.removes_at <= now for k in keyring.keys):
+            with self._sessions() as session, session.begin():
+                hold_lease(session, "keyring")
+                session.execute(delete(SigningKeyRow).where(SigningKeyRow.removes_at <= now))
+            changed = True
+        return self.load() if changed else keyring

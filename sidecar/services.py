@@ -1,0 +1,101 @@
+"""Everything a running service holds, built once per process from the settings: the database,
+the stores, the in-process caches and the token-exchange grant."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from sidecar.audit import AuditTrail
+from sidecar.clients import ClientAuthenticator
+from sidecar.config import Settings
+from sidecar.errors import TemporarilyUnavailableError
+from sidecar.exchange.grant import TokenExchangeGrant
+from sidecar.exchange.policy import PolicySet
+from sidecar.issuers import IssuerDirectory
+from sidecar.jwks import fetch_json
+from sidecar.keys.keyring import Keyring, SigningKey
+from sidecar.keys.store import KeyStore
+from sidecar.refreshing import Refreshing
+from sidecar.store import migrate
+from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker, ping
+from sidecar.store.jtis import JtiStore
+from sidecar.store.models import PolicyRow
+from sidecar.store.policies import PolicyStore
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        fetch: Callable[[str, float], Any] = fetch_json,
+        engine: Engine | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.engine = engine or make_engine(settings.database_url)
+        sessions = make_sessionmaker(self.engine)
+        self.keys = KeyStore(sessions, settings.keys, settings.tokens.algorithm, clock)
+        self.policy_store = PolicyStore(sessions, clock)
+        self.audit = AuditTrail(sessions)
+        self.issuers = IssuerDirectory(settings, clock, fetch)
+        self.authenticator = ClientAuthenticator(settings, JtiStore(sessions, clock), clock, fetch)
+        self.keyring: Refreshing[Keyring] = Refreshing(
+            "keyring", self.keys.maintain, settings.keys.refresh_interval, clock
+        )
+        self.policies: Refreshing[PolicySet] = Refreshing(
+            "policies", self.policy_store.load, settings.policy_refresh_interval, clock
+        )
+        self.grant = TokenExchangeGrant(
+            issuer=settings.issuer,
+            max_ttl=settings.tokens.max_ttl,
+            leeway=settings.tokens.leeway,
+            issuers=self.issuers,
+            policies=self.policies.get,
+            signing_key=self.signing_key,
+            clock=clock,
+        )
+
+    def signing_key(self) -> SigningKey:
+        key = self.keyring.get().current(self.clock())
+        if key is None:
+            raise TemporarilyUnavailableError(reason="no signing key")
+        return key
+
+    def prepare(self, *, migrate_sqlite: bool = True) -> None:
+        """Start-up work done once, before serving: migrate an embedded SQLite database, check
+        the schema is current, make sure a key signs (and that every stored key decrypts), and
+        bootstrap the policy table from the config when it is empty."""
+        if migrate_sqlite and is_sqlite(self.settings.database_url):
+            migrate.upgrade(self.engine)
+        if not migrate.is_current(self.engine):
+            raise RuntimeError("the database schema is not current: run `sidecar db upgrade`")
+        self.keys.ensure_current()
+        self.keys.load()  # raises KeyDecryptionError on a wrong keys.encryption_key
+        if self.settings.policies and self.count_policies() == 0:
+            changes = self.policy_store.apply(self.settings.policies, actor="bootstrap")
+            log.info("policy table was empty: applied %d policies from the config", len(changes.created))
+
+    def count_policies(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).select_from(PolicyRow)) or 0)
+
+    def readiness(self) -> dict[str, bool]:
+        checks = {"database": True, "signing_key": True}
+        try:
+            ping(self.engine)
+        except Exception:
+            checks["database"] = False
+        try:
+            self.signing_key()
+        except Exception:
+            checks["signing_key"] = False
+        return checks

@@ -1,0 +1,1 @@
+"""The HTTP edge: the Flask application factory, views and the one error writer."""

@@ -1,0 +1,197 @@
+"""The Flask application factory and its views.
+
+Views do not build error bodies: a protocol error raised anywhere leaves through
+:func:`protocol_error_response`, anything else through :func:`unexpected_error_response`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from typing import Any
+
+from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
+from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from sidecar.audit import DENIED, AuditEvent
+from sidecar.config import TOKEN_EXCHANGE_GRANT, Settings
+from sidecar.errors import (
+    InvalidRequestError,
+    ProtocolError,
+    ServerError,
+    UnauthorizedClientError,
+    UnsupportedGrantTypeError,
+)
+from sidecar.exchange.grant import TokenResponse
+from sidecar.exchange.request import MAX_BODY_BYTES, parse_form
+from sidecar.metrics import Metrics
+from sidecar.services import Services
+
+log = logging.getLogger(__name__)
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+FORM_TYPE = "application/x-www-form-urlencoded"
+JWKS_MAX_AGE = 300
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")),
+        status=status,
+        mimetype="application/json",
+        headers=headers,
+    )
+
+
+def protocol_error_response(error: ProtocolError) -> Response:
+    """RFC 6749 §5.2 error body, with the fixed description and the no-store headers."""
+    body = {"error": error.error, "error_description": error.description}
+    return json_response(body, error.status_code, {**NO_STORE, **error.response_headers()})
+
+
+def log_unexpected(exc: BaseException) -> None:
+    # The traceback frames, not the message: a message may quote request input.
+    log.error(
+        "unexpected %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__))
+    )
+
+
+def unexpected_error_response(exc: BaseException) -> Response:
+    log_unexpected(exc)
+    return protocol_error_response(ServerError())
+
+
+def http_error_response(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    if status >= 500:
+        return unexpected_error_response(exc)
+    headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
+    body = {"error": "invalid_request", "error_description": exc.name + "."}
+    return json_response(body, status, {**NO_STORE, **headers})
+
+
+def server_metadata(settings: Settings) -> dict[str, Any]:
+    """RFC 8414 §2 authorization server metadata."""
+    metadata = AuthorizationServerMetadata(
+        {
+            "issuer": settings.issuer,
+            "token_endpoint": settings.token_endpoint,
+            "jwks_uri": settings.jwks_uri,
+            "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
+            "token_endpoint_auth_methods_supported": [
+                "client_secret_basic",
+                "client_secret_post",
+                "private_key_jwt",
+            ],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "EdDSA"],
+            # No authorization endpoint: this server issues tokens only by exchange.
+            "response_types_supported": [],
+            "service_documentation": "https://github.com/token-exchange-sidecar#readme",
+        }
+    )
+    metadata.validate_token_endpoint()
+    metadata.validate_jwks_uri()
+    metadata.validate_grant_types_supported()
+    metadata.validate_token_endpoint_auth_methods_supported()
+    return dict(metadata)
+
+
+def create_app(settings: Settings, services: Services | None = None) -> Flask:
+    """The application factory; ``services`` lets tests pass their own clock, fetcher or engine."""
+    services = services or Services(settings)
+    metrics = Metrics()
+    metadata = server_metadata(settings)
+    app = Flask("sidecar")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["sidecar"] = services
+
+    app.register_error_handler(ProtocolError, protocol_error_response)
+    app.register_error_handler(HTTPException, http_error_response)
+    app.register_error_handler(Exception, unexpected_error_response)
+
+    @app.post("/token")
+    def token() -> Response:
+        started = time.perf_counter()
+        event = AuditEvent(at=services.clock())
+        try:
+            result = _exchange(services, event)
+            services.audit.record(event)  # no audit record, no token
+            response = json_response(result.as_dict(), 200, NO_STORE)
+        except ProtocolError as exc:
+            response = _deny(services, event, exc)
+        except Exception as exc:
+            log_unexpected(exc)
+            response = _deny(services, event, ServerError(reason=type(exc).__name__))
+        outcome = "granted" if response.status_code == 200 else "denied"
+        error = "" if response.status_code == 200 else (event.error or "")
+        metrics.exchanges.labels(outcome, error).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/.well-known/jwks.json")
+    def jwks() -> Response:
+        keyring = services.keyring.get()
+        # Verifiers may cache the set no longer than a key is published ahead of use, so they
+        # always see a key before it signs.
+        max_age = int(min(JWKS_MAX_AGE, settings.keys.publish_ahead))
+        return json_response(
+            keyring.jwks(services.clock()), headers={"Cache-Control": f"public, max-age={max_age}"}
+        )
+
+    @app.get("/.well-known/oauth-authorization-server")
+    def oauth_metadata() -> Response:
+        return json_response(metadata, headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        checks = services.readiness()
+        ready = all(checks.values())
+        return json_response(
+            {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+        )
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _deny(services: Services, event: AuditEvent, error: ProtocolError) -> Response:
+    event.decision, event.error, event.reason = DENIED, error.error, error.reason
+    services.audit.record(event)
+    return protocol_error_response(error)
+
+
+def _exchange(services: Services, event: AuditEvent) -> TokenResponse:
+    """The token endpoint: transport checks, client authentication, then the grant."""
+    if request.query_string:
+        # RFC 6749 §3.2 requires POST; parameters belong in the body, never the URL, where
+        # proxies and logs would keep a token.
+        raise InvalidRequestError(reason="parameters in the query string")
+    if request.mimetype != FORM_TYPE:
+        raise InvalidRequestError(reason="body is not application/x-www-form-urlencoded")
+    if request.content_length is None or request.content_length > MAX_BODY_BYTES:
+        raise InvalidRequestError(reason="body length missing or over size cap")
+    params = parse_form(request.get_data(cache=False))
+
+    grant_type = params.single("grant_type")
+    if grant_type is None:
+        raise InvalidRequestError("A required parameter is missing.", reason="missing grant_type")
+    if grant_type != TOKEN_EXCHANGE_GRANT:
+        raise UnsupportedGrantTypeError(reason="unsupported grant_type")
+
+    client = services.authenticator.authenticate(params, request.headers.get("Authorization"))
+    event.client_id = client.client_id
+    if not client.check_grant_type(grant_type):
+        raise UnauthorizedClientError(reason="client may not use token exchange")
+    return services.grant.exchange(client.client_id, params, event)
+
