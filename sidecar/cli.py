@@ -85,7 +85,9 @@ def check_config(ctx: click.Context) -> None:
     help="gunicorn settings file (default deploy/gunicorn.conf.py).",
 )
 @click.pass_context
-def serve(ctx: click.Context, bind: str | None, workers: int | None, gunicorn_config: Path | None) -> None:
+def serve(
+    ctx: click.Context, bind: str | None, workers: int | None, gunicorn_config: Path | None
+) -> None:
     """Serve the token endpoint under gunicorn."""
     from sidecar.server import serve as run_server
 
@@ -245,11 +247,14 @@ def policy_apply(
         + [("delete", p) for p in changes.deleted]
     )
     if as_json:
-        click.echo(json.dumps({
-            "dry_run": dry_run,
-            "changes": [{"action": a, "client_id": p.client_id, "audience": p.audience} for a, p in lines],
-            "unchanged": len(changes.unchanged),
-        }))  # fmt: skip
+        changed = [
+            {"action": a, "client_id": p.client_id, "audience": p.audience} for a, p in lines
+        ]
+        click.echo(
+            json.dumps(
+                {"dry_run": dry_run, "changes": changed, "unchanged": len(changes.unchanged)}
+            )
+        )
     else:
         prefix = "would " if dry_run else ""
         for action, p in lines:

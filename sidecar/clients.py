@@ -76,7 +76,9 @@ class Client(ClientMixin):  # type: ignore[misc]
 class _ClientKeys:
     """A client's JWK Set for private_key_jwt, inline or from its jwks_uri (cached)."""
 
-    def __init__(self, config: ClientConfig, clock: Callable[[], float], fetch: Callable[[str, float], Any]) -> None:
+    def __init__(
+        self, config: ClientConfig, clock: Callable[[], float], fetch: Callable[[str, float], Any]
+    ) -> None:
         self._config = config
         self._clock = clock
         self._fetch = fetch
@@ -93,7 +95,9 @@ class _ClientKeys:
                 self._cached = KeySet.import_key_set(self._fetch(self._config.jwks_uri, 3.0))
                 self._fetched_at = self._clock()
             except (JwksUnavailable, JoseError, ValueError, TypeError) as exc:
-                log.warning("keys of client %s unavailable: %s", self._config.client_id, type(exc).__name__)
+                log.warning(
+                    "keys of client %s unavailable: %s", self._config.client_id, type(exc).__name__
+                )
         if self._cached is None:
             raise InvalidClientError(reason="client keys unavailable")
         return self._cached
@@ -105,7 +109,9 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
 
     CLIENT_AUTH_METHOD = "private_key_jwt"
 
-    def __init__(self, audiences: list[str], jtis: JtiStore, clock: Callable[[], float], leeway: int) -> None:
+    def __init__(
+        self, audiences: list[str], jtis: JtiStore, clock: Callable[[], float], leeway: int
+    ) -> None:
         super().__init__(validate_jti=True, leeway=leeway)
         self._audiences = audiences
         self._jtis = jtis
@@ -188,7 +194,9 @@ class ClientAuthenticator:
         fetch: Callable[[str, float], Any] = fetch_json,
     ) -> None:
         self.clients = {
-            c.client_id: Client(c, _ClientKeys(c, clock, fetch) if c.client_secret is None else None)
+            c.client_id: Client(
+                c, _ClientKeys(c, clock, fetch) if c.client_secret is None else None
+            )
             for c in settings.clients
         }
         self._authlib = ClientAuthentication(self.clients.get)
@@ -205,7 +213,10 @@ class ClientAuthenticator:
         basic = method == "client_secret_basic"
         if method is None:
             raise InvalidClientError(reason="no client authentication")
-        if method == "private_key_jwt" and form.single("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+        if (
+            method == "private_key_jwt"
+            and form.single("client_assertion_type") != CLIENT_ASSERTION_TYPE
+        ):
             raise InvalidClientError(reason="unsupported client_assertion_type")
         request = _AuthlibRequest(
             headers={"Authorization": authorization} if authorization else {},

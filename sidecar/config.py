@@ -112,7 +112,7 @@ class TrustedIssuerConfig(_Strict):
     jwks_uri: str | None = None
     jwks_file: Path | None = None
     audiences: list[str] = Field(min_length=1)
-    algorithms: list[SubjectAlgorithm] = Field(default_factory=lambda: ["RS256", "ES256"])
+    algorithms: list[SubjectAlgorithm] = Field(default_factory=lambda: ["RS256", "ES256"])  # type: ignore[arg-type]
     # Scheduled refresh of the issuer's JWKS, and the minimum gap between two refetches that an
     # unknown `kid` may trigger (so a flood of unknown kids cannot hammer the IdP).
     refresh_interval: Duration = 300.0
@@ -229,7 +229,7 @@ class PolicyConfig(_Strict):
 class Settings(_Strict):
     issuer: str
     database_url: str = "sqlite:///var/sidecar.db"
-    tokens: TokensConfig = Field(default_factory=TokensConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)  # type: ignore[arg-type]
     keys: KeysConfig = Field(default_factory=KeysConfig)
     trusted_issuers: list[TrustedIssuerConfig] = Field(min_length=1)
     clients: list[ClientConfig] = Field(min_length=1)
@@ -329,7 +329,7 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 

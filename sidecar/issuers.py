@@ -29,7 +29,11 @@ class TrustedIssuer:
         self.algorithms = frozenset(config.algorithms)
         path = None
         if config.jwks_file is not None:
-            path = config.jwks_file if config.jwks_file.is_absolute() else config_dir / config.jwks_file
+            path = (
+                config.jwks_file
+                if config.jwks_file.is_absolute()
+                else config_dir / config.jwks_file
+            )
         self._keys = JwksSource(
             name=config.issuer,
             allowed=self.algorithms,
@@ -56,7 +60,9 @@ class IssuerDirectory:
         fetch: Callable[[str, float], object] = fetch_json,
     ) -> None:
         self._issuers = {
-            entry.issuer: TrustedIssuer(entry, config_dir=settings.config_dir, clock=clock, fetch=fetch)
+            entry.issuer: TrustedIssuer(
+                entry, config_dir=settings.config_dir, clock=clock, fetch=fetch
+            )
             for entry in settings.trusted_issuers
         }
 

@@ -33,7 +33,9 @@ class JwksUnavailable(Exception):
     """The key set could not be fetched or parsed at all."""
 
 
-def parse_jwks(document: Any, allowed: frozenset[str], *, source: str) -> dict[str, VerificationKey]:
+def parse_jwks(
+    document: Any, allowed: frozenset[str], *, source: str
+) -> dict[str, VerificationKey]:
     """Parse a JWK Set into verification keys by kid, skipping (and logging) unusable keys."""
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise JwksUnavailable(f"{source}: not a JWK Set")

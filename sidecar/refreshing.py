@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class Refreshing(Generic[T]):
-    def __init__(self, name: str, load: Callable[[], T], interval: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, name: str, load: Callable[[], T], interval: float, clock: Callable[[], float]
+    ) -> None:
         self._name = name
         self._load = load
         self._interval = interval

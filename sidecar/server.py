@@ -15,7 +15,9 @@ DEFAULT_GUNICORN_CONFIG = REPO_ROOT / "deploy" / "gunicorn.conf.py"
 
 
 class SidecarServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings, config_file: Path | None, overrides: dict[str, Any]) -> None:
+    def __init__(
+        self, settings: Settings, config_file: Path | None, overrides: dict[str, Any]
+    ) -> None:
         self._settings = settings
         self._config_file = config_file
         self._overrides = overrides
@@ -37,7 +39,11 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
         return create_app(self._settings)
 
 
-def serve(settings: Settings, *, bind: str | None, workers: int | None, config_file: Path | None) -> None:
+def serve(
+    settings: Settings, *, bind: str | None, workers: int | None, config_file: Path | None
+) -> None:
     if config_file is None and DEFAULT_GUNICORN_CONFIG.is_file():
         config_file = DEFAULT_GUNICORN_CONFIG
-    SidecarServer(settings, config_file, {"bind": [bind] if bind else None, "workers": workers}).run()
+    SidecarServer(
+        settings, config_file, {"bind": [bind] if bind else None, "workers": workers}
+    ).run()

@@ -82,7 +82,9 @@ class Services:
         self.keys.load()  # raises KeyDecryptionError on a wrong keys.encryption_key
         if self.settings.policies and self.count_policies() == 0:
             changes = self.policy_store.apply(self.settings.policies, actor="bootstrap")
-            log.info("policy table was empty: applied %d policies from the config", len(changes.created))
+            log.info(
+                "policy table was empty: applied %d policies from the config", len(changes.created)
+            )
 
     def count_policies(self) -> int:
         with self.engine.connect() as connection:

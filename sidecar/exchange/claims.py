@@ -57,7 +57,9 @@ def check_may_act(subject: VerifiedToken, actor: VerifiedToken) -> None:
         raise InvalidRequestError("The token is invalid.", reason="actor not allowed by may_act")
 
 
-def build_act(client_id: str, subject: VerifiedToken, actor: VerifiedToken | None) -> dict[str, Any]:
+def build_act(
+    client_id: str, subject: VerifiedToken, actor: VerifiedToken | None
+) -> dict[str, Any]:
     """The ``act`` claim: the actor token's subject, or else the client, with any prior chain of
     the subject token nested inside."""
     if actor is not None:

@@ -77,7 +77,9 @@ class TokenExchangeGrant:
 
         actor = None
         if request.actor_token is not None:
-            actor = verify_token(request.actor_token, self._issuers, leeway=self._leeway, role="actor")
+            actor = verify_token(
+                request.actor_token, self._issuers, leeway=self._leeway, role="actor"
+            )
             event.actor = actor.subject
             check_may_act(subject, actor)
 

@@ -124,9 +124,7 @@ def _require(params: FormParams, name: str) -> str:
 def _token_type(params: FormParams, name: str, *, default: str | None = None) -> str | None:
     value = params.single(name) or default
     if value is not None and value not in SUPPORTED_TOKEN_TYPES:
-        raise InvalidRequestError(
-            "The token type is not supported.", reason=f"unsupported {name}"
-        )
+        raise InvalidRequestError("The token type is not supported.", reason=f"unsupported {name}")
     return value
 
 

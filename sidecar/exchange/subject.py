@@ -197,4 +197,3 @@ def jwk_algorithms(jwk: Mapping[str, Any], allowed: frozenset[str]) -> frozenset
     else:
         family = set()
     return frozenset(family) & allowed
-

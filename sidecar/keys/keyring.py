@@ -4,7 +4,8 @@ A key's state follows from its timestamps, so every worker that reads the same r
 
 - ``next``: published in the JWKS, not yet signing (``now < activates_at``);
 - ``current``: the one key that signs (``activates_at <= now < retires_at``);
-- ``previous``: still published so tokens it signed keep verifying (``retires_at <= now < removes_at``);
+- ``previous``: still published so tokens it signed keep verifying
+  (``retires_at <= now < removes_at``);
 - ``gone``: no longer published (``removes_at <= now``), deleted by maintenance.
 
 A rotation creates a ``next`` key that activates ``publish_ahead`` later and sets the current

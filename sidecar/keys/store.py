@@ -169,8 +169,9 @@ class KeyStore:
             if row is None:
                 return False
             row.retires_at = min(row.retires_at or now, now)
-            row.removes_at = min(row.removes_at or now + self._config.retain_after,
-                                 now + self._config.retain_after)
+            row.removes_at = min(
+                row.removes_at or now + self._config.retain_after, now + self._config.retain_after
+            )
         return True
 
     def maintain(self) -> Keyring:

@@ -28,7 +28,9 @@ class JtiStore:
             return False
         try:
             with self._sessions() as session, session.begin():
-                session.add(ClientAssertionJtiRow(client_id=client_id, jti=jti, expires_at=expires_at))
+                session.add(
+                    ClientAssertionJtiRow(client_id=client_id, jti=jti, expires_at=expires_at)
+                )
         except IntegrityError:
             return False
         except OperationalError as exc:

@@ -87,7 +87,12 @@ def server_metadata(settings: Settings) -> dict[str, Any]:
                 "client_secret_post",
                 "private_key_jwt",
             ],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "EdDSA"],
+            "token_endpoint_auth_signing_alg_values_supported": [
+                "RS256",
+                "PS256",
+                "ES256",
+                "EdDSA",
+            ],
             # No authorization endpoint: this server issues tokens only by exchange.
             "response_types_supported": [],
             "service_documentation": "https://github.com/token-exchange-sidecar#readme",
@@ -194,4 +199,3 @@ def _exchange(services: Services, event: AuditEvent) -> TokenResponse:
     if not client.check_grant_type(grant_type):
         raise UnauthorizedClientError(reason="client may not use token exchange")
     return services.grant.exchange(client.client_id, params, event)
-
