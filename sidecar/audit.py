@@ -51,7 +51,10 @@ class AuditTrail:
         values = asdict(event)
         log.info("exchange %s", json.dumps(values, separators=(",", ":")))
         values["audiences"] = json.dumps(event.audiences)
-        values["reason"] = (event.reason or "")[:255] or None
+        # Column limits: a long `sub` from an IdP must not turn a grant into a failed insert.
+        for name in ("reason", "subject", "actor", "client_id"):
+            if values[name] is not None:
+                values[name] = values[name][:255]
         try:
             with self._sessions() as session, session.begin():
                 session.add(AuditEventRow(**values))

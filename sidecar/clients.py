@@ -9,6 +9,7 @@ endpoint, with a short ``exp`` and a ``jti`` that is accepted once). RFC 6749 §
 from __future__ import annotations
 
 import hmac
+import secrets
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from joserfc import jwt as jose_jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from pydantic import SecretStr
 
 from sidecar.config import ClientConfig, Settings
 from sidecar.errors import (
@@ -174,7 +176,9 @@ def _method_used(form: FormParams, authorization: str | None) -> str | None:
     if authorization is not None:
         scheme = authorization.split(" ", 1)[0].lower()
         if scheme != "basic":
-            raise InvalidClientError(reason="unsupported Authorization scheme")
+            # RFC 6749 §5.2: the client used the Authorization header, so the 401 carries a
+            # challenge, and Basic is the one scheme this endpoint accepts.
+            raise InvalidClientError(reason="unsupported Authorization scheme", basic=True)
         methods.append("client_secret_basic")
     if "client_secret" in form:
         methods.append("client_secret_post")
@@ -199,13 +203,22 @@ class ClientAuthenticator:
             )
             for c in settings.clients
         }
-        self._authlib = ClientAuthentication(self.clients.get)
+        # An unknown client_id is answered exactly like a wrong secret, after a comparison of
+        # the same cost, so response times do not tell which client ids exist.
+        self._unknown = Client(
+            ClientConfig(client_id="unknown", client_secret=SecretStr(secrets.token_urlsafe(32))),
+            None,
+        )
+        self._authlib = ClientAuthentication(self._find_client)
         self._authlib.register(
             "private_key_jwt",
             PrivateKeyJwt(
                 [settings.issuer, settings.token_endpoint], jtis, clock, settings.tokens.leeway
             ),
         )
+
+    def _find_client(self, client_id: str) -> Client:
+        return self.clients.get(client_id) or self._unknown
 
     def authenticate(self, form: FormParams, authorization: str | None) -> Client:
         """Return the authenticated client, or raise ``invalid_client`` / ``invalid_request``."""
@@ -230,6 +243,8 @@ class ClientAuthenticator:
             raise InvalidClientError(reason=exc.reason, basic=basic) from exc
         except (OAuth2Error, JoseError, ValueError) as exc:
             raise InvalidClientError(reason=f"{method} failed", basic=basic) from exc
+        if client is self._unknown:  # cannot happen (its secret is random); fail closed anyway
+            raise InvalidClientError(reason="unknown client", basic=basic)
         claimed = form.single("client_id")
         if claimed is not None and claimed != client.client_id:
             # RFC 6749 §3.2.1 / RFC 7521 §4.2: a client_id parameter must name the same client.

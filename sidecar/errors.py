@@ -62,7 +62,9 @@ class UnauthorizedClientError(ProtocolError, rfc6749.UnauthorizedClientError):  
     description = "The client is not allowed to use this grant type."
 
 
-class UnsupportedGrantTypeError(ProtocolError, rfc6749.UnsupportedGrantTypeError):  # type: ignore[misc]
+class UnsupportedGrantTypeError(ProtocolError):
+    # Not based on Authlib's class: its constructor takes the grant type (so it cannot be built
+    # like the others here) and its description echoes that request input.
     error = "unsupported_grant_type"
     status_code = 400
     description = "The grant type is not supported."

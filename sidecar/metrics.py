@@ -1,8 +1,73 @@
-"""Prometheus metrics (``GET /metrics``), in a registry of the app's own."""
+"""Prometheus metrics (``GET /metrics``).
+
+Under ``sidecar serve`` every gunicorn worker writes its counters to ``PROMETHEUS_MULTIPROC_DIR``
+(set by ``serve``) and a scrape of any worker reports the sum over all workers. Values that follow
+from shared state (the keyring) are computed at scrape time by a collector, so every worker reports
+the same numbers.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from sidecar.keys.keyring import Keyring
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class KeyringCollector(Collector):
+    """Gauges of the signing keyring: the current key's age and the next rotation time."""
+
+    def __init__(
+        self,
+        keyring: Callable[[], Keyring],
+        clock: Callable[[], float],
+        rotate_every: float,
+        publish_ahead: float,
+    ) -> None:
+        self._keyring = keyring
+        self._clock = clock
+        self._rotate_every = rotate_every
+        self._publish_ahead = publish_ahead
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            keyring = self._keyring()
+        except Exception:
+            return
+        now = self._clock()
+        current = keyring.current(now)
+        published = GaugeMetricFamily(
+            "sidecar_signing_keys_published", "Keys in the JWKS, by state.", labels=["state"]
+        )
+        for state in ("next", "current", "previous"):
+            count = sum(1 for k in keyring.published(now) if k.state(now) == state)
+            published.add_metric([state], count)
+        yield published
+        if current is None:
+            return
+        yield GaugeMetricFamily(
+            "sidecar_signing_key_age_seconds",
+            "Seconds since the current signing key started signing.",
+            value=now - current.activates_at,
+        )
+        upcoming = keyring.upcoming(now)
+        next_rotation = (
+            upcoming.activates_at
+            if upcoming is not None
+            else current.activates_at + self._rotate_every
+        )
+        yield GaugeMetricFamily(
+            "sidecar_signing_key_next_rotation_timestamp_seconds",
+            "When the next key starts signing (Unix time).",
+            value=next_rotation,
+        )
 
 
 class Metrics:
@@ -20,3 +85,13 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self._scrape_registry = self.registry
+        if os.environ.get(MULTIPROCESS_ENV):
+            self._scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self._scrape_registry)
+
+    def add_collector(self, collector: Collector) -> None:
+        self._scrape_registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self._scrape_registry)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
 import runpy
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +17,9 @@ from sidecar.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GUNICORN_CONFIG = REPO_ROOT / "deploy" / "gunicorn.conf.py"
+# The same name as sidecar.metrics.MULTIPROCESS_ENV; not imported from there because
+# prometheus_client must not be imported in the master before this variable is set.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class SidecarServer(BaseApplication):  # type: ignore[misc]
@@ -36,7 +44,23 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
         # Runs in each worker (no preload): every worker owns its database pool and caches.
         from sidecar.web.app import create_app
 
+        configure_logging()
         return create_app(self._settings)
+
+
+def configure_logging() -> None:
+    """The service's own log lines (audit, key and issuer events) on stderr, beside gunicorn's."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _remove_in_master(path: str, master_pid: int) -> None:
+    # Workers are forks of the master and inherit its atexit handlers: a worker that exits
+    # (SIGTERM, SIGHUP reload, max_requests) must not delete the directory the others write to.
+    if os.getpid() == master_pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def serve(
@@ -44,6 +68,12 @@ def serve(
 ) -> None:
     if config_file is None and DEFAULT_GUNICORN_CONFIG.is_file():
         config_file = DEFAULT_GUNICORN_CONFIG
+    # Workers share their metrics through this directory (prometheus_client multiprocess mode);
+    # it is set before any worker imports prometheus_client.
+    if not os.environ.get(MULTIPROCESS_ENV):
+        metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        atexit.register(_remove_in_master, metrics_dir, os.getpid())
+        os.environ[MULTIPROCESS_ENV] = metrics_dir
     SidecarServer(
         settings, config_file, {"bind": [bind] if bind else None, "workers": workers}
     ).run()

@@ -59,8 +59,8 @@ class TestIdP:
     issuer = "https://idp.test.example"
     audience = "https://gateway.test.example"
 
-    def __init__(self, directory: Path) -> None:
-        self.rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    def __init__(self, directory: Path, rsa_key: rsa.RSAPrivateKey | None = None) -> None:
+        self.rsa_key = rsa_key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ec_key = ec.generate_private_key(ec.SECP256R1())
         self.keys = {"rsa-1": (self.rsa_key, "RS256"), "ec-1": (self.ec_key, "ES256")}
         self.jwks_path = directory / "idp.jwks.json"
@@ -255,9 +255,15 @@ def database_url(request: pytest.FixtureRequest) -> str:
 # --- the service --------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def idp_rsa_key() -> rsa.RSAPrivateKey:
+    """Generated once per session: a 2048-bit RSA key costs ~0.1 s, paid by every test otherwise."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 @pytest.fixture
-def idp(tmp_path: Path) -> TestIdP:
-    return TestIdP(tmp_path)
+def idp(tmp_path: Path, idp_rsa_key: rsa.RSAPrivateKey) -> TestIdP:
+    return TestIdP(tmp_path, idp_rsa_key)
 
 
 @pytest.fixture
@@ -296,7 +302,10 @@ class LiveServer:
         self._server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self.token_url = f"{self.url}/token"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval: stop() returns at once instead of after up to half a second.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 from flask import Flask, Response, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from sidecar.audit import DENIED, AuditEvent
@@ -28,7 +28,7 @@ from sidecar.errors import (
 )
 from sidecar.exchange.grant import TokenResponse
 from sidecar.exchange.request import MAX_BODY_BYTES, parse_form
-from sidecar.metrics import Metrics
+from sidecar.metrics import KeyringCollector, Metrics
 from sidecar.services import Services
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,14 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     """The application factory; ``services`` lets tests pass their own clock, fetcher or engine."""
     services = services or Services(settings)
     metrics = Metrics()
+    metrics.add_collector(
+        KeyringCollector(
+            services.keyring.get,
+            services.clock,
+            rotate_every=settings.keys.rotate_every,
+            publish_ahead=settings.keys.publish_ahead,
+        )
+    )
     metadata = server_metadata(settings)
     app = Flask("sidecar")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -165,13 +173,15 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
     return app
 
 
 def _deny(services: Services, event: AuditEvent, error: ProtocolError) -> Response:
     event.decision, event.error, event.reason = DENIED, error.error, error.reason
+    # A grant refused late (its audit write failed) sent no token: record none.
+    event.scope = event.jti = event.kid = event.expires_at = None
     services.audit.record(event)
     return protocol_error_response(error)
 

@@ -1,0 +1,340 @@
+"""Client authentication at POST /token over real HTTP (RFC 6749 §2.3, RFC 7523 §2.2/§3):
+``client_secret_basic``, ``client_secret_post`` and ``private_key_jwt``; a failure is 401
+``invalid_client`` (with ``WWW-Authenticate`` when the Authorization header was used), a client
+without the token-exchange grant is 400 ``unauthorized_client``."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.conftest import (
+    CLIENT_ASSERTION_TYPE,
+    GATEWAY_SECRET,
+    OTHER_SECRET,
+    SIDECAR_ISSUER,
+    ClientKeys,
+    LiveServer,
+    TestIdP,
+)
+from tests.web.helpers import assert_oauth_error, exchange_form, post_token
+
+TOKEN_ENDPOINT = SIDECAR_ISSUER + "/token"
+WRONG_SECRET = "not-the-secret-" + "z" * 24
+
+
+def _assertion_form(subject: str, assertion: str, **params: str | None) -> list[tuple[str, str]]:
+    assertion_params = {
+        "client_assertion_type": CLIENT_ASSERTION_TYPE,
+        "client_assertion": assertion,
+    }
+    return exchange_form(subject, **{**assertion_params, **params})
+
+
+def _minted_claims(access_token: str) -> dict[str, object]:
+    return jwt.decode(access_token, options={"verify_signature": False})
+
+
+# --- client_secret_basic -----------------------------------------------------------------------
+
+
+def test_a_wrong_secret_via_basic_is_401_with_a_basic_challenge(
+    server: LiveServer, idp: TestIdP
+) -> None:
+    subject = idp.token()
+    response = server.exchange(subject, auth=("gateway", WRONG_SECRET))
+    assert_oauth_error(response, 401, "invalid_client", subject, WRONG_SECRET)
+    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+def test_an_unknown_client_via_basic_is_401_with_a_basic_challenge(
+    server: LiveServer, idp: TestIdP
+) -> None:
+    subject = idp.token()
+    response = server.exchange(subject, auth=("ghost-client", GATEWAY_SECRET))
+    assert_oauth_error(response, 401, "invalid_client", subject, "ghost-client")
+    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+def test_another_clients_secret_via_basic_is_401(server: LiveServer, idp: TestIdP) -> None:
+    subject = idp.token()
+    response = server.exchange(subject, auth=("gateway", OTHER_SECRET))
+    assert_oauth_error(response, 401, "invalid_client", subject)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Basic !!!not-base64!!!",
+        "Basic " + base64.b64encode(b"gateway").decode(),  # no colon, no secret
+        "Basic " + base64.b64encode(b"gateway:\xff\xfe").decode(),  # not UTF-8
+        "Basic",
+    ],
+    ids=["not-base64", "no-secret", "not-utf8", "no-credentials"],
+)
+def test_a_malformed_basic_header_is_401_with_a_basic_challenge(
+    server: LiveServer, idp: TestIdP, authorization: str
+) -> None:
+    subject = idp.token()
+    response = post_token(
+        server, exchange_form(subject), auth=None, headers={"Authorization": authorization}
+    )
+    assert_oauth_error(response, 401, "invalid_client", subject)
+    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+def test_an_unsupported_authorization_scheme_is_401_with_a_basic_challenge(
+    server: LiveServer, idp: TestIdP
+) -> None:
+    # RFC 6749 §5.2: a client that used the Authorization header gets 401 with WWW-Authenticate;
+    # Basic is the only scheme this endpoint accepts, so that is the challenge to send.
+    subject = idp.token()
+    response = post_token(
+        server, exchange_form(subject), auth=None, headers={"Authorization": f"Bearer {subject}"}
+    )
+    assert_oauth_error(response, 401, "invalid_client", subject)
+    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+def test_no_client_credentials_is_401(server: LiveServer, idp: TestIdP) -> None:
+    subject = idp.token()
+    response = server.exchange(subject, auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject)
+
+
+def test_a_client_id_parameter_naming_another_client_is_401(
+    server: LiveServer, idp: TestIdP
+) -> None:
+    # RFC 6749 §3.2.1: the client_id parameter, when sent, must identify the authenticated client.
+    subject = idp.token()
+    response = server.exchange(subject, client_id="no-exchange")
+    assert_oauth_error(response, 401, "invalid_client", subject)
+    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+def test_a_client_id_parameter_naming_the_same_client_is_accepted(
+    server: LiveServer, idp: TestIdP
+) -> None:
+    response = server.exchange(idp.token(), client_id="gateway")
+    assert response.status_code == 200, response.text
+
+
+def test_a_basic_client_id_and_secret_are_form_urldecoded(server: LiveServer, idp: TestIdP) -> None:
+    # RFC 6749 §2.3.1: the client id and secret are form-urlencoded before Basic encoding.
+    encoded = base64.b64encode(f"gateway:{GATEWAY_SECRET}".replace("-", "%2D").encode()).decode()
+    response = post_token(
+        server, exchange_form(idp.token()), auth=None, headers={"Authorization": f"Basic {encoded}"}
+    )
+    assert response.status_code == 200, response.text
+
+
+# --- client_secret_post ------------------------------------------------------------------------
+
+
+def test_client_secret_post_authenticates(server: LiveServer, idp: TestIdP) -> None:
+    form = exchange_form(idp.token(), client_id="gateway", client_secret=GATEWAY_SECRET)
+    response = post_token(server, form, auth=None)
+    assert response.status_code == 200, response.text
+    assert _minted_claims(response.json()["access_token"])["client_id"] == "gateway"
+
+
+def test_a_wrong_secret_via_client_secret_post_is_401(server: LiveServer, idp: TestIdP) -> None:
+    subject = idp.token()
+    form = exchange_form(subject, client_id="gateway", client_secret=WRONG_SECRET)
+    response = post_token(server, form, auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject, WRONG_SECRET)
+
+
+def test_an_unknown_client_via_client_secret_post_is_401(server: LiveServer, idp: TestIdP) -> None:
+    subject = idp.token()
+    form = exchange_form(subject, client_id="ghost-client", client_secret=GATEWAY_SECRET)
+    response = post_token(server, form, auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject, "ghost-client")
+
+
+def test_a_client_secret_without_a_client_id_is_401(server: LiveServer, idp: TestIdP) -> None:
+    subject = idp.token()
+    response = post_token(server, exchange_form(subject, client_secret=GATEWAY_SECRET), auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject)
+
+
+def test_a_secret_for_a_private_key_jwt_client_is_401(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
+) -> None:
+    # jwt-gateway authenticates with its key only; no secret can stand in for it.
+    subject = idp.token()
+    form = exchange_form(subject, client_id=client_keys.client_id, client_secret=GATEWAY_SECRET)
+    response = post_token(server, form, auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject)
+
+
+# --- private_key_jwt ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("audience", [SIDECAR_ISSUER, TOKEN_ENDPOINT], ids=["issuer", "endpoint"])
+def test_private_key_jwt_authenticates(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys, audience: str
+) -> None:
+    form = _assertion_form(idp.token(), client_keys.assertion(audience=audience))
+    response = post_token(server, form, auth=None)
+    assert response.status_code == 200, response.text
+    assert _minted_claims(response.json()["access_token"])["client_id"] == client_keys.client_id
+
+
+def test_private_key_jwt_with_a_matching_client_id_parameter_authenticates(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
+) -> None:
+    form = _assertion_form(idp.token(), client_keys.assertion(), client_id=client_keys.client_id)
+    response = post_token(server, form, auth=None)
+    assert response.status_code == 200, response.text
+
+
+def test_a_replayed_client_assertion_is_401(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
+) -> None:
+    assertion = client_keys.assertion()
+    first = post_token(server, _assertion_form(idp.token(), assertion), auth=None)
+    assert first.status_code == 200, first.text
+
+    subject = idp.token()
+    second = post_token(server, _assertion_form(subject, assertion), auth=None)
+    assert_oauth_error(second, 401, "invalid_client", subject, assertion)
+
+
+def test_a_jti_is_accepted_once_even_in_a_new_assertion(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
+) -> None:
+    first = post_token(
+        server, _assertion_form(idp.token(), client_keys.assertion(jti="jti-1")), auth=None
+    )
+    assert first.status_code == 200, first.text
+    again = client_keys.assertion(jti="jti-1", iat=int(time.time()) + 1)
+    subject = idp.token()
+    response = post_token(server, _assertion_form(subject, again), auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject, again)
+
+
+def _other_key_assertion(client_keys: ClientKeys) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": client_keys.client_id,
+        "sub": client_keys.client_id,
+        "aud": SIDECAR_ISSUER,
+        "iat": now,
+        "exp": now + 60,
+        "jti": "signed-with-another-key",
+    }
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    return jwt.encode(claims, impostor, algorithm="ES256", headers={"kid": "client-1"})
+
+
+def _unsigned_assertion(client_keys: ClientKeys) -> str:
+    payload = client_keys.assertion().split(".")[1]
+    none_header = base64.urlsafe_b64encode(b'{"alg":"none","kid":"client-1"}').rstrip(b"=")
+    return f"{none_header.decode()}.{payload}."
+
+
+def _bad_assertions(client_keys: ClientKeys) -> dict[str, str]:
+    now = int(time.time())
+    return {
+        "bad-signature": _other_key_assertion(client_keys),
+        "alg-none": _unsigned_assertion(client_keys),
+        "wrong-aud": client_keys.assertion(audience="https://some-other-server.example/token"),
+        "expired": client_keys.assertion(iat=now - 3600, exp=now - 1800),
+        "exp-too-far": client_keys.assertion(exp=now + 3600),
+        "exp-just-over-300s": client_keys.assertion(exp=now + 330),
+        "iss-not-sub": client_keys.assertion(iss="gateway"),
+        "unknown-sub": client_keys.assertion(iss="ghost-client", sub="ghost-client"),
+        "no-exp": jwt.encode(
+            {"iss": "jwt-gateway", "sub": "jwt-gateway", "aud": SIDECAR_ISSUER, "jti": "j-noexp"},
+            client_keys.key,
+            algorithm="ES256",
+            headers={"kid": "client-1"},
+        ),
+        "no-jti": jwt.encode(
+            {"iss": "jwt-gateway", "sub": "jwt-gateway", "aud": SIDECAR_ISSUER, "exp": now + 60},
+            client_keys.key,
+            algorithm="ES256",
+            headers={"kid": "client-1"},
+        ),
+        "not-a-jwt": "not-a-jwt",
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad-signature",
+        "alg-none",
+        "wrong-aud",
+        "expired",
+        "exp-too-far",
+        "exp-just-over-300s",
+        "iss-not-sub",
+        "unknown-sub",
+        "no-exp",
+        "no-jti",
+        "not-a-jwt",
+    ],
+)
+def test_a_bad_client_assertion_is_401(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys, case: str
+) -> None:
+    subject, assertion = idp.token(), _bad_assertions(client_keys)[case]
+    response = post_token(server, _assertion_form(subject, assertion), auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject, assertion)
+
+
+def test_a_client_assertion_of_an_unknown_type_is_401(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
+) -> None:
+    subject, assertion = idp.token(), client_keys.assertion()
+    form = _assertion_form(
+        subject,
+        assertion,
+        client_assertion_type="urn:ietf:params:oauth:client-assertion-type:saml2-bearer",
+    )
+    response = post_token(server, form, auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject, assertion)
+
+
+def test_a_client_assertion_with_a_client_id_naming_another_client_is_401(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
+) -> None:
+    subject, assertion = idp.token(), client_keys.assertion()
+    form = _assertion_form(subject, assertion, client_id="gateway")
+    response = post_token(server, form, auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject, assertion)
+
+
+def test_a_client_assertion_for_a_secret_client_is_401(
+    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
+) -> None:
+    # A well-signed assertion naming gateway (a client_secret client) must not authenticate it.
+    subject = idp.token()
+    assertion = client_keys.assertion(iss="gateway", sub="gateway")
+    response = post_token(server, _assertion_form(subject, assertion), auth=None)
+    assert_oauth_error(response, 401, "invalid_client", subject, assertion)
+
+
+# --- unauthorized_client -----------------------------------------------------------------------
+
+
+def test_a_client_without_the_exchange_grant_is_unauthorized_client(
+    server: LiveServer, idp: TestIdP
+) -> None:
+    subject = idp.token()
+    response = server.exchange(subject, auth=("no-exchange", OTHER_SECRET))
+    assert_oauth_error(response, 400, "unauthorized_client", subject)
+    assert "WWW-Authenticate" not in response.headers
+
+
+def test_unauthorized_client_needs_a_correct_secret_first(server: LiveServer, idp: TestIdP) -> None:
+    # Authentication comes before the grant check: a wrong secret says nothing about the grant.
+    subject = idp.token()
+    response = server.exchange(subject, auth=("no-exchange", WRONG_SECRET))
+    assert_oauth_error(response, 401, "invalid_client", subject, WRONG_SECRET)
