@@ -15,6 +15,9 @@ accesslog = "-"
 # %(U)s is the path without the query string: a misplaced token in a URL never reaches a log.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 errorlog = "-"
+# gunicorn 27's control socket is one path per host user ($HOME/.gunicorn) that can reload or
+# stop the server; a sidecar is managed by its orchestrator, not through it.
+control_socket_disable = True
 loglevel = "info"
 
 

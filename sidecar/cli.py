@@ -14,11 +14,14 @@ from typing import Any, NoReturn
 
 import click
 
+from sidecar import REPO_ROOT
 from sidecar.config import ConfigError, Settings, load_policies_file, load_settings
 from sidecar.keys.encryption import KeyDecryptionError
 
-DEMO_IDP_KEY = Path("keys/demo-idp.key.pem")
-DEMO_IDP_JWKS = Path("keys/demo-idp.jwks.json")
+# In the checkout's keys/ (git-ignored), wherever the command runs from: deploy/demo.yaml finds
+# the JWKS there relative to itself.
+DEMO_IDP_KEY = REPO_ROOT / "keys" / "demo-idp.key.pem"
+DEMO_IDP_JWKS = REPO_ROOT / "keys" / "demo-idp.jwks.json"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -36,10 +39,38 @@ def _settings(ctx: click.Context) -> Settings:
         fail("invalid configuration: " + "; ".join(str(exc).splitlines()), 2)
 
 
-def _services(ctx: click.Context) -> Any:
+def _services(ctx: click.Context, *, needs_schema: bool = True) -> Any:
     from sidecar.services import Services
+    from sidecar.store import migrate
 
-    return Services(_settings(ctx))
+    services = Services(_settings(ctx))
+    if needs_schema and not migrate.is_current(services.engine):
+        fail("the database schema is not current: run `sidecar db upgrade`")
+    return services
+
+
+def _database_reason(exc: Exception) -> str:
+    # The driver's first line only: the rest quotes the SQL statement and its parameters.
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"database error: {type(exc).__name__}" + (f": {detail[0]}" if detail else "")
+
+
+class _Main(click.Group):
+    """The root group: a database or key-decryption failure in any command ends as a
+    one-line reason, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyDecryptionError as exc:
+            fail(str(exc))
+        except Exception as exc:
+            # Imported here: `--help` and check-config need no SQLAlchemy.
+            from sqlalchemy.exc import SQLAlchemyError
+
+            if isinstance(exc, SQLAlchemyError):
+                fail(_database_reason(exc))
+            raise
 
 
 def _when(epoch: float | None) -> str:
@@ -54,7 +85,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
         click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     envvar="SIDECAR_CONFIG",
@@ -70,6 +101,8 @@ def main(config: str | None) -> None:
 def check_config(ctx: click.Context) -> None:
     """Validate the configuration and exit."""
     settings = _settings(ctx)
+    if missing := settings.missing_files():
+        fail("invalid configuration: " + "; ".join(missing), 2)
     click.echo(
         f"configuration OK: issuer {settings.issuer}, {len(settings.trusted_issuers)} trusted "
         f"issuer(s), {len(settings.clients)} client(s), {len(settings.policies)} policy(ies)"
@@ -91,7 +124,10 @@ def serve(
     """Serve the token endpoint under gunicorn."""
     from sidecar.server import serve as run_server
 
-    services = _services(ctx)
+    # prepare() migrates an embedded SQLite database itself and checks the schema otherwise.
+    services = _services(ctx, needs_schema=False)
+    if missing := services.settings.missing_files():
+        fail("invalid configuration: " + "; ".join(missing), 2)
     try:
         services.prepare()
     except KeyDecryptionError as exc:
@@ -114,7 +150,7 @@ def db_upgrade(ctx: click.Context) -> None:
     """Run the migrations up to the newest schema."""
     from sidecar.store import migrate
 
-    services = _services(ctx)
+    services = _services(ctx, needs_schema=False)
     try:
         migrate.upgrade(services.engine)
     except Exception as exc:
@@ -264,13 +300,27 @@ def policy_apply(
         sys.exit(3)
 
 
+def _demo_paths(ctx: click.Context) -> tuple[Path, Path]:
+    """The demo IdP's private key and JWKS: beside the first trusted issuer's jwks_file when a
+    configuration is given, else in the checkout's keys/ (where deploy/demo.yaml looks)."""
+    if ctx.find_root().params.get("config"):
+        jwks_file = _settings(ctx).trusted_issuers[0].jwks_file
+        if jwks_file is not None:
+            jwks = _settings(ctx).resolve_path(jwks_file)
+            return jwks.with_name(DEMO_IDP_KEY.name), jwks
+    return DEMO_IDP_KEY, DEMO_IDP_JWKS
+
+
 @main.command("demo-init")
-def demo_init() -> None:
-    """Create the demo identity provider key under keys/ (once)."""
+@click.pass_context
+def demo_init(ctx: click.Context) -> None:
+    """Create the demo identity provider's key pair (once): beside the configuration's first
+    jwks_file, or in keys/ without --config."""
     from sidecar.demo import init_demo_idp
 
-    created = init_demo_idp(DEMO_IDP_KEY, DEMO_IDP_JWKS)
-    click.echo(f"{'created' if created else 'kept'} {DEMO_IDP_KEY} and {DEMO_IDP_JWKS}")
+    private_key, jwks = _demo_paths(ctx)
+    created = init_demo_idp(private_key, jwks)
+    click.echo(f"{'created' if created else 'kept'} {private_key} and {jwks}")
 
 
 @main.command("demo-token")
@@ -286,12 +336,13 @@ def demo_token_command(
     from sidecar.demo import demo_token
 
     settings = _settings(ctx)
-    if not DEMO_IDP_KEY.exists():
-        fail(f"{DEMO_IDP_KEY} not found: run `sidecar demo-init` (make run does)")
+    private_key, _ = _demo_paths(ctx)
+    if not private_key.exists():
+        fail(f"{private_key} not found: run `sidecar demo-init` (make run does)")
     trusted = settings.trusted_issuers[0]
     click.echo(
         demo_token(
-            DEMO_IDP_KEY,
+            private_key,
             issuer=trusted.issuer,
             audience=audience or trusted.audiences[0],
             subject=subject,

@@ -9,8 +9,8 @@ endpoint, with a short ``exp`` and a ``jti`` that is accepted once). RFC 6749 §
 from __future__ import annotations
 
 import hmac
-import secrets
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any

@@ -42,7 +42,8 @@ SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+# `$${` (an escaped literal), `${NAME}`, or an unterminated `${` (an error, not a literal).
+_ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -106,12 +107,22 @@ class KeysConfig(_Strict):
             raise ValueError("must be at least 60s")
         return value
 
+    @field_validator("encryption_key")
+    @classmethod
+    def _encryption_key_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked here, not only by KeyEncryptor, so that a short key, or an empty one from an
+        # unset-but-exported variable (which would silently store keys in plaintext), is a
+        # start-up error naming the key path.
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
 
 class TrustedIssuerConfig(_Strict):
     issuer: str
     jwks_uri: str | None = None
     jwks_file: Path | None = None
-    audiences: list[str] = Field(min_length=1)
+    audiences: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     algorithms: list[SubjectAlgorithm] = Field(default_factory=lambda: ["RS256", "ES256"])  # type: ignore[arg-type]
     # Scheduled refresh of the issuer's JWKS, and the minimum gap between two refetches that an
     # unknown `kid` may trigger (so a flood of unknown kids cannot hammer the IdP).
@@ -149,7 +160,11 @@ class ClientConfig(_Strict):
     client_secret: SecretStr | None = None
     jwks: dict[str, Any] | None = None
     jwks_uri: str | None = None
-    grant_types: list[str] = Field(default_factory=lambda: [TOKEN_EXCHANGE_GRANT])
+    # The grants this client may use; token exchange is the only grant this service offers, so
+    # `[]` is the way to keep a client configured but unable to exchange (unauthorized_client).
+    grant_types: list[Literal["urn:ietf:params:oauth:grant-type:token-exchange"]] = Field(
+        default_factory=lambda: [TOKEN_EXCHANGE_GRANT]  # type: ignore[arg-type]
+    )
 
     @field_validator("jwks_uri")
     @classmethod
@@ -268,8 +283,35 @@ class Settings(_Strict):
                 "keys.retain_after must be at least tokens.max_ttl + tokens.leeway, so that "
                 "every token outlives the publication of its key"
             )
+        if self.keys.publish_ahead >= self.keys.rotate_every:
+            raise ValueError("keys.publish_ahead must be shorter than keys.rotate_every")
+        if self.keys.publish_ahead < 2 * self.keys.refresh_interval:
+            # Every worker must have loaded a new key, and verifiers refetched the JWKS, before
+            # the key signs: see jwks_max_age.
+            raise ValueError("keys.publish_ahead must be at least twice keys.refresh_interval")
         validate_policies(self.policies, self)
         return self
+
+    def missing_files(self) -> list[str]:
+        """Files the configuration names that do not exist (checked by check-config and serve,
+        not at load time, so that `sidecar demo-init` can create the demo issuer's JWKS)."""
+        missing = []
+        for index, entry in enumerate(self.trusted_issuers):
+            path = self.resolve_path(entry.jwks_file) if entry.jwks_file else None
+            if path is not None and not path.is_file():
+                missing.append(f"trusted_issuers[{index}].jwks_file: {path} is not a file")
+        return missing
+
+    def resolve_path(self, path: Path) -> Path:
+        """A path of the config file, relative to the config file's directory."""
+        return path if path.is_absolute() else self.config_dir / path
+
+    @property
+    def jwks_max_age(self) -> int:
+        """How long verifiers may cache the JWKS (seconds). A new key is written to the database
+        ``publish_ahead`` before it signs; every worker has it within ``keys.refresh_interval``;
+        a verifier that fetched the JWKS just before must refetch before the key signs."""
+        return int(max(0.0, min(300.0, self.keys.publish_ahead - self.keys.refresh_interval)))
 
     @property
     def token_endpoint(self) -> str:
@@ -356,6 +398,8 @@ def substitute_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()
         if match.group(0) == "$${":
             return "${"
         name = match.group(1)
+        if name is None:
+            raise ConfigError(f"{_path_text(loc)}: unterminated ${{ (write $${{ for a literal)")
         if not _ENV_NAME.match(name):
             raise ConfigError(f"{_path_text(loc)}: ${{{name}}} is not a valid variable name")
         if name not in env:
@@ -387,7 +431,9 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"{_path_text(tuple(error['loc']))}: {message}")
+        # Cross-field checks run on the whole file and name their key paths in the message.
+        loc = tuple(error["loc"])
+        lines.append(f"{_path_text(loc)}: {message}" if loc else message)
     return "\n".join(lines)
 
 

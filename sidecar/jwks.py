@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt import PyJWK
 
@@ -67,8 +69,24 @@ def _parse_jwk(jwk: Any, allowed: frozenset[str]) -> dict[str, VerificationKey]:
     return {kid: VerificationKey(kid=kid, key=key, algorithms=algorithms)}
 
 
+def _read_body(response: requests.Response, url: str, deadline: float) -> bytes:
+    # `timeout` bounds each socket read; the deadline bounds the whole body, so a server that
+    # trickles bytes cannot hold the fetch (and the single-flight lock) open indefinitely.
+    body = bytearray()
+    while len(body) <= MAX_JWKS_BYTES:
+        if time.monotonic() > deadline:
+            raise JwksUnavailable(f"{url}: fetch took too long")
+        # read1: return what has arrived (one socket read) rather than block for a full chunk.
+        chunk = response.raw.read1(16 * 1024, decode_content=True)
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 def fetch_json(url: str, timeout: float) -> Any:
     """GET a JSON document: no redirects followed, bounded in time and size."""
+    deadline = time.monotonic() + timeout
     try:
         with requests.get(
             url,
@@ -79,8 +97,10 @@ def fetch_json(url: str, timeout: float) -> Any:
         ) as response:
             if response.status_code != 200:
                 raise JwksUnavailable(f"{url}: HTTP {response.status_code}")
-            body = response.raw.read(MAX_JWKS_BYTES + 1, decode_content=True)
-    except requests.RequestException as exc:
+            body = _read_body(response, url, deadline)
+    # Reading `response.raw` raises urllib3's own errors (e.g. ReadTimeoutError), which
+    # requests does not wrap.
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise JwksUnavailable(f"{url}: {type(exc).__name__}") from exc
     if len(body) > MAX_JWKS_BYTES:
         raise JwksUnavailable(f"{url}: response too large")
@@ -137,9 +157,11 @@ class JwksSource:
         self._keys: dict[str, VerificationKey] | None = None
         self._loaded_at = float("-inf")
         self._attempted_at = float("-inf")
+        # A fixed document is never refreshed or refetched: there is nothing to fetch it from.
+        self._fixed = document is not None
         if document is not None:
             self._keys = parse_jwks(document, allowed, source=name)
-            self._loaded_at = float("inf")  # a fixed document never needs a refresh
+            self._loaded_at = float("inf")
 
     def _load(self) -> dict[str, VerificationKey]:
         if self._url is not None:
@@ -178,7 +200,11 @@ class JwksSource:
         if keys is None:
             raise TemporarilyUnavailableError(reason=f"keys of {self._name} unavailable")
         key = keys.get(kid)
-        if key is None and now - self._attempted_at >= self._rules.min_refetch_interval:
+        if (
+            key is None
+            and not self._fixed
+            and now - self._attempted_at >= self._rules.min_refetch_interval
+        ):
             # An unknown kid may mean the issuer rotated: refetch, at most once per interval.
             self._refresh(wait=True)
             keys = self._keys or {}

@@ -88,7 +88,7 @@ class Metrics:
         self._scrape_registry = self.registry
         if os.environ.get(MULTIPROCESS_ENV):
             self._scrape_registry = CollectorRegistry()
-            MultiProcessCollector(self._scrape_registry)
+            MultiProcessCollector(self._scrape_registry)  # type: ignore[no-untyped-call]
 
     def add_collector(self, collector: Collector) -> None:
         self._scrape_registry.register(collector)

@@ -17,6 +17,9 @@ from typing import Generic, TypeVar
 from sidecar.errors import TemporarilyUnavailableError
 
 T = TypeVar("T")
+# After a failed load, the next attempt waits this long (seconds); requests meanwhile use the
+# previous value, or get a 503 at once when there is none.
+RETRY_AFTER_FAILURE = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -49,16 +52,26 @@ class Refreshing(Generic[T]):
         value = self._value
         if value is not None and now - self._loaded_at < self._interval:
             return value
-        if value is not None and now - self._attempted_at < 1.0:
-            return value  # a recent attempt failed: do not retry on every request
-        if self._lock.acquire(blocking=value is None, timeout=5):
-            try:
-                self._attempted_at = now
-                self._value, self._loaded_at = self._load(), self._clock()
-            except Exception as exc:
-                log.warning("%s refresh failed: %s", self._name, type(exc).__name__)
-            finally:
-                self._lock.release()
-        if self._value is None:
+        if now - self._attempted_at < RETRY_AFTER_FAILURE:
+            # A load failed a moment ago: do not retry on every request.
+            return self._available(value)
+        # With a value to fall back on, never wait for another thread's load; with none, wait
+        # a bounded time. (A timeout may only be given to a blocking acquire.)
+        acquired = self._lock.acquire(timeout=5) if value is None else self._lock.acquire(False)
+        if not acquired:
+            return self._available(self._value)
+        try:
+            if self._value is not None and self._clock() - self._loaded_at < self._interval:
+                return self._value  # another thread loaded it while this one waited
+            self._attempted_at = now
+            self._value, self._loaded_at = self._load(), self._clock()
+        except Exception as exc:
+            log.warning("%s refresh failed: %s", self._name, type(exc).__name__)
+        finally:
+            self._lock.release()
+        return self._available(self._value)
+
+    def _available(self, value: T | None) -> T:
+        if value is None:
             raise TemporarilyUnavailableError(reason=f"{self._name} unavailable")
-        return self._value
+        return value

@@ -13,9 +13,9 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from sidecar import REPO_ROOT
 from sidecar.config import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GUNICORN_CONFIG = REPO_ROOT / "deploy" / "gunicorn.conf.py"
 # The same name as sidecar.metrics.MULTIPROCESS_ENV; not imported from there because
 # prometheus_client must not be imported in the master before this variable is set.

@@ -100,6 +100,8 @@ def parse_form(body: bytes) -> FormParams:
 
     values: dict[str, list[str]] = {}
     for name, value in pairs:
+        if name == "":
+            raise InvalidRequestError(reason="parameter without a name")
         if _has_control_characters(name) or _has_control_characters(value):
             raise InvalidRequestError(reason="control character in a parameter")
         if value == "":

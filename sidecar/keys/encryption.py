@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SCHEME = "A256GCM+HKDF-SHA256"
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
 
 
 class KeyDecryptionError(Exception):
@@ -39,6 +40,9 @@ class KeyEncryptor:
         return nonce + self._aead.encrypt(nonce, plaintext, kid.encode())
 
     def decrypt(self, blob: bytes, kid: str) -> bytes:
+        if len(blob) < _NONCE_BYTES + _TAG_BYTES:
+            # AESGCM raises a bare ValueError on a short nonce: report a corrupt row instead.
+            raise KeyDecryptionError(f"signing key {kid} cannot be decrypted: the row is corrupt")
         try:
             return self._aead.decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], kid.encode())
         except InvalidTag:

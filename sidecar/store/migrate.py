@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+from sidecar import REPO_ROOT
+
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
 
 
 def alembic_config(url: str) -> Config:

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 FORM_TYPE = "application/x-www-form-urlencoded"
-JWKS_MAX_AGE = 300
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -148,11 +147,10 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     @app.get("/.well-known/jwks.json")
     def jwks() -> Response:
         keyring = services.keyring.get()
-        # Verifiers may cache the set no longer than a key is published ahead of use, so they
-        # always see a key before it signs.
-        max_age = int(min(JWKS_MAX_AGE, settings.keys.publish_ahead))
+        # Short enough that a verifier always sees a key before it signs (Settings.jwks_max_age).
         return json_response(
-            keyring.jwks(services.clock()), headers={"Cache-Control": f"public, max-age={max_age}"}
+            keyring.jwks(services.clock()),
+            headers={"Cache-Control": f"public, max-age={settings.jwks_max_age}"},
         )
 
     @app.get("/.well-known/oauth-authorization-server")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import requests
-from werkzeug.serving import make_server
 
 from tests.conftest import (
     ACCESS_TOKEN_TYPE,

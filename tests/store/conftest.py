@@ -1,0 +1,32 @@
+"""A migrated database (SQLite file or PostgreSQL) and its sessions, for the store tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from sidecar.store import migrate
+from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker
+from tests.conftest import FakeClock
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    if is_sqlite(database_url):  # the PostgreSQL fixture database is migrated already
+        migrate.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)

@@ -1,0 +1,531 @@
+"""The ``sidecar`` command line (DESIGN §5), run as a real subprocess as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import yaml
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from sidecar.cli import main
+from sidecar.config import load_settings
+from sidecar.services import Services
+from sidecar.store import migrate
+from sidecar.store.db import make_engine
+from sidecar.web.app import create_app
+from tests.conftest import (
+    ACCESS_TOKEN_TYPE,
+    CODE_SEARCH,
+    GATEWAY_SECRET,
+    TICKETS,
+    LiveServer,
+    make_services,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = Path(sys.executable).parent / "sidecar"
+SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidecar"]
+ENCRYPTION_KEY = "correct horse battery staple"
+
+
+def run(
+    *args: str,
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
+    environment.update(env or {})
+    command = [*SIDECAR, *(["--config", str(config)] if config else []), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=environment, cwd=cwd, timeout=60
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """A failed command: non-zero exit, nothing on stdout, exactly one line on stderr."""
+    assert result.returncode != 0, result.stdout
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sidecar: error: ")
+    return lines[0]
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, config: dict[str, Any]) -> Path:
+    return write_config(tmp_path / "sidecar.yaml", config)
+
+
+# Set-up and checks run in-process (a subprocess costs a second of imports); only the command
+# under test runs as a subprocess.
+
+
+@pytest.fixture
+def migrated(config_file: Path, config: dict[str, Any]) -> Path:
+    """A database as `sidecar db upgrade` leaves it: the schema, no keys, no policies."""
+    engine = make_engine(config["database_url"])
+    migrate.upgrade(engine)
+    engine.dispose()
+    return config_file
+
+
+@pytest.fixture
+def started(config_file: Path) -> Path:
+    """A database as `sidecar serve` leaves it: migrated, one signing key, policies bootstrapped."""
+    services = make_services(load_settings(config_file))
+    services.engine.dispose()
+    return config_file
+
+
+def key_states(config_file: Path) -> dict[str, str]:
+    services = Services(load_settings(config_file))
+    try:
+        keyring = services.keys.load()
+    finally:
+        services.engine.dispose()
+    now = time.time()
+    current = keyring.current(now)
+    return {
+        k.kid: "current" if current is not None and k.kid == current.kid else k.state(now)
+        for k in keyring.keys
+    }
+
+
+def policy_ttls(config_file: Path) -> dict[str, int]:
+    """The ttl of each of the gateway's policies, by audience."""
+    services = Services(load_settings(config_file))
+    try:
+        policies = services.policy_store.load()
+    finally:
+        services.engine.dispose()
+    return {p.audience: p.ttl for p in policies if p.client_id == "gateway"}
+
+
+# --- help and configuration -------------------------------------------------------------------
+
+COMMANDS = [
+    [],
+    ["serve"],
+    ["check-config"],
+    ["db"],
+    ["db", "upgrade"],
+    ["keys"],
+    ["keys", "list"],
+    ["keys", "rotate"],
+    ["keys", "retire"],
+    ["policy"],
+    ["policy", "list"],
+    ["policy", "apply"],
+    ["demo-init"],
+    ["demo-token"],
+]
+
+
+def test_the_installed_command_prints_help() -> None:
+    result = run("policy", "apply", "--help")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: sidecar policy apply [OPTIONS] FILE")
+    assert "--dry-run" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "sidecar")
+def test_every_command_has_help(command: list[str]) -> None:
+    # In-process through click (the same parser the installed script runs): fourteen
+    # subprocesses would cost seconds for nothing the test above does not already cover.
+    result = CliRunner().invoke(main, [*command, "--help"], prog_name="sidecar", env={})
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: {' '.join(['sidecar', *command])} "), command
+    assert "Show this message and exit." in result.output
+
+
+def test_check_config_accepts_a_valid_configuration(config_file: Path) -> None:
+    result = run("check-config", config=config_file)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("configuration OK")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "named"),
+    [
+        (("tokens", "algorithm"), "HS256", "tokens.algorithm"),
+        (("trusted_issuers", 0, "audiences"), [], "trusted_issuers[0].audiences"),
+    ],
+)
+def test_invalid_configuration_names_the_key_path(
+    tmp_path: Path, config: dict[str, Any], path: tuple[Any, ...], value: Any, named: str
+) -> None:
+    target: Any = config
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    config_file = write_config(tmp_path / "bad.yaml", config)
+
+    result = run("check-config", config=config_file)
+
+    assert result.returncode == 2
+    assert named in one_line_error(result)
+    assert GATEWAY_SECRET not in result.stderr
+
+
+def test_missing_environment_variable_is_named(tmp_path: Path, config: dict[str, Any]) -> None:
+    config["clients"][0]["client_secret"] = "${SIDECAR_TEST_GATEWAY_SECRET}"
+    config_file = write_config(tmp_path / "env.yaml", config)
+
+    missing = run("check-config", config=config_file)
+    present = run(
+        "check-config", config=config_file, env={"SIDECAR_TEST_GATEWAY_SECRET": GATEWAY_SECRET}
+    )
+
+    assert "SIDECAR_TEST_GATEWAY_SECRET" in one_line_error(missing)
+    assert "clients[0].client_secret" in missing.stderr
+    assert present.returncode == 0, present.stderr
+
+
+def test_sidecar_config_variable_replaces_the_option(config_file: Path) -> None:
+    result = run("check-config", env={"SIDECAR_CONFIG": str(config_file)})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("configuration OK")
+
+
+def test_no_configuration_is_an_error() -> None:
+    result = run("check-config")
+
+    assert result.returncode == 2
+    assert "--config" in one_line_error(result)
+
+
+def test_unreadable_configuration_file_is_an_error(tmp_path: Path) -> None:
+    result = run("check-config", config=tmp_path / "absent.yaml")
+
+    assert result.returncode == 2
+    assert "absent.yaml" in one_line_error(result)
+
+
+# --- database and policies ----------------------------------------------------------------
+
+
+def test_db_upgrade_migrates_to_the_newest_revision(
+    config_file: Path, config: dict[str, Any]
+) -> None:
+    result = run("db", "upgrade", config=config_file)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"database at revision {migrate.head_revision()}"
+    engine = make_engine(config["database_url"])
+    try:
+        assert migrate.is_current(engine)
+    finally:
+        engine.dispose()
+
+
+def test_commands_on_an_unmigrated_database_say_to_upgrade(config_file: Path) -> None:
+    for command in (["policy", "list"], ["keys", "rotate"]):
+        result = run(*command, config=config_file)
+
+        assert result.returncode == 1, command
+        assert "sidecar db upgrade" in one_line_error(result), command
+
+
+def test_unreachable_database_is_a_one_line_error(tmp_path: Path, config: dict[str, Any]) -> None:
+    config["database_url"] = "postgresql+psycopg://nobody:pw-123@127.0.0.1:9/none"
+    config_file = write_config(tmp_path / "down.yaml", config)
+
+    result = run("policy", "list", config=config_file)
+
+    assert result.returncode == 1
+    assert "database error" in one_line_error(result)
+    assert "pw-123" not in result.stderr
+
+
+def test_policy_apply_prints_each_change_then_none(migrated: Path) -> None:
+    first = run("policy", "apply", str(migrated), config=migrated)
+    second = run("policy", "apply", str(migrated), config=migrated)
+
+    assert first.returncode == 0, first.stderr
+    assert f"create: gateway -> {CODE_SEARCH}" in first.stdout.splitlines()
+    assert f"create: gateway -> {TICKETS}" in first.stdout.splitlines()
+    assert first.stdout.splitlines()[-1] == "5 change(s), 0 unchanged"
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "0 change(s), 5 unchanged"
+
+
+def test_policy_apply_dry_run_exits_3_when_something_would_change(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    migrated = started
+    config["policies"][0]["ttl"] = 30
+    changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
+
+    dry_run = run("policy", "apply", str(changed), "--dry-run", config=migrated)
+
+    assert dry_run.returncode == 3, dry_run.stderr
+    assert f"would update: gateway -> {CODE_SEARCH}" in dry_run.stdout.splitlines()
+    assert policy_ttls(migrated)[CODE_SEARCH] == 120  # nothing changed
+
+
+def test_policy_apply_dry_run_exits_0_when_nothing_would_change(started: Path) -> None:
+    # `started` bootstrapped the policy table from this same file.
+    migrated = started
+
+    dry_run = run("policy", "apply", str(migrated), "--dry-run", config=migrated)
+
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert dry_run.stdout.strip() == "0 change(s), 5 unchanged"
+
+
+def test_policy_apply_json_lists_the_changes(migrated: Path) -> None:
+    result = run("policy", "apply", str(migrated), "--json", config=migrated)
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is False
+    assert report["unchanged"] == 0
+    assert {"action": "create", "client_id": "gateway", "audience": CODE_SEARCH} in report[
+        "changes"
+    ]
+
+
+def test_policy_apply_of_an_invalid_file_changes_nothing(
+    migrated: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    policies = config["policies"] + [
+        {"client_id": "stranger", "audience": "https://x.internal", "scopes": ["a"]}
+    ]
+    bad = write_config(tmp_path / "bad-policies.yaml", {"policies": policies})
+
+    result = run("policy", "apply", str(bad), config=migrated)
+
+    assert result.returncode == 2
+    assert "policies[5]" in one_line_error(result)
+    assert policy_ttls(migrated) == {}
+
+
+def test_policy_list_prints_a_table_and_json(started: Path) -> None:
+    table = run("policy", "list", config=started)
+    listed = run("policy", "list", "--json", config=started)
+
+    assert table.returncode == 0, table.stderr
+    assert listed.returncode == 0, listed.stderr
+    documents = json.loads(listed.stdout)
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == [
+        "client_id",
+        "audience",
+        "scopes",
+        "default_scopes",
+        "ttl",
+        "enabled",
+    ]
+    assert len(lines) == 6
+    assert any(line.split()[:2] == ["gateway", CODE_SEARCH] for line in lines)
+    assert len(documents) == 5
+    code_search = next(
+        d for d in documents if (d["client_id"], d["audience"]) == ("gateway", CODE_SEARCH)
+    )
+    assert code_search["scopes"] == ["code.read", "code.search"]
+    assert code_search["default_scopes"] == ["code.read"]
+    assert code_search["ttl"] == 120
+    assert code_search["enabled"] is True
+    assert code_search["copy_claims"] == ["email"]
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+def test_keys_list_shows_the_current_key(started: Path) -> None:
+    table = run("keys", "list", config=started)
+    listed = run("keys", "list", "--json", config=started)
+
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["kid"] == next(iter(key_states(started)))
+    assert row["state"] == "current"
+    assert row["algorithm"] == "ES256"
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split()[:3] == ["kid", "algorithm", "state"]
+    assert table.stdout.splitlines()[1].split()[:3] == [row["kid"], "ES256", "current"]
+
+
+def test_keys_rotate_publishes_a_next_key(started: Path) -> None:
+    [old_kid] = key_states(started)
+
+    result = run("keys", "rotate", config=started)
+
+    assert result.returncode == 0, result.stderr
+    states = key_states(started)
+    [new_kid] = set(states) - {old_kid}
+    assert states == {old_kid: "current", new_kid: "next"}
+    assert new_kid in result.stdout
+
+
+def test_keys_rotate_now_warns_and_signs_with_the_new_key(started: Path) -> None:
+    [old_kid] = key_states(started)
+
+    result = run("keys", "rotate", "--now", "--json", config=started)
+
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr
+    new_kid = json.loads(result.stdout)["kid"]
+    assert key_states(started) == {old_kid: "previous", new_kid: "current"}
+
+
+def test_keys_retire_replaces_the_retired_key(started: Path) -> None:
+    [old_kid] = key_states(started)
+
+    result = run("keys", "retire", old_kid, config=started)
+
+    assert result.returncode == 0, result.stderr
+    states = key_states(started)
+    assert states.pop(old_kid) == "previous"
+    assert list(states.values()) == ["current"]
+
+
+def test_keys_retire_of_an_unknown_kid_fails(started: Path) -> None:
+    result = run("keys", "retire", "no-such-kid", config=started)
+
+    assert "no-such-kid" in one_line_error(result)
+
+
+def test_wrong_encryption_key_is_a_one_line_error(tmp_path: Path, config: dict[str, Any]) -> None:
+    config["keys"]["encryption_key"] = ENCRYPTION_KEY
+    right = write_config(tmp_path / "right.yaml", config)
+    services = make_services(load_settings(right))
+    services.engine.dispose()
+    config["keys"]["encryption_key"] = "a different key-encryption key"
+    wrong = write_config(tmp_path / "wrong.yaml", config)
+
+    for command in (["keys", "list"], ["keys", "rotate"]):
+        result = run(*command, config=wrong)
+
+        assert "cannot be decrypted" in one_line_error(result), command
+        assert ENCRYPTION_KEY not in result.stderr
+    assert len(key_states(right)) == 1
+
+
+def test_encrypted_keys_are_never_stored_in_clear(tmp_path: Path, config: dict[str, Any]) -> None:
+    config["keys"]["encryption_key"] = ENCRYPTION_KEY
+    config_file = write_config(tmp_path / "encrypted.yaml", config)
+    engine = make_engine(config["database_url"])
+    try:
+        migrate.upgrade(engine)
+
+        result = run("keys", "rotate", config=config_file)
+
+        assert result.returncode == 0, result.stderr
+        with engine.connect() as connection:
+            [stored] = connection.scalars(text("SELECT private_key FROM signing_keys")).all()
+    finally:
+        engine.dispose()
+    assert b"PRIVATE KEY" not in bytes(stored)
+
+
+# --- the demo -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoCheckout:
+    root: Path
+    init_output: str
+    token: str
+
+    @property
+    def config(self) -> Path:
+        return self.root / "deploy" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoCheckout:
+    """A fresh clone's layout (deploy/ beside keys/) after `sidecar demo-init` and
+    `sidecar demo-token`, run from its root as the README does."""
+    root = tmp_path_factory.mktemp("checkout")
+    (root / "deploy").mkdir()
+    shutil.copy(REPO_ROOT / "deploy" / "demo.yaml", root / "deploy" / "demo.yaml")
+    init = run("demo-init", config=root / "deploy" / "demo.yaml", cwd=root)
+    assert init.returncode == 0, init.stderr
+    token = run("demo-token", config=root / "deploy" / "demo.yaml", cwd=root)
+    assert token.returncode == 0, token.stderr
+    return DemoCheckout(root, init.stdout, token.stdout.strip())
+
+
+def test_demo_init_creates_the_demo_idp_key_once(demo: DemoCheckout) -> None:
+    private_key = demo.root / "keys" / "demo-idp.key.pem"
+    key_before = private_key.read_bytes()
+
+    again = run("demo-init", config=demo.config, cwd=demo.root)
+
+    assert demo.init_output.startswith("created")
+    assert again.stdout.startswith("kept")
+    assert private_key.read_bytes() == key_before
+    assert private_key.stat().st_mode & 0o077 == 0
+    jwks = json.loads((demo.root / "keys" / "demo-idp.jwks.json").read_text())
+    assert all("d" not in key for key in jwks["keys"])
+
+
+def test_demo_token_is_a_jwt_from_the_demo_issuer(demo: DemoCheckout) -> None:
+    trusted = load_settings(demo.config).trusted_issuers[0]
+    jwks = jwt.PyJWKSet.from_json((demo.root / "keys" / "demo-idp.jwks.json").read_text())
+
+    key = jwks[jwt.get_unverified_header(demo.token)["kid"]]
+    claims = jwt.decode(
+        demo.token, key, algorithms=["ES256"], audience=trusted.audiences[0], issuer=trusted.issuer
+    )
+
+    assert claims["iss"] == "https://idp.demo.local"
+    assert claims["sub"] == "alice@example.com"
+    assert claims["scope"] == "code.read code.search"
+
+
+def test_demo_token_is_exchanged_under_the_demo_configuration(
+    demo: DemoCheckout, tmp_path: Path
+) -> None:
+    settings = load_settings(demo.config).model_copy(
+        update={"database_url": f"sqlite:///{tmp_path / 'demo.db'}"}
+    )
+    services = make_services(settings)
+    server = LiveServer(create_app(settings, services))
+    try:
+        response = server.exchange(demo.token, auth=("gateway", "demo-gateway-secret-change-me"))
+    finally:
+        server.stop()
+        services.engine.dispose()
+
+    assert response.status_code == 200, response.text
+    assert response.json()["issued_token_type"] == ACCESS_TOKEN_TYPE
+
+
+def test_demo_token_without_demo_init_says_what_to_run(tmp_path: Path) -> None:
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(REPO_ROOT / "deploy" / "demo.yaml", tmp_path / "deploy" / "demo.yaml")
+    result = run("demo-token", config=tmp_path / "deploy" / "demo.yaml", cwd=tmp_path)
+
+    assert "demo-init" in one_line_error(result)
+
+
+def test_check_config_reports_a_missing_jwks_file(tmp_path: Path) -> None:
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(REPO_ROOT / "deploy" / "demo.yaml", tmp_path / "deploy" / "demo.yaml")
+    result = run("check-config", config=tmp_path / "deploy" / "demo.yaml", cwd=tmp_path)
+
+    assert "trusted_issuers[0].jwks_file" in one_line_error(result)
+    assert result.returncode == 2

@@ -1,0 +1,712 @@
+"""The configuration file: substitution, validation, and error messages that name the key path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.config import (
+    ConfigError,
+    Settings,
+    load_policies_file,
+    load_settings,
+    parse_duration,
+)
+
+SECRET = "gateway-secret-" + "x" * 24
+
+BASE: dict[str, Any] = {
+    "issuer": "https://sidecar.test.example",
+    "database_url": "sqlite:///var/sidecar.db",
+    "tokens": {"algorithm": "ES256", "max_ttl": 300, "leeway": 30},
+    "keys": {"rotate_every": "24h", "publish_ahead": "15m", "retain_after": "15m"},
+    "trusted_issuers": [
+        {
+            "issuer": "https://idp.test.example",
+            "jwks_uri": "https://idp.test.example/.well-known/jwks.json",
+            "audiences": ["https://gateway.test.example"],
+            "algorithms": ["RS256", "ES256"],
+        }
+    ],
+    "clients": [{"client_id": "gateway", "client_secret": SECRET}],
+    "policies": [
+        {
+            "client_id": "gateway",
+            "audience": "https://code-search.internal/mcp",
+            "scopes": ["code.read", "code.search"],
+            "default_scopes": ["code.read"],
+            "ttl": 120,
+        }
+    ],
+}
+
+
+def config(**changes: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data.update(changes)
+    return data
+
+
+def write(tmp_path: Path, data: dict[str, Any] | str, name: str = "sidecar.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def load(tmp_path: Path, data: dict[str, Any] | str, env: dict[str, str] | None = None) -> Settings:
+    return load_settings(write(tmp_path, data), env=env or {})
+
+
+def refused(tmp_path: Path, data: dict[str, Any] | str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, data, env)
+    return str(caught.value)
+
+
+# --- a good file --------------------------------------------------------------------------------
+
+
+def test_a_complete_file_loads_into_typed_settings(tmp_path: Path) -> None:
+    settings = load(tmp_path, config())
+
+    assert settings.issuer == "https://sidecar.test.example"
+    assert settings.tokens.algorithm == "ES256"
+    assert settings.tokens.max_ttl == 300
+    assert settings.keys.rotate_every == 24 * 3600
+    assert settings.keys.publish_ahead == 15 * 60
+    assert settings.trusted_issuers[0].algorithms == ["RS256", "ES256"]
+    assert settings.clients[0].client_secret is not None
+    assert settings.clients[0].client_secret.get_secret_value() == SECRET
+    assert settings.clients[0].auth_methods == ("client_secret_basic", "client_secret_post")
+    assert settings.policies[0].ttl == 120
+    assert settings.config_dir == tmp_path.resolve()
+    assert settings.token_endpoint == "https://sidecar.test.example/token"
+    assert settings.jwks_uri == "https://sidecar.test.example/.well-known/jwks.json"
+    assert settings.find_client("gateway") is settings.clients[0]
+    assert settings.find_client("nobody") is None
+
+
+def test_defaults_fill_what_is_left_out(tmp_path: Path) -> None:
+    data = config()
+    del data["tokens"], data["keys"], data["database_url"], data["policies"]
+    del data["trusted_issuers"][0]["algorithms"]
+
+    settings = load(tmp_path, data)
+
+    assert settings.tokens.algorithm == "ES256"
+    assert settings.tokens.max_ttl == 300
+    assert settings.tokens.leeway == 30
+    assert settings.keys.encryption_key is None
+    assert settings.database_url.startswith("sqlite:///")
+    assert settings.trusted_issuers[0].algorithms == ["RS256", "ES256"]
+    assert settings.policies == []
+
+
+def test_the_demo_configuration_is_valid() -> None:
+    demo = Path(__file__).resolve().parents[1] / "deploy" / "demo.yaml"
+    assert load_settings(demo, env={}).issuer.startswith("http://127.0.0.1")
+
+
+def test_secrets_are_not_shown_in_the_settings_repr(tmp_path: Path) -> None:
+    data = config()
+    data["keys"]["encryption_key"] = "encryption-key-" + "z" * 20
+    settings = load(tmp_path, data)
+
+    assert SECRET not in repr(settings)
+    assert "encryption-key-" not in repr(settings)
+
+
+# --- environment substitution -------------------------------------------------------------------
+
+
+def test_environment_variables_are_substituted(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = "${GATEWAY_SECRET}"
+    data["trusted_issuers"][0]["issuer"] = "https://${IDP_HOST}"
+    data["trusted_issuers"][0]["jwks_uri"] = "https://${IDP_HOST}/jwks.json"
+
+    settings = load(tmp_path, data, env={"GATEWAY_SECRET": SECRET, "IDP_HOST": "idp.example"})
+
+    assert settings.clients[0].client_secret is not None
+    assert settings.clients[0].client_secret.get_secret_value() == SECRET
+    assert settings.trusted_issuers[0].issuer == "https://idp.example"
+    assert settings.trusted_issuers[0].jwks_uri == "https://idp.example/jwks.json"
+
+
+def test_substitution_in_a_number_field_is_validated_as_that_type(tmp_path: Path) -> None:
+    data = config()
+    data["tokens"]["max_ttl"] = "${MAX_TTL}"
+    assert load(tmp_path, data, env={"MAX_TTL": "600"}).tokens.max_ttl == 600
+    assert "tokens.max_ttl" in refused(tmp_path, data, env={"MAX_TTL": "ten"})
+
+
+def test_double_dollar_escapes_a_literal_reference(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = "$${NOT_A_VARIABLE}-long-enough"
+
+    settings = load(tmp_path, data)
+
+    assert settings.clients[0].client_secret is not None
+    assert settings.clients[0].client_secret.get_secret_value() == "${NOT_A_VARIABLE}-long-enough"
+
+
+def test_a_substituted_value_is_not_substituted_again(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = "${GATEWAY_SECRET}"
+    settings = load(tmp_path, data, env={"GATEWAY_SECRET": "${OTHER}-0123456789abcdef"})
+    assert settings.clients[0].client_secret is not None
+    assert settings.clients[0].client_secret.get_secret_value() == "${OTHER}-0123456789abcdef"
+
+
+def test_missing_variable_names_the_key_path_and_the_variable(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = "${GATEWAY_CLIENT_SECRET}"
+
+    message = refused(tmp_path, data)
+
+    assert "clients[0].client_secret" in message
+    assert "GATEWAY_CLIENT_SECRET" in message
+
+
+def test_missing_variable_deep_in_a_list_names_its_path(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["audiences"] = ["https://a.example", "${GATEWAY_AUD}"]
+
+    message = refused(tmp_path, data)
+
+    assert "trusted_issuers[0].audiences[1]" in message
+    assert "GATEWAY_AUD" in message
+
+
+@pytest.mark.parametrize("reference", ["${}", "${1ABC}", "${A-B}", "${A B}"])
+def test_invalid_variable_names_are_refused(tmp_path: Path, reference: str) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = reference + "-0123456789abcdef"
+    assert "clients[0].client_secret" in refused(tmp_path, data, env={"A": "x", "1ABC": "y"})
+
+
+def test_empty_environment_value_is_substituted_and_then_validated(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = "${GATEWAY_SECRET}"
+    assert "clients[0].client_secret" in refused(tmp_path, data, env={"GATEWAY_SECRET": ""})
+
+
+# --- the file itself ----------------------------------------------------------------------------
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
+    text = yaml.safe_dump(config(), sort_keys=False) + "issuer: https://other.example\n"
+    message = refused(tmp_path, text)
+    assert "duplicate key 'issuer'" in message
+
+
+def test_duplicate_keys_in_a_nested_mapping_are_refused(tmp_path: Path) -> None:
+    text = yaml.safe_dump(config(), sort_keys=False).replace(
+        "  max_ttl: 300\n", "  max_ttl: 300\n  max_ttl: 3000\n"
+    )
+    assert "duplicate key 'max_ttl'" in refused(tmp_path, text)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(tmp_path / "absent.yaml", env={})
+
+
+@pytest.mark.parametrize("text", ["issuer: [unclosed\n", "- a\n- b\n", "just text\n"])
+def test_invalid_yaml_or_a_non_mapping_top_level_is_refused(tmp_path: Path, text: str) -> None:
+    refused(tmp_path, text)
+
+
+def test_yaml_tags_that_construct_objects_are_refused(tmp_path: Path) -> None:
+    text = "issuer: !!python/object/apply:os.getcwd []\n"
+    refused(tmp_path, text)
+
+
+def test_config_dir_is_not_a_yaml_key(tmp_path: Path) -> None:
+    assert "config_dir" in refused(tmp_path, config(config_dir="/etc"))
+
+
+# --- unknown keys and bad values name the key path ----------------------------------------------
+
+
+def test_unknown_top_level_key_is_refused(tmp_path: Path) -> None:
+    assert "isuer" in refused(tmp_path, config(isuer="https://typo.example"))
+
+
+def test_unknown_nested_key_names_its_path(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["jwks_url"] = "https://idp.test.example/jwks"
+    assert "trusted_issuers[0].jwks_url" in refused(tmp_path, data)
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "none", "None", "HS512", "RS1"])
+def test_symmetric_or_none_issuer_algorithms_are_refused(tmp_path: Path, algorithm: str) -> None:
+    data = config()
+    data["trusted_issuers"][0]["algorithms"] = [algorithm]
+    assert "trusted_issuers[0].algorithms[0]" in refused(tmp_path, data)
+
+
+def test_bad_algorithm_position_is_named(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["algorithms"] = ["RS256", "HS256"]
+    assert "trusted_issuers[0].algorithms[1]" in refused(tmp_path, data)
+
+
+def test_empty_algorithm_list_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["algorithms"] = []
+    assert "trusted_issuers[0].algorithms" in refused(tmp_path, data)
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "none", "RS512", "ES384"])
+def test_unsupported_signing_algorithm_is_refused(tmp_path: Path, algorithm: str) -> None:
+    data = config()
+    data["tokens"]["algorithm"] = algorithm
+    assert "tokens.algorithm" in refused(tmp_path, data)
+
+
+@pytest.mark.parametrize("algorithm", ["ES256", "EdDSA", "RS256", "PS256"])
+def test_supported_signing_algorithms_are_accepted(tmp_path: Path, algorithm: str) -> None:
+    data = config()
+    data["tokens"]["algorithm"] = algorithm
+    assert load(tmp_path, data).tokens.algorithm == algorithm
+
+
+def test_jwks_uri_and_jwks_file_together_are_refused(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["jwks_file"] = "idp.jwks.json"
+    message = refused(tmp_path, data)
+    assert "trusted_issuers[0]" in message
+    assert "exactly one of jwks_uri or jwks_file" in message
+
+
+def test_neither_jwks_uri_nor_jwks_file_is_refused(tmp_path: Path) -> None:
+    data = config()
+    del data["trusted_issuers"][0]["jwks_uri"]
+    assert "exactly one of jwks_uri or jwks_file" in refused(tmp_path, data)
+
+
+def test_jwks_file_alone_is_accepted_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "idp.jwks.json").write_text('{"keys": []}')
+    data = config()
+    del data["trusted_issuers"][0]["jwks_uri"]
+    data["trusted_issuers"][0]["jwks_file"] = "keys/idp.jwks.json"
+    settings = load(tmp_path, data)
+    assert settings.trusted_issuers[0].jwks_file == Path("keys/idp.jwks.json")
+    assert settings.resolve_path(Path("keys/idp.jwks.json")) == tmp_path / "keys" / "idp.jwks.json"
+
+
+def test_a_missing_jwks_file_is_reported_naming_the_key(tmp_path: Path) -> None:
+    data = config()
+    del data["trusted_issuers"][0]["jwks_uri"]
+    data["trusted_issuers"][0]["jwks_file"] = "keys/missing.jwks.json"
+    (message,) = load(tmp_path, data).missing_files()
+    assert message.startswith("trusted_issuers[0].jwks_file: ")
+    assert "missing.jwks.json" in message
+
+
+@pytest.mark.parametrize(
+    ("keys", "complaint"),
+    [
+        ({"rotate_every": "1h", "publish_ahead": "1h"}, "shorter than keys.rotate_every"),
+        ({"publish_ahead": "15s", "refresh_interval": "10s"}, "twice keys.refresh_interval"),
+    ],
+)
+def test_key_timings_that_would_sign_with_an_unseen_key_are_refused(
+    tmp_path: Path, keys: dict[str, str], complaint: str
+) -> None:
+    data = config()
+    data["keys"] = keys
+    assert complaint in refused(tmp_path, data)
+
+
+def test_an_unknown_grant_type_is_refused_naming_the_client(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["grant_types"] = ["client_credentials"]
+    assert "clients[0].grant_types[0]" in refused(tmp_path, data)
+
+
+def test_an_empty_audience_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["audiences"] = [""]
+    assert "trusted_issuers[0].audiences[0]" in refused(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    "issuer", ["http://127.0.0.1:9000", "http://localhost:9000", "http://[::1]:9000"]
+)
+def test_http_issuer_is_allowed_on_loopback(tmp_path: Path, issuer: str) -> None:
+    data = config()
+    data["trusted_issuers"][0]["issuer"] = issuer
+    assert load(tmp_path, data).trusted_issuers[0].issuer == issuer
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    [
+        "http://idp.test.example",
+        "http://localhost.evil.example",
+        "http://10.0.0.1",
+        "ftp://idp.test.example",
+        "idp.test.example",
+        "https://",
+        "https://idp.test.example?tenant=1",
+        "https://idp.test.example#x",
+    ],
+)
+def test_non_https_or_malformed_trusted_issuer_is_refused(tmp_path: Path, issuer: str) -> None:
+    data = config()
+    data["trusted_issuers"][0]["issuer"] = issuer
+    assert "trusted_issuers[0].issuer" in refused(tmp_path, data)
+
+
+def test_plain_http_jwks_uri_off_loopback_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["jwks_uri"] = "http://idp.test.example/jwks.json"
+    assert "trusted_issuers[0].jwks_uri" in refused(tmp_path, data)
+
+
+def test_own_issuer_among_trusted_issuers_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"].append({**data["trusted_issuers"][0], "issuer": data["issuer"]})
+    assert "own issuer" in refused(tmp_path, data)
+
+
+def test_the_same_trusted_issuer_twice_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"].append(copy.deepcopy(data["trusted_issuers"][0]))
+    assert "appears twice" in refused(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    ["http://sidecar.example", "https://sidecar.example/", "https://sidecar.example?x=1", "x"],
+)
+def test_bad_own_issuer_is_refused(tmp_path: Path, issuer: str) -> None:
+    assert "issuer" in refused(tmp_path, config(issuer=issuer))
+
+
+def test_empty_audiences_are_refused(tmp_path: Path) -> None:
+    data = config()
+    data["trusted_issuers"][0]["audiences"] = []
+    assert "trusted_issuers[0].audiences" in refused(tmp_path, data)
+
+
+def test_no_trusted_issuers_or_no_clients_is_refused(tmp_path: Path) -> None:
+    assert "trusted_issuers" in refused(tmp_path, config(trusted_issuers=[]))
+    assert "clients" in refused(tmp_path, config(clients=[]))
+
+
+@pytest.mark.parametrize("url", ["mysql://db/sidecar", "sqlite://relative", "postgres"])
+def test_unsupported_database_url_is_refused(tmp_path: Path, url: str) -> None:
+    assert "database_url" in refused(tmp_path, config(database_url=url))
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_ttl", 5), ("max_ttl", 7200), ("leeway", -1)])
+def test_token_bounds_are_enforced(tmp_path: Path, field: str, value: int) -> None:
+    data = config()
+    data["tokens"][field] = value
+    assert f"tokens.{field}" in refused(tmp_path, data)
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+def test_client_with_both_a_secret_and_keys_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["jwks_uri"] = "https://gateway.example/jwks.json"
+    message = refused(tmp_path, data)
+    assert "clients[0]" in message
+    assert "exactly one credential" in message
+
+
+def test_client_without_credentials_is_refused(tmp_path: Path) -> None:
+    data = config()
+    del data["clients"][0]["client_secret"]
+    assert "exactly one credential" in refused(tmp_path, data)
+
+
+def test_client_with_jwks_and_jwks_uri_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0] = {
+        "client_id": "gateway",
+        "jwks": {"keys": []},
+        "jwks_uri": "https://gateway.example/jwks.json",
+    }
+    assert "clients[0]" in refused(tmp_path, data)
+
+
+def test_client_jwks_must_be_a_jwk_set(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0] = {"client_id": "gateway", "jwks": {"kty": "EC"}}
+    assert "clients[0]" in refused(tmp_path, data)
+
+
+def test_private_key_jwt_client_is_accepted(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0] = {"client_id": "gateway", "jwks_uri": "https://gateway.example/jwks"}
+    assert load(tmp_path, data).clients[0].auth_methods == ("private_key_jwt",)
+
+
+def test_short_client_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = "short-secret"
+    message = refused(tmp_path, data)
+    assert "clients[0].client_secret" in message
+    assert "short-secret" not in message
+
+
+def test_duplicate_client_ids_are_refused(tmp_path: Path) -> None:
+    data = config()
+    data["clients"].append(copy.deepcopy(data["clients"][0]))
+    assert "appears twice" in refused(tmp_path, data)
+
+
+# --- policies -----------------------------------------------------------------------------------
+
+
+def with_policy(**changes: Any) -> dict[str, Any]:
+    data = config()
+    data["policies"][0].update(changes)
+    return data
+
+
+def test_policy_ttl_above_max_ttl_is_refused(tmp_path: Path) -> None:
+    message = refused(tmp_path, with_policy(ttl=301))
+    assert "policies[0]" in message
+    assert "max_ttl" in message
+
+
+def test_policy_ttl_equal_to_max_ttl_is_accepted(tmp_path: Path) -> None:
+    assert load(tmp_path, with_policy(ttl=300)).policies[0].ttl == 300
+
+
+def test_default_scopes_outside_scopes_are_refused(tmp_path: Path) -> None:
+    message = refused(tmp_path, with_policy(default_scopes=["code.read", "code.write"]))
+    assert "policies[0]" in message
+    assert "code.write" in message
+
+
+@pytest.mark.parametrize("scope", ["*", "all", "ALL", "any", "root", "admin:*", "code.*"])
+def test_omnibus_scopes_are_refused(tmp_path: Path, scope: str) -> None:
+    message = refused(tmp_path, with_policy(scopes=["code.read", scope], default_scopes=[]))
+    assert "policies[0].scopes" in message
+    assert "omnibus" in message
+
+
+@pytest.mark.parametrize("scope", ["two words", 'quo"te', "back\\slash", ""])
+def test_invalid_scope_tokens_in_a_policy_are_refused(tmp_path: Path, scope: str) -> None:
+    assert "policies[0].scopes" in refused(tmp_path, with_policy(scopes=[scope], default_scopes=[]))
+
+
+def test_a_scope_listed_twice_is_refused(tmp_path: Path) -> None:
+    assert "policies[0].scopes" in refused(tmp_path, with_policy(scopes=["a", "a"]))
+
+
+def test_empty_scopes_are_refused(tmp_path: Path) -> None:
+    assert "policies[0].scopes" in refused(tmp_path, with_policy(scopes=[], default_scopes=[]))
+
+
+def test_duplicate_client_and_audience_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["policies"].append({**data["policies"][0], "ttl": 60})
+    message = refused(tmp_path, data)
+    assert "policies[1]" in message
+    assert "same client and audience" in message
+
+
+def test_same_audience_for_two_clients_is_accepted(tmp_path: Path) -> None:
+    data = config()
+    data["clients"].append({"client_id": "other", "client_secret": SECRET})
+    data["policies"].append({**data["policies"][0], "client_id": "other"})
+    assert len(load(tmp_path, data).policies) == 2
+
+
+def test_policy_for_an_unknown_client_is_refused(tmp_path: Path) -> None:
+    message = refused(tmp_path, with_policy(client_id="nobody"))
+    assert "policies[0]" in message
+    assert "not one of the configured clients" in message
+
+
+@pytest.mark.parametrize("claim", ["sub", "iss", "aud", "scope", "act", "may_act", "cnf"])
+def test_reserved_claims_cannot_be_copied(tmp_path: Path, claim: str) -> None:
+    message = refused(tmp_path, with_policy(copy_claims=["email", claim]))
+    assert "policies[0].copy_claims" in message
+
+
+def test_ordinary_claims_can_be_copied(tmp_path: Path) -> None:
+    settings = load(tmp_path, with_policy(copy_claims=["email", "groups"]))
+    assert settings.policies[0].copy_claims == ["email", "groups"]
+
+
+def test_unknown_policy_key_names_its_path(tmp_path: Path) -> None:
+    assert "policies[0].scope" in refused(tmp_path, with_policy(scope="code.read"))
+
+
+# --- keys and durations -------------------------------------------------------------------------
+
+
+def test_retain_after_shorter_than_max_ttl_plus_leeway_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["keys"]["retain_after"] = 329  # max_ttl 300 + leeway 30 = 330
+    assert "retain_after" in refused(tmp_path, data)
+    data["keys"]["retain_after"] = 330
+    assert load(tmp_path, data).keys.retain_after == 330
+
+
+def test_rotate_every_below_a_minute_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["keys"]["rotate_every"] = "30s"
+    assert "keys.rotate_every" in refused(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (90, 90.0),
+        (1.5, 1.5),
+        ("90", 90.0),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("24h", 86400.0),
+        ("7d", 604800.0),
+        ("500ms", 0.5),
+        (" 5m ", 300.0),
+        ("0", 0.0),
+    ],
+)
+def test_durations(value: Any, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["15 minutes", "1.5h", "-5m", "m", "", "1h30m", True, None, -1])
+def test_bad_durations_are_refused(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"duration|negative"):
+        parse_duration(value)
+
+
+def test_bad_duration_in_the_file_names_its_path(tmp_path: Path) -> None:
+    data = config()
+    data["keys"]["publish_ahead"] = "fifteen minutes"
+    assert "keys.publish_ahead" in refused(tmp_path, data)
+
+
+def test_durations_in_the_file(tmp_path: Path) -> None:
+    data = config()
+    data["keys"] = {"rotate_every": 3600, "publish_ahead": "90s", "retain_after": "1h"}
+    data["trusted_issuers"][0]["refresh_interval"] = "10m"
+    settings = load(tmp_path, data)
+    assert settings.keys.rotate_every == 3600
+    assert settings.keys.publish_ahead == 90
+    assert settings.keys.retain_after == 3600
+    assert settings.trusted_issuers[0].refresh_interval == 600
+
+
+def test_short_encryption_key_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    data = config()
+    data["keys"]["encryption_key"] = "tiny-key"
+    message = refused(tmp_path, data)
+    assert "keys.encryption_key" in message
+    assert "tiny-key" not in message
+
+
+# --- load_policies_file -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load(tmp_path, config())
+
+
+def test_policies_file_is_loaded(tmp_path: Path, settings: Settings) -> None:
+    path = write(
+        tmp_path,
+        {
+            "policies": [
+                {
+                    "client_id": "gateway",
+                    "audience": "https://tickets.internal/mcp",
+                    "scopes": ["tickets.read"],
+                    "default_scopes": ["tickets.read"],
+                    "ttl": 60,
+                }
+            ]
+        },
+        "policies.yaml",
+    )
+
+    policies = load_policies_file(path, settings)
+
+    assert [p.audience for p in policies] == ["https://tickets.internal/mcp"]
+    assert policies[0].scopes == ["tickets.read"]
+
+
+def test_the_config_files_own_policies_section_loads(tmp_path: Path, settings: Settings) -> None:
+    path = write(tmp_path, config(), "whole-config.yaml")
+    assert len(load_policies_file(path, settings)) == 1
+
+
+def test_policies_file_without_policies_is_refused(tmp_path: Path, settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="policies"):
+        load_policies_file(write(tmp_path, {"other": 1}, "p.yaml"), settings)
+
+
+def test_policies_must_be_a_list(tmp_path: Path, settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="policies"):
+        load_policies_file(write(tmp_path, {"policies": {"a": 1}}, "p.yaml"), settings)
+
+
+def test_bad_policy_in_a_file_names_its_path(tmp_path: Path, settings: Settings) -> None:
+    bad = {**BASE["policies"][0], "scopes": ["*"], "default_scopes": []}
+    good = {**BASE["policies"][0], "audience": "https://other.internal"}
+    with pytest.raises(ConfigError, match=r"policies\[1\]\.scopes"):
+        load_policies_file(write(tmp_path, {"policies": [good, bad]}, "p.yaml"), settings)
+
+
+def test_policy_file_is_checked_against_the_settings(tmp_path: Path, settings: Settings) -> None:
+    unknown_client = {**BASE["policies"][0], "client_id": "nobody"}
+    with pytest.raises(ConfigError, match=r"policies\[0\].*not one of the configured clients"):
+        load_policies_file(write(tmp_path, {"policies": [unknown_client]}, "p.yaml"), settings)
+
+    too_long = {**BASE["policies"][0], "ttl": 3000}
+    with pytest.raises(ConfigError, match="max_ttl"):
+        load_policies_file(write(tmp_path, {"policies": [too_long]}, "p.yaml"), settings)
+
+
+def test_policy_file_with_duplicate_targets_is_refused(tmp_path: Path, settings: Settings) -> None:
+    policy = BASE["policies"][0]
+    with pytest.raises(ConfigError, match="same client and audience"):
+        load_policies_file(write(tmp_path, {"policies": [policy, policy]}, "p.yaml"), settings)
+
+
+def test_policy_file_with_duplicate_yaml_keys_is_refused(
+    tmp_path: Path, settings: Settings
+) -> None:
+    text = yaml.safe_dump({"policies": BASE["policies"]}) + "policies: []\n"
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_policies_file(write(tmp_path, text, "p.yaml"), settings)
+
+
+def test_empty_policy_file_list_is_accepted(tmp_path: Path, settings: Settings) -> None:
+    assert load_policies_file(write(tmp_path, {"policies": []}, "p.yaml"), settings) == []
+
+
+def test_empty_encryption_key_is_refused(tmp_path: Path) -> None:
+    # An exported-but-empty variable must not silently turn encryption at rest off.
+    data = config()
+    data["keys"]["encryption_key"] = "${SIDECAR_KEY_ENCRYPTION_KEY}"
+    message = refused(tmp_path, data, env={"SIDECAR_KEY_ENCRYPTION_KEY": ""})
+    assert "keys.encryption_key" in message
+
+
+def test_unterminated_reference_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = "${GATEWAY_SECRET-0123456789abcdef"
+    message = refused(tmp_path, data, env={"GATEWAY_SECRET": SECRET})
+    assert "clients[0].client_secret" in message
+    assert "unterminated" in message

@@ -1,0 +1,177 @@
+"""A value loaded from the database and kept in process for a bounded time."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sidecar.errors import TemporarilyUnavailableError
+from sidecar.refreshing import RETRY_AFTER_FAILURE, Refreshing
+from tests.conftest import FakeClock
+
+INTERVAL = 10.0
+
+
+class Loader:
+    """Returns 1, 2, 3... on each load, or raises while ``failing``; counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failing = False
+
+    def __call__(self) -> int:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionError("database is down")
+        return self.calls
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1000.0)
+
+
+@pytest.fixture
+def load() -> Loader:
+    return Loader()
+
+
+@pytest.fixture
+def value(load: Loader, clock: FakeClock) -> Refreshing[int]:
+    return Refreshing("policies", load, INTERVAL, clock)
+
+
+def test_value_is_loaded_on_first_use_and_cached_within_the_interval(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    assert value.get() == 1
+    clock.advance(INTERVAL - 0.1)
+    assert value.get() == 1
+    assert load.calls == 1
+
+
+def test_value_is_reloaded_after_the_interval(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    value.get()
+    clock.advance(INTERVAL)
+    assert value.get() == 2
+    clock.advance(INTERVAL / 2)
+    assert value.get() == 2
+    assert load.calls == 2
+
+
+def test_failed_reload_keeps_the_previous_value(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    value.get()
+    load.failing = True
+    clock.advance(INTERVAL)
+
+    assert value.get() == 1
+    assert load.calls == 2
+
+
+def test_failed_reload_is_not_retried_on_every_request(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    value.get()
+    load.failing = True
+    clock.advance(INTERVAL)
+    for _ in range(50):
+        assert value.get() == 1
+    assert load.calls == 2
+
+    clock.advance(1.0)
+    assert value.get() == 1
+    assert load.calls == 3
+
+
+def test_recovers_once_loading_works_again(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    value.get()
+    load.failing = True
+    clock.advance(INTERVAL)
+    value.get()
+
+    load.failing = False
+    clock.advance(1.0)
+    assert value.get() == 3
+
+
+def test_nothing_loaded_is_temporarily_unavailable(value: Refreshing[int], load: Loader) -> None:
+    load.failing = True
+
+    with pytest.raises(TemporarilyUnavailableError) as caught:
+        value.get()
+    assert caught.value.error == "temporarily_unavailable"
+    assert caught.value.status_code == 503
+    assert "database is down" not in caught.value.description
+
+
+def test_nothing_loaded_is_refused_at_once_then_retried_after_the_back_off(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    load.failing = True
+    with pytest.raises(TemporarilyUnavailableError):
+        value.get()
+    load.failing = False
+    calls = load.calls
+
+    # Within the back-off a request does not wait on the database again: a 503 at once.
+    with pytest.raises(TemporarilyUnavailableError):
+        value.get()
+    assert load.calls == calls
+
+    clock.advance(RETRY_AFTER_FAILURE)
+    assert value.get() == 2
+
+
+def test_refresh_loads_now_and_raises_on_failure(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    assert value.get() == 1
+    assert value.refresh() == 2
+    assert value.get() == 2
+
+    load.failing = True
+    with pytest.raises(ConnectionError):
+        value.refresh()
+    assert value.get() == 2  # the previous value is still served
+
+
+def test_invalidate_forces_a_reload_on_next_use(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    value.get()
+    value.invalidate()
+    assert value.get() == 2
+
+
+def test_a_stale_value_is_served_while_another_thread_reloads(clock: FakeClock) -> None:
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow_load() -> int:
+        calls.append(1)
+        if len(calls) == 2:  # the reload: blocks until released
+            started.set()
+            release.wait(5)
+        return len(calls)
+
+    value = Refreshing("keyring", slow_load, INTERVAL, clock)
+    assert value.get() == 1
+    clock.advance(INTERVAL)
+
+    reloader = threading.Thread(target=value.get)
+    reloader.start()
+    assert started.wait(5)
+    try:
+        assert value.get() == 1  # does not wait for the reload in progress
+    finally:
+        release.set()
+        reloader.join(5)
+    assert value.get() == 2
+    assert len(calls) == 2
