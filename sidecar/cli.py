@@ -16,6 +16,7 @@ import click
 
 from sidecar import REPO_ROOT
 from sidecar.config import ConfigError, Settings, load_policies_file, load_settings
+from sidecar.keys.directory import KeyDirectoryError
 from sidecar.keys.encryption import KeyDecryptionError
 
 # In the checkout's keys/ (git-ignored), wherever the command runs from: deploy/demo.yaml finds
@@ -62,7 +63,7 @@ class _Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except KeyDecryptionError as exc:
+        except (KeyDecryptionError, KeyDirectoryError) as exc:
             fail(str(exc))
         except Exception as exc:
             # Imported here: `--help` and check-config need no SQLAlchemy.
@@ -130,7 +131,7 @@ def serve(
         fail("invalid configuration: " + "; ".join(missing), 2)
     try:
         services.prepare()
-    except KeyDecryptionError as exc:
+    except (KeyDecryptionError, KeyDirectoryError) as exc:
         fail(str(exc))
     except Exception as exc:
         fail(f"cannot start: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -220,14 +221,24 @@ def keys_rotate(ctx: click.Context, immediate: bool, as_json: bool) -> None:
 
 @keys.command("retire")
 @click.argument("kid")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def keys_retire(ctx: click.Context, kid: str) -> None:
+def keys_retire(ctx: click.Context, kid: str, as_json: bool) -> None:
     """Stop signing with KID now; it stays published for keys.retain_after."""
     services = _services(ctx)
+    current = services.keys.load().current(services.clock())
     if not services.keys.retire(kid):
         fail(f"no key {kid}")
+    if current is not None and current.kid == kid:
+        click.echo(
+            "warning: the retired key was signing; the next key signs at once, and verifiers "
+            "with a cached JWKS may reject its tokens until they refetch it",
+            err=True,
+        )
     services.keys.ensure_current()
-    click.echo(f"key {kid} retired")
+    signing = services.keys.load().current(services.clock())
+    result = {"retired": kid, "signing": signing.kid if signing else None}
+    click.echo(json.dumps(result) if as_json else f"key {kid} retired; {result['signing']} signs")
 
 
 @main.group()

@@ -97,8 +97,20 @@ class KeysConfig(_Strict):
     publish_ahead: Duration = 15 * 60.0
     retain_after: Duration = 15 * 60.0
     encryption_key: SecretStr | None = None
-    # How often every worker re-reads the keyring from the database (seconds).
+    # How often every worker re-reads the keyring (seconds): the bound on how long a rotation
+    # takes to reach every worker of every replica.
     refresh_interval: Duration = 10.0
+    # A directory of PEM private keys (e.g. a mounted Secret) instead of the database keyring.
+    directory: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_keyring(self) -> KeysConfig:
+        if self.directory is not None and self.encryption_key is not None:
+            raise ValueError(
+                "encryption_key encrypts keys stored in the database; it cannot be used with "
+                "directory (protect the directory's files instead)"
+            )
+        return self
 
     @field_validator("rotate_every")
     @classmethod
@@ -300,6 +312,10 @@ class Settings(_Strict):
             path = self.resolve_path(entry.jwks_file) if entry.jwks_file else None
             if path is not None and not path.is_file():
                 missing.append(f"trusted_issuers[{index}].jwks_file: {path} is not a file")
+        if self.keys.directory is not None and not self.resolve_path(self.keys.directory).is_dir():
+            missing.append(
+                f"keys.directory: {self.resolve_path(self.keys.directory)} is not a directory"
+            )
         return missing
 
     def resolve_path(self, path: Path) -> Path:

@@ -18,6 +18,7 @@ from sidecar.exchange.grant import TokenExchangeGrant
 from sidecar.exchange.policy import PolicySet
 from sidecar.issuers import IssuerDirectory
 from sidecar.jwks import fetch_json
+from sidecar.keys.directory import DirectoryKeyStore
 from sidecar.keys.keyring import Keyring, SigningKey
 from sidecar.keys.store import KeyStore
 from sidecar.refreshing import Refreshing
@@ -43,7 +44,16 @@ class Services:
         self.clock = clock
         self.engine = engine or make_engine(settings.database_url)
         sessions = make_sessionmaker(self.engine)
-        self.keys = KeyStore(sessions, settings.keys, settings.tokens.algorithm, clock)
+        self.keys: KeyStore | DirectoryKeyStore
+        if settings.keys.directory is not None:
+            self.keys = DirectoryKeyStore(
+                settings.resolve_path(settings.keys.directory),
+                preferred_algorithm=settings.tokens.algorithm,
+                publish_ahead=settings.keys.publish_ahead,
+                clock=clock,
+            )
+        else:
+            self.keys = KeyStore(sessions, settings.keys, settings.tokens.algorithm, clock)
         self.policy_store = PolicyStore(sessions, clock)
         self.audit = AuditTrail(sessions)
         self.issuers = IssuerDirectory(settings, clock, fetch)
@@ -78,8 +88,18 @@ class Services:
             migrate.upgrade(self.engine)
         if not migrate.is_current(self.engine):
             raise RuntimeError("the database schema is not current: run `sidecar db upgrade`")
-        self.keys.ensure_current()
+        self.keys.ensure_current()  # raises KeyDirectoryError for a directory without keys
         self.keys.load()  # raises KeyDecryptionError on a wrong keys.encryption_key
+        if isinstance(self.keys, KeyStore):
+            if self.keys.encrypts:
+                encrypted = self.keys.encrypt_stored_keys()
+                if encrypted:
+                    log.info("encrypted %d signing key(s) stored in clear text", encrypted)
+            else:
+                log.warning(
+                    "SIGNING KEYS ARE STORED UNENCRYPTED in the database: set "
+                    "keys.encryption_key to encrypt them at rest"
+                )
         if self.settings.policies and self.count_policies() == 0:
             changes = self.policy_store.apply(self.settings.policies, actor="bootstrap")
             log.info(

@@ -112,13 +112,37 @@ class KeyStore:
         rows = session.scalars(select(SigningKeyRow)).all()
         return Keyring([self._to_key(row) for row in rows])
 
+    def encrypt_stored_keys(self) -> int:
+        """Encrypt every key still stored in clear text (encryption was turned on later)."""
+        assert self._encryptor is not None
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "keyring")
+            rows = session.scalars(
+                select(SigningKeyRow).where(SigningKeyRow.encryption.is_(None))
+            ).all()
+            for row in rows:
+                row.private_key = self._encryptor.encrypt(row.private_key, row.kid)
+                row.encryption = self._encryptor.scheme
+            return len(rows)
+
     def ensure_current(self) -> bool:
-        """Generate a signing key if none signs now; True if one was generated."""
+        """Make sure a key signs now; True if the keyring changed. A published ``next`` key is
+        brought forward (verifiers may already have it); otherwise a key is generated."""
         with self._sessions() as session, session.begin():
             hold_lease(session, "keyring")
             now = self._clock()
-            if self._locked_keyring(session).current(now) is not None:
+            keyring = self._locked_keyring(session)
+            if keyring.current(now) is not None:
                 return False
+            pending = keyring.upcoming(now)
+            if pending is not None:
+                session.execute(
+                    update(SigningKeyRow)
+                    .where(SigningKeyRow.kid == pending.kid)
+                    .values(activates_at=now)
+                )
+                log.info("signing key kid=%s brought forward", pending.kid)
+                return True
             row = self._insert_new_key(session, now, now)
             log.info("generated signing key kid=%s alg=%s", row.kid, row.algorithm)
             return True
