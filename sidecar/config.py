@@ -21,10 +21,15 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from sidecar.exchange.policy import Condition, Policy, could_overlap, default_policy_name
 
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 
@@ -211,9 +216,41 @@ class ClientConfig(_Strict):
         return ("private_key_jwt",)
 
 
+ClaimValue = StrictStr | StrictBool | StrictInt
+
+
+class ConditionConfig(_Strict):
+    """One condition on a verified subject-token claim: exactly one of the three."""
+
+    equals: ClaimValue | None = None
+    one_of: list[ClaimValue] | None = Field(default=None, min_length=1)
+    contains: ClaimValue | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ConditionConfig:
+        operators = ("equals", "one_of", "contains")
+        given = [name for name in operators if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of equals, one_of, contains")
+        return self
+
+    def to_condition(self, claim: str) -> Condition:
+        if self.one_of is not None:
+            return Condition(claim, "one_of", tuple(self.one_of))
+        if self.equals is not None:
+            return Condition(claim, "equals", (self.equals,))
+        return Condition(claim, "contains", (self.contains,))
+
+
 class PolicyConfig(_Strict):
+    # Unique; defaults to "CLIENT -> AUDIENCE". Names a policy in history and rollback.
+    name: str | None = Field(default=None, min_length=1, max_length=255)
     client_id: str = Field(min_length=1)
     audience: str = Field(min_length=1, max_length=2048)
+    # Only subject tokens from this trusted issuer.
+    issuer: str | None = None
+    # Conditions on the verified subject-token claims; all must hold.
+    subject: dict[str, ConditionConfig] = Field(default_factory=dict)
     scopes: list[str] = Field(min_length=1)
     default_scopes: list[str] = Field(default_factory=list)
     ttl: int = Field(120, ge=1)
@@ -251,6 +288,23 @@ class PolicyConfig(_Strict):
         if outside:
             raise ValueError(f"default_scopes {sorted(outside)} are not in scopes")
         return self
+
+    def to_policy(self) -> Policy:
+        return Policy(
+            name=self.name or default_policy_name(self.client_id, self.audience),
+            client_id=self.client_id,
+            audience=self.audience,
+            scopes=frozenset(self.scopes),
+            default_scopes=frozenset(self.default_scopes),
+            ttl=self.ttl,
+            enabled=self.enabled,
+            require_subject_scopes=self.require_subject_scopes,
+            copy_claims=tuple(self.copy_claims),
+            issuer=self.issuer,
+            conditions=tuple(
+                self.subject[claim].to_condition(claim) for claim in sorted(self.subject)
+            ),
+        )
 
 
 class Settings(_Strict):
@@ -353,19 +407,38 @@ def _refuse_duplicates(what: str, values: list[str]) -> None:
 
 
 def validate_policies(policies: list[PolicyConfig], settings: Settings) -> None:
-    """Cross-checks a policy set against the settings; raises ValueError naming the policy."""
+    """Cross-checks the ``policies:`` of a file against the settings and each other."""
+    check_policy_set([config.to_policy() for config in policies], settings)
+
+
+def check_policy_set(policies: list[Policy], settings: Settings) -> None:
+    """Checks a whole policy set; raises ValueError naming the policy: unknown client or issuer,
+    ttl above tokens.max_ttl, a name used twice, and two enabled policies that could both match
+    the same request."""
     client_ids = {c.client_id for c in settings.clients}
-    seen: set[tuple[str, str]] = set()
+    issuers = {i.issuer for i in settings.trusted_issuers}
+    seen: dict[str, int] = {}
     for index, policy in enumerate(policies):
-        where = f"policies[{index}] ({policy.client_id} -> {policy.audience})"
+        where = f"policies[{index}] ({policy.name})"
         if policy.client_id not in client_ids:
             raise ValueError(f"{where}: client_id is not one of the configured clients")
+        if policy.issuer is not None and policy.issuer not in issuers:
+            raise ValueError(f"{where}: issuer is not one of the trusted_issuers")
         if policy.ttl > settings.tokens.max_ttl:
             raise ValueError(f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl")
-        key = (policy.client_id, policy.audience)
-        if key in seen:
-            raise ValueError(f"{where}: a second policy for the same client and audience")
-        seen.add(key)
+        if policy.name in seen:
+            raise ValueError(
+                f"{where}: the name is already used by policies[{seen[policy.name]}] "
+                "(give policies for the same client and audience distinct names)"
+            )
+        for other_index, other in enumerate(policies[:index]):
+            if could_overlap(policy, other):
+                raise ValueError(
+                    f"{where}: could match the same requests as policies[{other_index}] "
+                    f"({other.name}); make their issuer or subject conditions exclusive, or "
+                    "disable one"
+                )
+        seen[policy.name] = index
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, func, select
 
 from sidecar.audit import AuditTrail
 from sidecar.clients import ClientAuthenticator
-from sidecar.config import Settings
+from sidecar.config import Settings, check_policy_set
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.exchange.grant import TokenExchangeGrant
 from sidecar.exchange.policy import PolicySet
@@ -54,7 +54,9 @@ class Services:
             )
         else:
             self.keys = KeyStore(sessions, settings.keys, settings.tokens.algorithm, clock)
-        self.policy_store = PolicyStore(sessions, clock)
+        self.policy_store = PolicyStore(
+            sessions, clock, validate=lambda policies: check_policy_set(policies, settings)
+        )
         self.audit = AuditTrail(sessions)
         self.issuers = IssuerDirectory(settings, clock, fetch)
         self.authenticator = ClientAuthenticator(settings, JtiStore(sessions, clock), clock, fetch)

@@ -1,5 +1,7 @@
 """The exchange policy decision (DESIGN §2 steps 3 and 4): which targets a client may get a token
-for, with which scopes, for how long. Pure: the policies arrive as a :class:`PolicySet`.
+for, for which subjects, with which scopes, for how long. Pure: the policies arrive as a
+:class:`PolicySet`. ``/token`` and ``sidecar policy explain`` both call :func:`decide`, so they
+cannot disagree.
 
 RFC 8693 §2.2.2 names ``invalid_target`` for "the authorization server is unwilling or unable to
 issue a token for any target service indicated by the resource or audience parameters"; a request
@@ -8,11 +10,78 @@ naming several targets is refused as a whole if any one of them is not allowed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from sidecar.errors import InvalidRequestError, InvalidScopeError, InvalidTargetError
 from sidecar.exchange.subject import VerifiedToken
+
+Operator = Literal["equals", "one_of", "contains"]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def normalize_audience(audience: str) -> str:
+    """The form in which audiences are compared: for an absolute URI, the scheme and host are
+    lowercased (ASCII only: ``str.lower`` would fold look-alikes such as the Kelvin sign into
+    ASCII) and a default port is dropped; nothing else changes. Other values compare exactly."""
+    try:
+        parts = urlsplit(audience)
+        port = parts.port
+    except ValueError:
+        return audience
+    prefix = f"{parts.scheme}://{parts.netloc}"  # urlsplit lowercases the scheme only
+    if (
+        not parts.hostname
+        or not parts.netloc.isascii()
+        or audience[: len(prefix)].translate(_ASCII_LOWER) != prefix.translate(_ASCII_LOWER)
+    ):
+        return audience
+    scheme = parts.scheme.translate(_ASCII_LOWER)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    host = hostport.rsplit(":", 1)[0] if port is not None or hostport.endswith(":") else hostport
+    netloc = (f"{userinfo}@" if userinfo else "") + host.translate(_ASCII_LOWER)
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        netloc += f":{port}"
+    # Everything after the authority is kept byte for byte (an empty "?" included).
+    return f"{scheme}://{netloc}{audience[len(prefix):]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A condition on one verified claim of the subject token.
+
+    - ``equals``: the claim equals the value;
+    - ``one_of``: the claim equals one of the values;
+    - ``contains``: the claim is a list holding the value, or a space-separated string with it.
+    """
+
+    claim: str
+    operator: Operator
+    values: tuple[Any, ...]  # one value for equals/contains, several for one_of
+
+    def holds(self, claims: Mapping[str, Any]) -> bool:
+        if self.claim not in claims:
+            return False
+        actual = claims[self.claim]
+        if self.operator == "contains":
+            if isinstance(actual, str):
+                return self.values[0] in actual.split(" ")
+            return isinstance(actual, list) and _member(self.values[0], actual)
+        if isinstance(actual, list | dict):
+            return False
+        return _member(actual, self.values)
+
+    def describe(self) -> str:
+        shown = list(self.values) if self.operator == "one_of" else self.values[0]
+        return f"{self.claim} {self.operator} {shown!r}"
+
+
+def _member(value: Any, candidates: Iterable[Any]) -> bool:
+    # Typed equality: True must not equal 1, nor "1" equal 1.
+    return any(type(value) is type(c) and value == c for c in candidates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,22 +94,53 @@ class Policy:
     enabled: bool = True
     require_subject_scopes: bool = False
     copy_claims: tuple[str, ...] = ()
+    issuer: str | None = None  # only subject tokens of this issuer
+    conditions: tuple[Condition, ...] = ()
+    name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", default_policy_name(self.client_id, self.audience))
+
+    def refusal(self, subject: VerifiedToken) -> str | None:
+        """Why this policy does not apply to ``subject``, or None if it does."""
+        if not self.enabled:
+            return f"policy {self.name}: disabled"
+        if self.issuer is not None and subject.issuer != self.issuer:
+            return f"policy {self.name}: subject issuer is not {self.issuer}"
+        for condition in self.conditions:
+            if not condition.holds(subject.claims):
+                return f"policy {self.name}: condition failed: {condition.describe()}"
+        return None
+
+
+def default_policy_name(client_id: str, audience: str) -> str:
+    return f"{client_id} -> {audience}"
 
 
 class PolicySet:
-    """An immutable index of policies by (client, audience), built once per refresh."""
+    """An immutable index of policies by (client, normalised audience), built once per refresh."""
 
     def __init__(self, policies: Iterable[Policy]) -> None:
-        self._by_target = {(p.client_id, p.audience): p for p in policies}
+        self._policies = tuple(policies)
+        self._by_target: dict[tuple[str, str], list[Policy]] = {}
+        for policy in self._policies:
+            key = (policy.client_id, normalize_audience(policy.audience))
+            self._by_target.setdefault(key, []).append(policy)
 
     def __len__(self) -> int:
-        return len(self._by_target)
+        return len(self._policies)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._by_target.values())
+    def __iter__(self) -> Iterator[Policy]:
+        return iter(self._policies)
+
+    def candidates(self, client_id: str, target: str) -> list[Policy]:
+        return self._by_target.get((client_id, normalize_audience(target)), [])
 
     def find(self, client_id: str, target: str) -> Policy | None:
-        return self._by_target.get((client_id, target))
+        """The first policy for (client, target), whatever its conditions."""
+        found = self.candidates(client_id, target)
+        return found[0] if found else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +152,25 @@ class Decision:
     policies: tuple[Policy, ...]
 
 
-def _policies_for(client_id: str, targets: tuple[str, ...], policies: PolicySet) -> list[Policy]:
-    found = []
-    for target in targets:
-        policy = policies.find(client_id, target)
-        if policy is None:
-            raise InvalidTargetError(reason="no policy for the client and target")
-        if not policy.enabled:
-            raise InvalidTargetError(reason="the policy for the client and target is disabled")
-        found.append(policy)
-    return found
+def _policy_for(client_id: str, target: str, subject: VerifiedToken, policies: PolicySet) -> Policy:
+    candidates = policies.candidates(client_id, target)
+    if not candidates:
+        raise InvalidTargetError(reason="no policy for the client and target")
+    refusals = []
+    matching = []
+    for policy in candidates:
+        refusal = policy.refusal(subject)
+        if refusal is None:
+            matching.append(policy)
+        else:
+            refusals.append(refusal)
+    if len(matching) > 1:
+        # Validation refuses overlapping enabled policies; if it ever happens, fail closed.
+        names = ", ".join(p.name for p in matching)
+        raise InvalidTargetError(reason=f"ambiguous: several policies match: {names}")
+    if not matching:
+        raise InvalidTargetError(reason="; ".join(refusals))
+    return matching[0]
 
 
 def _narrow_scopes(
@@ -76,9 +185,11 @@ def _narrow_scopes(
     else:
         granted = frozenset(requested)
         if not granted <= allowed:
-            raise InvalidScopeError(reason="a requested scope is not allowed by the policy")
+            outside = " ".join(sorted(granted - allowed))
+            raise InvalidScopeError(reason=f"scope not allowed by the policy: {outside}")
         if require_subject and not granted <= subject.scopes:
-            raise InvalidScopeError(reason="a requested scope is not in the subject token")
+            missing = " ".join(sorted(granted - subject.scopes))
+            raise InvalidScopeError(reason=f"scope not in the subject token: {missing}")
     if not granted:
         # A token with no scope grants nothing useful and usually means a misconfiguration.
         raise InvalidScopeError(reason="no scope would be granted")
@@ -95,8 +206,10 @@ def decide(
     max_ttl: int,
     now: int,
 ) -> Decision:
-    """Decide an exchange, or raise the protocol error that refuses it (with a ``reason``)."""
-    matched = _policies_for(client_id, targets, policies)
+    """Decide an exchange, or raise the protocol error that refuses it; its ``reason`` names the
+    policy and the rule that refused (for the audit trail and ``policy explain``, never the
+    client)."""
+    matched = [_policy_for(client_id, target, subject, policies) for target in targets]
     scopes = _narrow_scopes(requested_scopes, matched, subject)
     # Lifetime = min(policy TTL, global maximum, the subject token's remaining lifetime):
     # a minted token never outlives the token it was exchanged for.
@@ -107,9 +220,31 @@ def decide(
         name for name in matched[0].copy_claims if all(name in p.copy_claims for p in matched)
     )
     return Decision(
-        audiences=targets,
+        # The policies' own audiences: an upstream compares `aud` with the identifier it was
+        # configured with, not with the variant a gateway happened to send.
+        audiences=tuple(dict.fromkeys(p.audience for p in matched)),
         scopes=scopes,
         lifetime=lifetime,
         copy_claims=copy_claims,
         policies=tuple(matched),
     )
+
+
+def _disjoint(a: Condition, b: Condition) -> bool:
+    """True when no claim value can satisfy both conditions on the same claim."""
+    if a.claim != b.claim or "contains" in (a.operator, b.operator):
+        return False
+    return not any(_member(value, b.values) for value in a.values)
+
+
+def could_overlap(a: Policy, b: Policy) -> bool:
+    """Whether one request could match both policies (both enabled, same client and audience,
+    issuer filters and subject conditions not provably exclusive). Conservative: when unsure,
+    it says they overlap."""
+    if not (a.enabled and b.enabled) or a.client_id != b.client_id:
+        return False
+    if normalize_audience(a.audience) != normalize_audience(b.audience):
+        return False
+    if a.issuer is not None and b.issuer is not None and a.issuer != b.issuer:
+        return False
+    return not any(_disjoint(x, y) for x in a.conditions for y in b.conditions)

@@ -3,10 +3,11 @@ private keys are a mounted Secret volume and rotation is done by changing the Se
 
 Every valid key file is published. A key file signs once it has been on disk for
 ``keys.publish_ahead`` (by its modification time), so verifiers see a new key before it signs; of
-those, the newest signs. When no file is that old yet (a fresh deployment), the newest signs at
-once. A file that disappears leaves the JWKS at the next rescan; an unreadable or unusable file is
-skipped with a warning. The directory is rescanned every ``keys.refresh_interval``; a file whose
-name, size and modification time are unchanged is not parsed again.
+those, the newest signs. When no file is that old yet (a fresh deployment), the oldest signs at
+once, and a key added soon after it still waits its ``publish_ahead``. A file that disappears
+leaves the JWKS at the next rescan; an unreadable or unusable file is skipped with a warning.
+The directory is rescanned every ``keys.refresh_interval``; a file whose name, size and
+modification time are unchanged is not parsed again.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ class DirectoryKeyStore:
             return Keyring([])
         now = self._clock()
         ready = [f for f in files if f.mtime + self._publish_ahead <= now]
-        signer = ready[-1] if ready else files[-1]
+        # None ready: the oldest signs, so that a file added within publish_ahead of the first
+        # one does not sign before verifiers can have fetched it.
+        signer = ready[-1] if ready else files[0]
         signing_since = min(signer.mtime + (self._publish_ahead if ready else 0.0), now)
         keys = []
         for f in files:

@@ -25,11 +25,17 @@ class PolicyRow(Base):
     so that SQLite and PostgreSQL hold them identically."""
 
     __tablename__ = "policies"
-    __table_args__ = (UniqueConstraint("client_id", "audience", name="uq_policies_target"),)
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_policies_name"),
+        Index("ix_policies_client_audience", "client_id", "audience"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255))
     client_id: Mapped[str] = mapped_column(String(255))
     audience: Mapped[str] = mapped_column(String(2048))
+    issuer: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    conditions: Mapped[str] = mapped_column(Text, server_default="[]")  # JSON list
     scopes: Mapped[str] = mapped_column(Text)  # JSON list
     default_scopes: Mapped[str] = mapped_column(Text)  # JSON list
     ttl: Mapped[int] = mapped_column(Integer)
@@ -45,12 +51,14 @@ class PolicyVersionRow(Base):
     """Every change of a policy, as the full policy document after the change (or a deletion)."""
 
     __tablename__ = "policy_versions"
+    __table_args__ = (Index("ix_policy_versions_name", "name", "version"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255))
     client_id: Mapped[str] = mapped_column(String(255))
     audience: Mapped[str] = mapped_column(String(2048))
     version: Mapped[int] = mapped_column(Integer)
-    action: Mapped[str] = mapped_column(String(16))  # create | update | delete
+    action: Mapped[str] = mapped_column(String(16))  # create | update | delete | rollback
     document: Mapped[str] = mapped_column(Text)  # JSON of the policy after the change
     changed_at: Mapped[float] = mapped_column(Float)
     changed_by: Mapped[str] = mapped_column(String(255))

@@ -1,50 +1,91 @@
-"""The policy table: loading the policy set, and declarative apply with a version history."""
+"""The policy table: the policy set the service decides with, declarative apply, single-policy
+writes with optimistic concurrency (the admin API), and a version history with rollback.
+
+Every write happens in one transaction under the ``policies`` lease, validates the *resulting*
+whole set (overlaps, unknown clients, ttl) before commit, and records one ``policy_versions`` row
+per changed policy with who made the change. A refused write changes nothing.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sidecar.config import PolicyConfig
-from sidecar.exchange.policy import Policy, PolicySet
+from sidecar.config import PolicyConfig, format_validation_error
+from sidecar.exchange.policy import Condition, Policy, PolicySet
 from sidecar.store.db import hold_lease
 from sidecar.store.models import PolicyRow, PolicyVersionRow
 
+# Validates a whole policy set; raises ValueError naming the offending policy.
+SetValidator = Callable[[list[Policy]], None]
 
-def policy_from_config(config: PolicyConfig) -> Policy:
-    return Policy(
-        client_id=config.client_id,
-        audience=config.audience,
-        scopes=frozenset(config.scopes),
-        default_scopes=frozenset(config.default_scopes),
-        ttl=config.ttl,
-        enabled=config.enabled,
-        require_subject_scopes=config.require_subject_scopes,
-        copy_claims=tuple(config.copy_claims),
-    )
+
+class PolicyError(Exception):
+    """A policy write that cannot be made; the message says why."""
+
+
+class PolicyInvalid(PolicyError):
+    pass
+
+
+class PolicyNotFound(PolicyError):
+    pass
+
+
+class PolicyExists(PolicyError):
+    pass
+
+
+class StaleVersion(PolicyError):
+    """The policy changed since the version the writer read (optimistic concurrency)."""
+
+    def __init__(self, name: str, current: int) -> None:
+        super().__init__(f"policy {name} is at version {current}")
+        self.current = current
 
 
 def policy_document(policy: Policy) -> dict[str, Any]:
-    """The policy as it is written in a YAML file (sorted lists, every field)."""
-    return {
+    """The policy as it is written in a policy file (every field, sorted lists)."""
+    document: dict[str, Any] = {
+        "name": policy.name,
         "client_id": policy.client_id,
         "audience": policy.audience,
-        "scopes": sorted(policy.scopes),
-        "default_scopes": sorted(policy.default_scopes),
-        "ttl": policy.ttl,
-        "enabled": policy.enabled,
-        "require_subject_scopes": policy.require_subject_scopes,
-        "copy_claims": list(policy.copy_claims),
     }
+    if policy.issuer is not None:
+        document["issuer"] = policy.issuer
+    if policy.conditions:
+        document["subject"] = {
+            c.claim: {c.operator: list(c.values) if c.operator == "one_of" else c.values[0]}
+            for c in policy.conditions
+        }
+    document.update(
+        scopes=sorted(policy.scopes),
+        default_scopes=sorted(policy.default_scopes),
+        ttl=policy.ttl,
+        enabled=policy.enabled,
+        require_subject_scopes=policy.require_subject_scopes,
+        copy_claims=list(policy.copy_claims),
+    )
+    return document
+
+
+def policy_from_document(document: Any) -> Policy:
+    """Parse a policy document (a policy file entry, an admin API body, a history version)."""
+    try:
+        return PolicyConfig.model_validate(document).to_policy()
+    except ValidationError as exc:
+        raise PolicyInvalid("; ".join(format_validation_error(exc).splitlines())) from None
 
 
 def _from_row(row: PolicyRow) -> Policy:
     return Policy(
+        name=row.name,
         client_id=row.client_id,
         audience=row.audience,
         scopes=frozenset(json.loads(row.scopes)),
@@ -53,19 +94,31 @@ def _from_row(row: PolicyRow) -> Policy:
         enabled=row.enabled,
         require_subject_scopes=row.require_subject_scopes,
         copy_claims=tuple(json.loads(row.copy_claims)),
+        issuer=row.issuer,
+        conditions=tuple(
+            Condition(c["claim"], c["operator"], tuple(c["values"]))
+            for c in json.loads(row.conditions)
+        ),
     )
 
 
 def _write_row(row: PolicyRow, policy: Policy) -> None:
-    document = policy_document(policy)
+    row.name = policy.name
     row.client_id = policy.client_id
     row.audience = policy.audience
-    row.scopes = json.dumps(document["scopes"])
-    row.default_scopes = json.dumps(document["default_scopes"])
+    row.issuer = policy.issuer
+    row.conditions = json.dumps(
+        [
+            {"claim": c.claim, "operator": c.operator, "values": list(c.values)}
+            for c in policy.conditions
+        ]
+    )
+    row.scopes = json.dumps(sorted(policy.scopes))
+    row.default_scopes = json.dumps(sorted(policy.default_scopes))
     row.ttl = policy.ttl
     row.enabled = policy.enabled
     row.require_subject_scopes = policy.require_subject_scopes
-    row.copy_claims = json.dumps(document["copy_claims"])
+    row.copy_claims = json.dumps(list(policy.copy_claims))
 
 
 @dataclass
@@ -80,79 +133,212 @@ class PolicyChanges:
         return bool(self.created or self.updated or self.deleted)
 
 
+@dataclass(frozen=True, slots=True)
+class StoredPolicy:
+    policy: Policy
+    version: int
+    updated_at: float
+    updated_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVersion:
+    name: str
+    version: int
+    action: str
+    document: dict[str, Any]
+    changed_at: float
+    changed_by: str
+
+
 class PolicyStore:
-    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        clock: Callable[[], float],
+        validate: SetValidator | None = None,
+    ) -> None:
         self._sessions = sessions
         self._clock = clock
+        self._validate = validate
+
+    # --- reading --------------------------------------------------------------------------------
 
     def load(self) -> PolicySet:
         with self._sessions() as session:
             return PolicySet(_from_row(row) for row in session.scalars(select(PolicyRow)))
 
-    def count(self) -> int:
-        return len(self.load())
+    def all(self) -> list[StoredPolicy]:
+        with self._sessions() as session:
+            rows = session.scalars(select(PolicyRow).order_by(PolicyRow.name)).all()
+            return [_stored(row) for row in rows]
+
+    def get(self, name: str) -> StoredPolicy | None:
+        with self._sessions() as session:
+            row = session.scalars(select(PolicyRow).where(PolicyRow.name == name)).first()
+            return _stored(row) if row is not None else None
+
+    def history(self, name: str) -> list[PolicyVersion]:
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(PolicyVersionRow)
+                .where(PolicyVersionRow.name == name)
+                .order_by(PolicyVersionRow.version, PolicyVersionRow.id)
+            ).all()
+            return [
+                PolicyVersion(
+                    name=row.name,
+                    version=row.version,
+                    action=row.action,
+                    document=json.loads(row.document),
+                    changed_at=row.changed_at,
+                    changed_by=row.changed_by,
+                )
+                for row in rows
+            ]
+
+    # --- writing --------------------------------------------------------------------------------
 
     def apply(
         self,
-        policies: list[PolicyConfig],
+        policies: Sequence[PolicyConfig | Policy],
         *,
         actor: str,
         dry_run: bool = False,
         prune: bool = False,
     ) -> PolicyChanges:
-        """Make the table match ``policies`` in one transaction (nothing changes on error or
-        with ``dry_run``); with ``prune``, policies absent from the list are deleted."""
-        wanted = {(p.client_id, p.audience): policy_from_config(p) for p in policies}
+        """Make the table match ``policies`` (by name) in one transaction; with ``prune``,
+        policies absent from the list are deleted; ``dry_run`` computes the changes only."""
+        built = (p.to_policy() if isinstance(p, PolicyConfig) else p for p in policies)
+        wanted = {policy.name: policy for policy in built}
         changes = PolicyChanges()
         with self._sessions() as session, session.begin():
-            if not dry_run:
-                hold_lease(session, "policies")
-            rows = {(r.client_id, r.audience): r for r in session.scalars(select(PolicyRow))}
-            now = self._clock()
-            for key, policy in wanted.items():
-                row = rows.get(key)
+            hold_lease(session, "policies")
+            rows = {row.name: row for row in session.scalars(select(PolicyRow))}
+            for name, policy in wanted.items():
+                row = rows.get(name)
                 if row is None:
                     changes.created.append(policy)
-                    if not dry_run:
-                        row = PolicyRow(version=1, updated_at=now, updated_by=actor)
-                        _write_row(row, policy)
-                        session.add(row)
-                        self._record(session, policy, 1, "create", now, actor)
+                    self._create(session, policy, actor)
                     continue
                 before = _from_row(row)
                 if before == policy:
                     changes.unchanged.append(policy)
                     continue
                 changes.updated.append((before, policy))
-                if not dry_run:
-                    _write_row(row, policy)
-                    row.version += 1
-                    row.updated_at, row.updated_by = now, actor
-                    self._record(session, policy, row.version, "update", now, actor)
+                self._update(session, row, policy, actor, "update")
             if prune:
-                for key, row in rows.items():
-                    if key not in wanted:
-                        policy = _from_row(row)
-                        changes.deleted.append(policy)
-                        if not dry_run:
-                            self._record(session, policy, row.version + 1, "delete", now, actor)
-                            session.delete(row)
+                for name, row in rows.items():
+                    if name not in wanted:
+                        changes.deleted.append(_from_row(row))
+                        self._delete(session, row, actor)
+            self._check(session)
             if dry_run:
                 session.rollback()
         return changes
 
-    @staticmethod
+    def put(
+        self, policy: Policy, *, actor: str, if_version: int | None, create: bool
+    ) -> StoredPolicy:
+        """Create (``create``) or update one policy. An update must name the version it read
+        (``if_version``); a stale one raises :class:`StaleVersion`."""
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "policies")
+            row = session.scalars(select(PolicyRow).where(PolicyRow.name == policy.name)).first()
+            if create:
+                if row is not None:
+                    raise PolicyExists(f"policy {policy.name} exists")
+                row = self._create(session, policy, actor)
+            else:
+                if row is None:
+                    raise PolicyNotFound(f"no policy {policy.name}")
+                if if_version is None or row.version != if_version:
+                    raise StaleVersion(policy.name, row.version)
+                if _from_row(row) != policy:
+                    self._update(session, row, policy, actor, "update")
+            self._check(session)
+            return _stored(row)
+
+    def rollback(self, name: str, version: int, *, actor: str) -> StoredPolicy:
+        """Restore the policy as it was at ``version``, as a new version."""
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "policies")
+            target = session.scalars(
+                select(PolicyVersionRow).where(
+                    PolicyVersionRow.name == name, PolicyVersionRow.version == version
+                )
+            ).first()
+            if target is None:
+                raise PolicyNotFound(f"policy {name} has no version {version}")
+            if target.action == "delete":
+                raise PolicyInvalid(f"version {version} of policy {name} is its deletion")
+            policy = policy_from_document(json.loads(target.document))
+            row = session.scalars(select(PolicyRow).where(PolicyRow.name == name)).first()
+            if row is None:
+                row = self._create(session, policy, actor, action="rollback")
+            else:
+                self._update(session, row, policy, actor, "rollback")
+            self._check(session)
+            return _stored(row)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _check(self, session: Session) -> None:
+        session.flush()
+        if self._validate is None:
+            return
+        resulting = [_from_row(row) for row in session.scalars(select(PolicyRow))]
+        try:
+            self._validate(resulting)
+        except ValueError as exc:
+            raise PolicyInvalid(str(exc)) from None
+
+    def _next_version(self, session: Session, name: str) -> int:
+        versions = session.scalars(
+            select(PolicyVersionRow.version).where(PolicyVersionRow.name == name)
+        ).all()
+        return max(versions, default=0) + 1
+
+    def _create(
+        self, session: Session, policy: Policy, actor: str, action: str = "create"
+    ) -> PolicyRow:
+        # A re-created policy continues its history's numbering.
+        version = self._next_version(session, policy.name)
+        row = PolicyRow(version=version, updated_at=self._clock(), updated_by=actor)
+        _write_row(row, policy)
+        session.add(row)
+        self._record(session, policy, version, action, actor)
+        return row
+
+    def _update(
+        self, session: Session, row: PolicyRow, policy: Policy, actor: str, action: str
+    ) -> None:
+        _write_row(row, policy)
+        row.version = self._next_version(session, policy.name)
+        row.updated_at, row.updated_by = self._clock(), actor
+        self._record(session, policy, row.version, action, actor)
+
+    def _delete(self, session: Session, row: PolicyRow, actor: str) -> None:
+        policy = _from_row(row)
+        self._record(session, policy, self._next_version(session, policy.name), "delete", actor)
+        session.delete(row)
+
     def _record(
-        session: Session, policy: Policy, version: int, action: str, now: float, actor: str
+        self, session: Session, policy: Policy, version: int, action: str, actor: str
     ) -> None:
         session.add(
             PolicyVersionRow(
+                name=policy.name,
                 client_id=policy.client_id,
                 audience=policy.audience,
                 version=version,
                 action=action,
                 document=json.dumps(policy_document(policy)),
-                changed_at=now,
+                changed_at=self._clock(),
                 changed_by=actor,
             )
         )
+
+
+def _stored(row: PolicyRow) -> StoredPolicy:
+    return StoredPolicy(_from_row(row), row.version, row.updated_at, row.updated_by)

@@ -65,7 +65,7 @@ def test_apply_creates_policies(store: PolicyStore) -> None:
     assert changes.unchanged == []
     loaded = store.load()
     assert len(loaded) == 2
-    assert store.count() == 2
+    assert len(store.all()) == 2
 
 
 def test_loaded_policy_round_trips_every_field(store: PolicyStore) -> None:

@@ -4,6 +4,7 @@ targets no enabled policy allows or that are malformed (``invalid_target``, RFC 
 
 from __future__ import annotations
 
+import jwt
 import pytest
 
 from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, LiveServer, TestIdP
@@ -180,14 +181,13 @@ def test_a_resource_with_a_policy_is_accepted(server: LiveServer, idp: TestIdP) 
     [
         CODE_SEARCH + "/",
         CODE_SEARCH.upper(),
-        "https://Code-Search.internal/mcp",
         CODE_SEARCH.replace("/mcp", "/MCP"),
         CODE_SEARCH + "/admin",
         CODE_SEARCH + "\u200b",
         "\u200b" + CODE_SEARCH,
         CODE_SEARCH.replace("https://", "http://"),
         CODE_SEARCH.replace(".internal", ".internal."),
-        CODE_SEARCH.replace(".internal", ".internal:443"),
+        CODE_SEARCH.replace(".internal", ".internal:8443"),
         CODE_SEARCH + "?",
         CODE_SEARCH.replace("-", "\u2010"),  # a Unicode hyphen
         " " + CODE_SEARCH,
@@ -198,14 +198,13 @@ def test_a_resource_with_a_policy_is_accepted(server: LiveServer, idp: TestIdP) 
     ids=[
         "trailing-slash",
         "upper-case",
-        "host-case",
         "path-case",
         "extra-segment",
         "zero-width-space-after",
         "zero-width-space-before",
         "http-scheme",
         "trailing-dot-host",
-        "explicit-port",
+        "other-port",
         "empty-query",
         "unicode-hyphen",
         "leading-space",
@@ -217,10 +216,30 @@ def test_a_resource_with_a_policy_is_accepted(server: LiveServer, idp: TestIdP) 
 def test_a_near_miss_audience_is_invalid_target(
     server: LiveServer, idp: TestIdP, audience: str
 ) -> None:
-    # Audiences are compared exactly: no normalisation may turn a look-alike into a match.
+    # Only the scheme and host case and a default port are normalised (issue 5); no other
+    # normalisation may turn a look-alike into a match.
     subject = idp.token()
     response = server.exchange(subject, audience=audience)
     assert_oauth_error(response, 400, "invalid_target", subject)
+
+
+@pytest.mark.parametrize(
+    "audience",
+    [
+        "https://Code-Search.INTERNAL/mcp",
+        "HTTPS://code-search.internal/mcp",
+        "https://code-search.internal:443/mcp",
+    ],
+    ids=["host-case", "scheme-case", "default-port"],
+)
+def test_an_equivalent_uri_matches_and_the_token_names_the_policy_audience(
+    server: LiveServer, idp: TestIdP, audience: str
+) -> None:
+    response = server.exchange(idp.token(), audience=audience)
+
+    assert response.status_code == 200, response.text
+    claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert claims["aud"] == CODE_SEARCH
 
 
 def test_too_many_targets_is_invalid_target(server: LiveServer, idp: TestIdP) -> None:

@@ -1,0 +1,156 @@
+"""The ``sidecar`` command line (DESIGN §5).
+
+Every command reads the configuration from ``--config PATH`` or ``SIDECAR_CONFIG``, exits
+non-zero with a one-line reason on failure, and prints JSON with ``--json`` where it lists.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from sidecar.config import ConfigError, Settings, load_settings
+from sidecar.keys.directory import KeyDirectoryError
+from sidecar.keys.encryption import KeyDecryptionError
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"sidecar: error: {message}", err=True)
+    sys.exit(code)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    path = ctx.find_root().params.get("config")
+    if not path:
+        fail("no configuration: pass --config PATH or set SIDECAR_CONFIG", 2)
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        fail("invalid configuration: " + "; ".join(str(exc).splitlines()), 2)
+
+
+def services_of(ctx: click.Context, *, needs_schema: bool = True) -> Any:
+    from sidecar.services import Services
+    from sidecar.store import migrate
+
+    services = Services(settings_of(ctx))
+    if needs_schema and not migrate.is_current(services.engine):
+        fail("the database schema is not current: run `sidecar db upgrade`")
+    return services
+
+
+def _database_reason(exc: Exception) -> str:
+    # The driver's first line only: the rest quotes the SQL statement and its parameters.
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"database error: {type(exc).__name__}" + (f": {detail[0]}" if detail else "")
+
+
+class _Main(click.Group):
+    """The root group: a database or key-decryption failure in any command ends as a
+    one-line reason, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (KeyDecryptionError, KeyDirectoryError) as exc:
+            fail(str(exc))
+        except Exception as exc:
+            # Imported here: `--help` and check-config need no SQLAlchemy.
+            from sqlalchemy.exc import SQLAlchemyError
+
+            if isinstance(exc, SQLAlchemyError):
+                fail(_database_reason(exc))
+            raise
+
+
+def when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(v)) for v in column) for column in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    envvar="SIDECAR_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="Configuration file (default: $SIDECAR_CONFIG).",
+)
+def main(config: str | None) -> None:
+    """token-exchange-sidecar: an OAuth 2.0 Token Exchange (RFC 8693) service."""
+
+
+@main.command("check-config")
+@click.pass_context
+def check_config(ctx: click.Context) -> None:
+    """Validate the configuration and exit."""
+    settings = settings_of(ctx)
+    if missing := settings.missing_files():
+        fail("invalid configuration: " + "; ".join(missing), 2)
+    click.echo(
+        f"configuration OK: issuer {settings.issuer}, {len(settings.trusted_issuers)} trusted "
+        f"issuer(s), {len(settings.clients)} client(s), {len(settings.policies)} policy(ies)"
+    )
+
+
+@main.command()
+@click.option("--bind", help="HOST:PORT to listen on (default 127.0.0.1:8080).")
+@click.option("--workers", type=click.IntRange(1, 64), help="Number of worker processes.")
+@click.option(
+    "--gunicorn-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="gunicorn settings file (default deploy/gunicorn.conf.py).",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context, bind: str | None, workers: int | None, gunicorn_config: Path | None
+) -> None:
+    """Serve the token endpoint under gunicorn."""
+    from sidecar.server import serve as run_server
+
+    # prepare() migrates an embedded SQLite database itself and checks the schema otherwise.
+    services = services_of(ctx, needs_schema=False)
+    if missing := services.settings.missing_files():
+        fail("invalid configuration: " + "; ".join(missing), 2)
+    try:
+        services.prepare()
+    except (KeyDecryptionError, KeyDirectoryError) as exc:
+        fail(str(exc))
+    except Exception as exc:
+        fail(f"cannot start: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    finally:
+        services.engine.dispose()
+    run_server(services.settings, bind=bind, workers=workers, config_file=gunicorn_config)
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Run the migrations up to the newest schema."""
+    from sidecar.store import migrate
+
+    services = services_of(ctx, needs_schema=False)
+    try:
+        migrate.upgrade(services.engine)
+    except Exception as exc:
+        fail(f"migration failed: {type(exc).__name__}")
+    click.echo(f"database at revision {migrate.current_revision(services.engine)}")
+
+
+# The command groups live in modules of their own; importing them registers their commands.
+from sidecar.cli import demo, keys, policy  # noqa: E402, F401
