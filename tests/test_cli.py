@@ -301,9 +301,12 @@ def test_policy_apply_json_lists_the_changes(migrated: Path) -> None:
     report = json.loads(result.stdout)
     assert report["dry_run"] is False
     assert report["unchanged"] == 0
-    assert {"action": "create", "client_id": "gateway", "audience": CODE_SEARCH} in report[
-        "changes"
-    ]
+    assert {
+        "action": "create",
+        "name": f"gateway -> {CODE_SEARCH}",
+        "client_id": "gateway",
+        "audience": CODE_SEARCH,
+    } in report["changes"]
 
 
 def test_policy_apply_of_an_invalid_file_changes_nothing(
@@ -330,15 +333,20 @@ def test_policy_list_prints_a_table_and_json(started: Path) -> None:
     documents = json.loads(listed.stdout)
     lines = table.stdout.splitlines()
     assert lines[0].split() == [
+        "name",
         "client_id",
         "audience",
+        "subject",
         "scopes",
-        "default_scopes",
+        "default",
         "ttl",
         "enabled",
     ]
     assert len(lines) == 6
-    assert any(line.split()[:2] == ["gateway", CODE_SEARCH] for line in lines)
+    # The default name is "CLIENT -> AUDIENCE"; then the client and audience columns.
+    assert any(
+        line.split()[:5] == ["gateway", "->", CODE_SEARCH, "gateway", CODE_SEARCH] for line in lines
+    )
     assert len(documents) == 5
     code_search = next(
         d for d in documents if (d["client_id"], d["audience"]) == ("gateway", CODE_SEARCH)

@@ -53,13 +53,13 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 def keys_rotate(ctx: click.Context, immediate: bool, as_json: bool) -> None:
     """Start a rotation: the new key signs after keys.publish_ahead (or at once with --now)."""
     services = services_of(ctx)
+    key = services.keys.rotate(immediate=immediate)
     if immediate:
         click.echo(
             "warning: --now skips publish-ahead; verifiers with a cached JWKS may reject tokens "
             "until they refetch it",
             err=True,
         )
-    key = services.keys.rotate(immediate=immediate)
     result = {"kid": key.kid, "algorithm": key.algorithm, "activates": when(key.activates_at)}
     if as_json:
         click.echo(json.dumps(result))
@@ -67,7 +67,8 @@ def keys_rotate(ctx: click.Context, immediate: bool, as_json: bool) -> None:
         click.echo(f"new key {key.kid} ({key.algorithm}) signs from {result['activates']}")
 
 
-@keys.command("retire")
+# A kid is base64url and may start with "-": it must not be taken for an option.
+@keys.command("retire", context_settings={"ignore_unknown_options": True})
 @click.argument("kid")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context

@@ -19,9 +19,9 @@ from typing import Any
 
 from sidecar.audit import GRANTED, AuditEvent
 from sidecar.exchange.claims import build_claims, check_may_act
-from sidecar.exchange.policy import PolicySet, decide
+from sidecar.exchange.policy import Decision, PolicySet, decide
 from sidecar.exchange.request import FormParams, parse_token_exchange
-from sidecar.exchange.subject import IssuerDirectory, verify_token
+from sidecar.exchange.subject import IssuerDirectory, VerifiedToken, verify_token
 from sidecar.keys.keyring import SigningKey, TokenSigner
 
 
@@ -66,6 +66,22 @@ class TokenExchangeGrant:
         self._clock = clock
         self._signer = signer or TokenSigner()
 
+    def evaluate(
+        self,
+        client_id: str,
+        targets: tuple[str, ...],
+        scopes: tuple[str, ...] | None,
+        subject: VerifiedToken,
+        actor: VerifiedToken | None,
+        now: int,
+    ) -> Decision:
+        """The decision over verified input: shared by /token and ``sidecar policy explain``."""
+        if actor is not None:
+            check_may_act(subject, actor)
+        return decide(
+            client_id, targets, scopes, subject, self._policies(), max_ttl=self._max_ttl, now=now
+        )
+
     def exchange(self, client_id: str, params: FormParams, event: AuditEvent) -> TokenResponse:
         """Exchange, or raise the protocol error that refuses it; ``event`` records progress."""
         request = parse_token_exchange(params)
@@ -81,18 +97,9 @@ class TokenExchangeGrant:
                 request.actor_token, self._issuers, leeway=self._leeway, role="actor"
             )
             event.actor = actor.subject
-            check_may_act(subject, actor)
 
         now = int(self._clock())
-        decision = decide(
-            client_id,
-            request.targets,
-            request.scopes,
-            subject,
-            self._policies(),
-            max_ttl=self._max_ttl,
-            now=now,
-        )
+        decision = self.evaluate(client_id, request.targets, request.scopes, subject, actor, now)
         key = self._signing_key()
         claims = build_claims(
             issuer=self._issuer,

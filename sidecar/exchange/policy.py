@@ -46,7 +46,7 @@ def normalize_audience(audience: str) -> str:
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         netloc += f":{port}"
     # Everything after the authority is kept byte for byte (an empty "?" included).
-    return f"{scheme}://{netloc}{audience[len(prefix):]}"
+    return f"{scheme}://{netloc}{audience[len(prefix) :]}"
 
 
 @dataclass(frozen=True, slots=True)

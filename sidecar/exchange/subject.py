@@ -81,7 +81,7 @@ def _refuse(reason: str) -> InvalidRequestError:
     return InvalidRequestError("The token is invalid.", reason=reason)
 
 
-def _scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
+def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
     # RFC 9068 §2.2.3 / RFC 8693 §4.2: "scope" is a space-separated string; some IdPs send "scp"
     # as a list instead.
     scope = claims.get("scope")
@@ -176,7 +176,7 @@ def verify_token(
         issuer=trusted.issuer,
         subject=subject,
         claims=verified_claims,
-        scopes=_scopes_of(verified_claims),
+        scopes=scopes_of(verified_claims),
         expires_at=int(exp),
         fingerprint=token_fingerprint(token),
     )

@@ -325,7 +325,8 @@ RETIRE_REASON = "keys are files in keys.directory: retire by removing the file"
     [
         (["keys", "rotate"], ROTATE_REASON),
         (["keys", "rotate", "--now"], ROTATE_REASON),
-        (["keys", "retire", "KID"], RETIRE_REASON),
+        # "--": a kid is base64url and may start with "-", which click would take for an option.
+        (["keys", "retire", "--", "KID"], RETIRE_REASON),
     ],
     ids=["rotate", "rotate --now", "retire"],
 )
@@ -409,11 +410,13 @@ def test_each_key_type_is_published_and_signs_with_its_algorithm(
     configured: str,
     expected: str,
 ) -> None:
-    key: PrivateKey = {
-        "P-256": p256,
-        "Ed25519": ed25519.Ed25519PrivateKey.generate,
-        "RSA": lambda: rsa_2048,
-    }[key_type]()
+    key: PrivateKey
+    if key_type == "P-256":
+        key = p256()
+    elif key_type == "Ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa_2048
     kid = write_key(key_dir, "signing.pem", key, clock.now - 3600)
     config["tokens"]["algorithm"] = configured
     service = Service(settings_from_mapping(config, env={}), clock)
