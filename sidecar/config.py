@@ -307,6 +307,35 @@ class PolicyConfig(_Strict):
         )
 
 
+class AdminCredential(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    token: SecretStr
+
+    @field_validator("token")
+    @classmethod
+    def _token_strength(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+
+class AdminConfig(_Strict):
+    """The policy admin API; absent, it is disabled (404)."""
+
+    # HOST:PORT of a separate listener; when set, /admin is served there and only there.
+    listen: str | None = Field(default=None, pattern=r"^[^\s:]+:\d{1,5}$")
+    credentials: list[AdminCredential] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> AdminConfig:
+        _refuse_duplicates("credentials", [c.name for c in self.credentials])
+        return self
+
+    @property
+    def listen_port(self) -> int | None:
+        return int(self.listen.rsplit(":", 1)[1]) if self.listen else None
+
+
 class Settings(_Strict):
     issuer: str
     database_url: str = "sqlite:///var/sidecar.db"
@@ -318,6 +347,7 @@ class Settings(_Strict):
     # How often every worker re-reads the policy table (seconds): the bound on how long a
     # policy change takes to reach every worker of every replica.
     policy_refresh_interval: Duration = 5.0
+    admin: AdminConfig | None = None
     # Where the config file lives; relative jwks_file paths resolve against it. Not a YAML key.
     config_dir: Path = Field(default=Path("."), exclude=True)
 

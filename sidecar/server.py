@@ -39,6 +39,10 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
         for name, value in values.items():
             if name in self.cfg.settings:
                 self.cfg.set(name, value)
+        admin = self._settings.admin
+        if admin is not None and admin.listen and admin.listen not in self.cfg.bind:
+            # The admin API's own listener, beside the gateway's (see web.app).
+            self.cfg.set("bind", [*self.cfg.bind, admin.listen])
 
     def load(self) -> Any:
         # Runs in each worker (no preload): every worker owns its database pool and caches.

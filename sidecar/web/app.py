@@ -6,7 +6,6 @@ Views do not build error bodies: a protocol error raised anywhere leaves through
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -30,20 +29,12 @@ from sidecar.exchange.grant import TokenResponse
 from sidecar.exchange.request import MAX_BODY_BYTES, parse_form
 from sidecar.metrics import KeyringCollector, Metrics
 from sidecar.services import Services
+from sidecar.web.admin import admin_blueprint
+from sidecar.web.responses import NO_STORE, json_response
 
 log = logging.getLogger(__name__)
 
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 FORM_TYPE = "application/x-www-form-urlencoded"
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps(body, separators=(",", ":")),
-        status=status,
-        mimetype="application/json",
-        headers=headers,
-    )
 
 
 def protocol_error_response(error: ProtocolError) -> Response:
@@ -121,6 +112,10 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["sidecar"] = services
 
+    if settings.admin is not None:
+        app.register_blueprint(admin_blueprint(services, settings.admin))
+        _separate_admin_listener(app, settings.admin.listen_port)
+
     app.register_error_handler(ProtocolError, protocol_error_response)
     app.register_error_handler(HTTPException, http_error_response)
     app.register_error_handler(Exception, unexpected_error_response)
@@ -174,6 +169,23 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
         return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _separate_admin_listener(app: Flask, admin_port: int | None) -> None:
+    """With ``admin.listen``, /admin answers only on that listener, and that listener answers
+    nothing else: the gateway's network path cannot reach the admin API. The listener is known
+    from the socket the request arrived on (SERVER_PORT), not from the Host header."""
+    if admin_port is None:
+        return
+
+    @app.before_request
+    def route_by_listener() -> Response | None:
+        on_admin_listener = request.environ.get("SERVER_PORT") == str(admin_port)
+        if request.path.startswith("/admin/") != on_admin_listener:
+            return json_response(
+                {"error": "not_found", "error_description": "Not found."}, 404, NO_STORE
+            )
+        return None
 
 
 def _deny(services: Services, event: AuditEvent, error: ProtocolError) -> Response:

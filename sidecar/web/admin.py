@@ -1,0 +1,200 @@
+"""The policy admin API (``/admin``), for tooling: list, get, create, update and disable policies
+as JSON, read their history. Disabled (404) unless ``admin:`` is configured.
+
+- Authenticated by its own bearer tokens (``admin.credentials``), never by the gateway's client
+  credentials; the credential's name is recorded in the policy history as ``admin:NAME``.
+- Optimistic concurrency: a policy's ``ETag`` is its version; an update or disable must send
+  ``If-Match`` with it (428 without, 412 when stale); creating an existing policy is 409.
+- With ``admin.listen``, the API answers only on that listener and the listener answers nothing
+  else, so the gateway's network path cannot reach it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from sidecar.config import AdminConfig
+from sidecar.services import Services
+from sidecar.store.policies import (
+    PolicyExists,
+    PolicyInvalid,
+    PolicyNotFound,
+    StaleVersion,
+    StoredPolicy,
+    policy_document,
+    policy_from_document,
+)
+from sidecar.web.openapi import ADMIN_OPENAPI
+from sidecar.web.responses import NO_STORE, json_response
+
+_ETAG = re.compile(r'^\s*(?:W/)?"(\d+)"\s*$')
+MAX_ADMIN_BODY_BYTES = 64 * 1024
+
+
+def admin_error(status: int, error: str, description: str, **headers: str) -> Response:
+    return json_response(
+        {"error": error, "error_description": description}, status, {**NO_STORE, **headers}
+    )
+
+
+def _stored_response(stored: StoredPolicy, status: int = 200) -> Response:
+    body = {**policy_document(stored.policy), "version": stored.version}
+    return json_response(body, status, {**NO_STORE, "ETag": f'"{stored.version}"'})
+
+
+def _authenticate(config: AdminConfig) -> str | None:
+    """The name of the credential the request carries, or None."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return None
+    found = None
+    for credential in config.credentials:
+        # Compare against every credential: the time taken does not tell which one matched.
+        if hmac.compare_digest(
+            presented.encode("utf-8", "surrogatepass"),
+            credential.token.get_secret_value().encode("utf-8"),
+        ):
+            found = credential.name
+    return found
+
+
+def _if_match() -> int | None:
+    match = _ETAG.match(request.headers.get("If-Match", ""))
+    return int(match.group(1)) if match else None
+
+
+def _body() -> Any:
+    if (request.content_length or 0) > MAX_ADMIN_BODY_BYTES:
+        return None
+    document = request.get_json(silent=True)
+    if isinstance(document, dict):
+        document.pop("version", None)  # read-only: the ETag carries it
+    return document
+
+
+def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
+    admin = Blueprint("admin", __name__, url_prefix="/admin")
+    store = services.policy_store
+
+    def changed(stored: StoredPolicy, status: int = 200) -> Response:
+        services.policies.invalidate()  # this worker at once; the others within the interval
+        return _stored_response(stored, status)
+
+    @admin.before_request
+    def require_credentials() -> Response | None:
+        if request.endpoint == "admin.openapi":
+            return None
+        actor = _authenticate(config)
+        if actor is None:
+            return admin_error(
+                401,
+                "invalid_token",
+                "Admin credentials required.",
+                **{"WWW-Authenticate": 'Bearer realm="token-exchange-sidecar-admin"'},
+            )
+        request.environ["sidecar.admin"] = f"admin:{actor}"
+        return None
+
+    def actor() -> str:
+        return str(request.environ["sidecar.admin"])
+
+    def guarded(write: Callable[[], Response]) -> Response:
+        try:
+            return write()
+        except PolicyInvalid as exc:
+            return admin_error(400, "invalid_policy", str(exc))
+        except PolicyExists:
+            return admin_error(409, "conflict", "A policy with this name exists.")
+        except PolicyNotFound:
+            return admin_error(404, "not_found", "No such policy.")
+        except StaleVersion as exc:
+            return admin_error(
+                412, "precondition_failed", "The policy changed.", ETag=f'"{exc.current}"'
+            )
+
+    @admin.get("/openapi.json")
+    def openapi() -> Response:
+        return json_response(ADMIN_OPENAPI)
+
+    @admin.get("/policies")
+    def list_policies() -> Response:
+        listed = [{**policy_document(s.policy), "version": s.version} for s in store.all()]
+        return json_response({"policies": listed}, headers=NO_STORE)
+
+    @admin.get("/policies/<path:name>")
+    def get_policy(name: str) -> Response:
+        stored = store.get(name)
+        if stored is None:
+            return admin_error(404, "not_found", "No such policy.")
+        return _stored_response(stored)
+
+    @admin.get("/policies/<path:name>/history")
+    def policy_history(name: str) -> Response:
+        versions = store.history(name)
+        if not versions:
+            return admin_error(404, "not_found", "No such policy.")
+        return json_response(
+            {
+                "name": name,
+                "versions": [
+                    {
+                        "version": v.version,
+                        "action": v.action,
+                        "changed_at": v.changed_at,
+                        "changed_by": v.changed_by,
+                        "policy": v.document,
+                    }
+                    for v in versions
+                ],
+            },
+            headers=NO_STORE,
+        )
+
+    @admin.post("/policies")
+    def create_policy() -> Response:
+        def write() -> Response:
+            policy = policy_from_document(_body())
+            return changed(store.put(policy, actor=actor(), if_version=None, create=True), 201)
+
+        return guarded(write)
+
+    @admin.put("/policies/<path:name>")
+    def update_policy(name: str) -> Response:
+        version = _if_match()
+        if version is None:
+            return admin_error(428, "precondition_required", "If-Match with the ETag is required.")
+        document = _body()
+        if isinstance(document, dict):
+            document = {"name": name, **document}
+            if document["name"] != name:
+                return admin_error(400, "invalid_policy", "The name in the body differs.")
+
+        def write() -> Response:
+            policy = policy_from_document(document)
+            return changed(store.put(policy, actor=actor(), if_version=version, create=False))
+
+        return guarded(write)
+
+    @admin.post("/policies/<path:name>/disable")
+    def disable_policy(name: str) -> Response:
+        version = _if_match()
+        if version is None:
+            return admin_error(428, "precondition_required", "If-Match with the ETag is required.")
+
+        def write() -> Response:
+            stored = store.get(name)
+            if stored is None:
+                raise PolicyNotFound(name)
+            document = {**policy_document(stored.policy), "enabled": False}
+            policy = policy_from_document(document)
+            return changed(store.put(policy, actor=actor(), if_version=version, create=False))
+
+        return guarded(write)
+
+    return admin

@@ -1,0 +1,221 @@
+"""The OpenAPI 3.1 description of the policy admin API, served at ``GET /admin/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CLAIM_VALUE: dict[str, Any] = {"type": ["string", "integer", "boolean"]}
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_POLICY_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "The policy's name, percent-encoded (it may contain '/').",
+    "schema": {"type": "string"},
+}
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": True,
+    "description": 'The ETag read from the policy, e.g. "3".',
+    "schema": {"type": "string"},
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _policy(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"ETag": {"schema": {"type": "string"}, "description": "The version."}},
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Policy"}}},
+    }
+
+
+ADMIN_OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "token-exchange-sidecar policy admin API",
+        "version": "1",
+        "description": (
+            "Exchange policies as JSON. Every change is recorded in the policy history with the "
+            "admin credential's name. Changes reach every worker within policy_refresh_interval."
+        ),
+    },
+    "security": [{"adminToken": []}],
+    "paths": {
+        "/admin/policies": {
+            "get": {
+                "summary": "List policies",
+                "responses": {
+                    "200": {
+                        "description": "Every policy with its version.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "policies": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Policy"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _error("Missing or wrong admin credentials."),
+                },
+            },
+            "post": {
+                "summary": "Create a policy",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Policy"}}
+                    },
+                },
+                "responses": {
+                    "201": _policy("Created (version in ETag)."),
+                    "400": _error("The policy is invalid, or overlaps another (description)."),
+                    "401": _error("Missing or wrong admin credentials."),
+                    "409": _error("A policy with this name exists."),
+                },
+            },
+        },
+        "/admin/policies/{name}": {
+            "parameters": [_POLICY_NAME],
+            "get": {
+                "summary": "Get a policy",
+                "responses": {
+                    "200": _policy("The policy (version in ETag)."),
+                    "401": _error("Missing or wrong admin credentials."),
+                    "404": _error("No such policy."),
+                },
+            },
+            "put": {
+                "summary": "Replace a policy (optimistic concurrency)",
+                "parameters": [_IF_MATCH],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Policy"}}
+                    },
+                },
+                "responses": {
+                    "200": _policy("Updated (new version in ETag)."),
+                    "400": _error("The policy is invalid, or overlaps another."),
+                    "401": _error("Missing or wrong admin credentials."),
+                    "404": _error("No such policy."),
+                    "412": _error("Stale If-Match: the policy changed (current ETag returned)."),
+                    "428": _error("If-Match is required."),
+                },
+            },
+        },
+        "/admin/policies/{name}/disable": {
+            "parameters": [_POLICY_NAME],
+            "post": {
+                "summary": "Disable a policy (optimistic concurrency)",
+                "parameters": [_IF_MATCH],
+                "responses": {
+                    "200": _policy("Disabled (new version in ETag)."),
+                    "401": _error("Missing or wrong admin credentials."),
+                    "404": _error("No such policy."),
+                    "412": _error("Stale If-Match."),
+                    "428": _error("If-Match is required."),
+                },
+            },
+        },
+        "/admin/policies/{name}/history": {
+            "parameters": [_POLICY_NAME],
+            "get": {
+                "summary": "Every version of a policy",
+                "responses": {
+                    "200": {
+                        "description": "Versions, oldest first.",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/History"}}
+                        },
+                    },
+                    "401": _error("Missing or wrong admin credentials."),
+                    "404": _error("No such policy."),
+                },
+            },
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "adminToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A token of admin.credentials (never a gateway credential).",
+            }
+        },
+        "schemas": {
+            "Condition": {
+                "type": "object",
+                "description": "Exactly one operator.",
+                "properties": {
+                    "equals": _CLAIM_VALUE,
+                    "one_of": {"type": "array", "items": _CLAIM_VALUE, "minItems": 1},
+                    "contains": _CLAIM_VALUE,
+                },
+                "minProperties": 1,
+                "maxProperties": 1,
+                "additionalProperties": False,
+            },
+            "Policy": {
+                "type": "object",
+                "required": ["client_id", "audience", "scopes"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "description": 'Default "CLIENT -> AUDIENCE".'},
+                    "client_id": {"type": "string"},
+                    "audience": {"type": "string"},
+                    "issuer": {"type": "string", "description": "Only this trusted issuer."},
+                    "subject": {
+                        "type": "object",
+                        "description": "Conditions on verified subject claims; all must hold.",
+                        "additionalProperties": {"$ref": "#/components/schemas/Condition"},
+                    },
+                    "scopes": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "default_scopes": {"type": "array", "items": {"type": "string"}},
+                    "ttl": {"type": "integer", "minimum": 1},
+                    "enabled": {"type": "boolean"},
+                    "require_subject_scopes": {"type": "boolean"},
+                    "copy_claims": {"type": "array", "items": {"type": "string"}},
+                    "version": {"type": "integer", "readOnly": True},
+                },
+            },
+            "History": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "versions": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "version": {"type": "integer"},
+                                "action": {"enum": ["create", "update", "delete", "rollback"]},
+                                "changed_at": {"type": "number"},
+                                "changed_by": {"type": "string"},
+                                "policy": {"$ref": "#/components/schemas/Policy"},
+                            },
+                        },
+                    },
+                },
+            },
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "error_description": {"type": "string"},
+                },
+            },
+        },
+    },
+}
