@@ -26,3 +26,20 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """On SIGTERM, mark the app draining before gunicorn's own handler runs: /readyz answers
+    503 while gunicorn lets the requests in flight finish (up to graceful_timeout) and accepts
+    no new ones."""
+    import signal
+
+    services = worker.wsgi.extensions["sidecar"]
+    stop = signal.getsignal(signal.SIGTERM)
+
+    def drain(signum, frame):  # type: ignore[no-untyped-def]
+        services.draining.set()
+        if callable(stop):
+            stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain)

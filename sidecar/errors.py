@@ -106,3 +106,11 @@ class ServerError(ProtocolError):
     error = "server_error"
     status_code = 500
     description = "Internal error."
+
+
+class RateLimitedError(TemporarilyUnavailableError):
+    """RFC 6585 §4: 429 Too Many Requests, with Retry-After; the OAuth error code is the
+    retryable ``temporarily_unavailable``."""
+
+    status_code = 429
+    description = "Too many requests."

@@ -41,6 +41,7 @@ class TrustedIssuer:
                 refresh_interval=config.refresh_interval,
                 min_refetch_interval=config.min_refetch_interval,
                 fetch_timeout=config.fetch_timeout,
+                max_stale=config.max_stale,
             ),
             clock=clock,
             url=config.jwks_uri,

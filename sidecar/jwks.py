@@ -129,6 +129,7 @@ class RefreshRules:
     refresh_interval: float  # scheduled refresh
     min_refetch_interval: float  # minimum gap between fetches triggered by an unknown kid
     fetch_timeout: float
+    max_stale: float = 3600.0  # cached keys older than this (issuer unreachable) are not used
 
 
 class JwksSource:
@@ -157,6 +158,7 @@ class JwksSource:
         self._keys: dict[str, VerificationKey] | None = None
         self._loaded_at = float("-inf")
         self._attempted_at = float("-inf")
+        self._refresher: threading.Thread | None = None
         # A fixed document is never refreshed or refetched: there is nothing to fetch it from.
         self._fixed = document is not None
         if document is not None:
@@ -185,21 +187,51 @@ class JwksSource:
                 return
             self._attempted_at = now
             try:
-                self._keys = self._load()
+                keys = self._load()
+                if not keys and self._keys:
+                    # A set with no usable key at all is garbage, not a rotation: keep the
+                    # cached keys (within max_stale) rather than refuse every token.
+                    raise JwksUnavailable(f"{self._name}: no usable key in the set")
+                self._keys = keys
                 self._loaded_at = self._clock()
             except JwksUnavailable as exc:
                 log.warning("key set %s unavailable: %s", self._name, exc)
         finally:
             self._lock.release()
 
+    def _refresh_in_background(self) -> None:
+        # A scheduled refresh never holds up a request: the cached keys serve meanwhile.
+        if self._lock.locked() or (self._refresher is not None and self._refresher.is_alive()):
+            return
+        self._refresher = threading.Thread(
+            target=self._refresh, kwargs={"wait": False}, name=f"jwks-{self._name}", daemon=True
+        )
+        self._refresher.start()
+
+    def join_refresh(self) -> None:
+        """Wait (bounded) for a background refresh under way, if any."""
+        refresher = self._refresher
+        if refresher is not None and refresher.is_alive():
+            refresher.join(self._rules.fetch_timeout + 1)
+
     def find_key(self, kid: str) -> VerificationKey | None:
         now = self._clock()
-        if self._keys is None or now - self._loaded_at >= self._rules.refresh_interval:
-            self._refresh(wait=self._keys is None)
+        if self._keys is None:
+            self._refresh(wait=True)
+        elif now - self._loaded_at >= self._rules.refresh_interval:
+            self._refresh_in_background()
         keys = self._keys
         if keys is None:
             raise TemporarilyUnavailableError(reason=f"keys of {self._name} unavailable")
+        if now - self._loaded_at > self._rules.max_stale:
+            # The issuer has been unreachable for too long: a key it revoked meanwhile must not
+            # keep verifying tokens forever. Fail closed.
+            raise TemporarilyUnavailableError(reason=f"keys of {self._name} are stale")
         key = keys.get(kid)
+        if key is None and not self._fixed:
+            # A refresh under way may be bringing this kid: wait for it rather than refetch.
+            self.join_refresh()
+            key = (self._keys or {}).get(kid)
         if (
             key is None
             and not self._fixed

@@ -34,15 +34,14 @@ class Refreshing(Generic[T]):
         self._lock = threading.Lock()
         self._value: T | None = None
         self._loaded_at = float("-inf")
-        self._attempted_at = float("-inf")
+        self._failed_at = float("-inf")
 
     def invalidate(self) -> None:
-        self._loaded_at = self._attempted_at = float("-inf")
+        self._loaded_at = self._failed_at = float("-inf")
 
     def refresh(self) -> T:
         """Load now (waiting for a refresh in progress); raises on failure."""
         with self._lock:
-            self._attempted_at = self._clock()
             value = self._load()
             self._value, self._loaded_at = value, self._clock()
             return value
@@ -52,7 +51,7 @@ class Refreshing(Generic[T]):
         value = self._value
         if value is not None and now - self._loaded_at < self._interval:
             return value
-        if now - self._attempted_at < RETRY_AFTER_FAILURE:
+        if now - self._failed_at < RETRY_AFTER_FAILURE:
             # A load failed a moment ago: do not retry on every request.
             return self._available(value)
         # With a value to fall back on, never wait for another thread's load; with none, wait
@@ -63,9 +62,9 @@ class Refreshing(Generic[T]):
         try:
             if self._value is not None and self._clock() - self._loaded_at < self._interval:
                 return self._value  # another thread loaded it while this one waited
-            self._attempted_at = now
             self._value, self._loaded_at = self._load(), self._clock()
         except Exception as exc:
+            self._failed_at = now
             log.warning("%s refresh failed: %s", self._name, type(exc).__name__)
         finally:
             self._lock.release()

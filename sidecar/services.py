@@ -4,6 +4,7 @@ the stores, the in-process caches and the token-exchange grant."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from sidecar.jwks import fetch_json
 from sidecar.keys.directory import DirectoryKeyStore
 from sidecar.keys.keyring import Keyring, SigningKey
 from sidecar.keys.store import KeyStore
+from sidecar.ratelimit import RateLimiter
 from sidecar.refreshing import Refreshing
 from sidecar.store import migrate
 from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker, ping
@@ -60,6 +62,10 @@ class Services:
         self.audit = AuditTrail(sessions)
         self.issuers = IssuerDirectory(settings, clock, fetch)
         self.authenticator = ClientAuthenticator(settings, JtiStore(sessions, clock), clock, fetch)
+        self.rate_limiter = RateLimiter(settings, clock)
+        # Set when the worker received SIGTERM: readiness turns false while in-flight requests
+        # finish (see deploy/gunicorn.conf.py).
+        self.draining = threading.Event()
         self.keyring: Refreshing[Keyring] = Refreshing(
             "keyring", self.keys.maintain, settings.keys.refresh_interval, clock
         )
@@ -113,7 +119,7 @@ class Services:
             return int(connection.scalar(select(func.count()).select_from(PolicyRow)) or 0)
 
     def readiness(self) -> dict[str, bool]:
-        checks = {"database": True, "signing_key": True}
+        checks = {"database": True, "signing_key": True, "serving": not self.draining.is_set()}
         try:
             ping(self.engine)
         except Exception:

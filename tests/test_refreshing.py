@@ -175,3 +175,40 @@ def test_a_stale_value_is_served_while_another_thread_reloads(clock: FakeClock) 
         reloader.join(5)
     assert value.get() == 2
     assert len(calls) == 2
+
+
+def test_concurrent_first_requests_wait_for_the_one_load_instead_of_failing() -> None:
+    # A fresh worker gets several requests at once: the first loads, the others must wait for
+    # that load (bounded), not be refused because "an attempt was made a moment ago".
+    import threading
+    import time as real_time
+
+    started = threading.Event()
+    calls: list[int] = []
+
+    def slow_load() -> int:
+        calls.append(1)
+        started.set()
+        real_time.sleep(0.2)
+        return 42
+
+    value: Refreshing[int] = Refreshing("slow", slow_load, 60.0, FakeClock(1000.0))
+    results: list[object] = []
+
+    def get() -> None:
+        try:
+            results.append(value.get())
+        except TemporarilyUnavailableError as exc:
+            results.append(exc)
+
+    first = threading.Thread(target=get)
+    first.start()
+    started.wait(5)
+    others = [threading.Thread(target=get) for _ in range(4)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(5)
+
+    assert results == [42] * 5
+    assert len(calls) == 1

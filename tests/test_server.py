@@ -135,7 +135,7 @@ def test_serve_migrates_a_new_sqlite_database_before_workers_start(gunicorn: Gun
     ready = requests.get(f"{gunicorn.url}/readyz", timeout=5)
 
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": True, "signing_key": True}
+    assert ready.json()["checks"] == {"database": True, "signing_key": True, "serving": True}
     engine = make_engine(gunicorn.database_url)
     try:
         assert migrate.is_current(engine)

@@ -21,6 +21,7 @@ from sidecar.config import TOKEN_EXCHANGE_GRANT, Settings
 from sidecar.errors import (
     InvalidRequestError,
     ProtocolError,
+    RateLimitedError,
     ServerError,
     UnauthorizedClientError,
     UnsupportedGrantTypeError,
@@ -28,6 +29,7 @@ from sidecar.errors import (
 from sidecar.exchange.grant import TokenResponse
 from sidecar.exchange.request import MAX_BODY_BYTES, parse_form
 from sidecar.metrics import KeyringCollector, Metrics
+from sidecar.ratelimit import claimed_client_id
 from sidecar.services import Services
 from sidecar.web.admin import admin_blueprint
 from sidecar.web.responses import NO_STORE, json_response
@@ -174,18 +176,32 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
 def _separate_admin_listener(app: Flask, admin_port: int | None) -> None:
     """With ``admin.listen``, /admin answers only on that listener, and that listener answers
     nothing else: the gateway's network path cannot reach the admin API. The listener is known
-    from the socket the request arrived on (SERVER_PORT), not from the Host header."""
+    from the socket the request arrived on, not from the Host header."""
     if admin_port is None:
         return
 
     @app.before_request
     def route_by_listener() -> Response | None:
-        on_admin_listener = request.environ.get("SERVER_PORT") == str(admin_port)
+        on_admin_listener = _local_port(request.environ) == admin_port
         if request.path.startswith("/admin/") != on_admin_listener:
             return json_response(
                 {"error": "not_found", "error_description": "Not found."}, 404, NO_STORE
             )
         return None
+
+
+def _local_port(environ: dict[str, Any]) -> int | None:
+    """The local TCP port of the connection; None on a Unix socket. Read from the socket itself:
+    on a Unix socket gunicorn fills SERVER_PORT from the Host header, which the client chooses."""
+    connection = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if connection is None:  # a server that does not expose its socket (the Flask test client)
+        port = environ.get("SERVER_PORT", "")
+        return int(port) if port.isdigit() else None
+    try:
+        address = connection.getsockname()
+    except OSError:
+        return None
+    return int(address[1]) if isinstance(address, tuple) else None
 
 
 def _deny(services: Services, event: AuditEvent, error: ProtocolError) -> Response:
@@ -207,6 +223,11 @@ def _exchange(services: Services, event: AuditEvent) -> TokenResponse:
     if request.content_length is None or request.content_length > MAX_BODY_BYTES:
         raise InvalidRequestError(reason="body length missing or over size cap")
     params = parse_form(request.get_data(cache=False))
+    authorization = request.headers.get("Authorization")
+    # Before any signature work (client assertion, subject token): shed overload cheaply.
+    retry_after = services.rate_limiter.retry_after(claimed_client_id(params, authorization))
+    if retry_after is not None:
+        raise RateLimitedError(reason="rate limit", retry_after=retry_after)
 
     grant_type = params.single("grant_type")
     if grant_type is None:
@@ -214,7 +235,7 @@ def _exchange(services: Services, event: AuditEvent) -> TokenResponse:
     if grant_type != TOKEN_EXCHANGE_GRANT:
         raise UnsupportedGrantTypeError(reason="unsupported grant_type")
 
-    client = services.authenticator.authenticate(params, request.headers.get("Authorization"))
+    client = services.authenticator.authenticate(params, authorization)
     event.client_id = client.client_id
     if not client.check_grant_type(grant_type):
         raise UnauthorizedClientError(reason="client may not use token exchange")

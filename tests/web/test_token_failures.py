@@ -145,7 +145,7 @@ def test_readyz_is_503_when_the_database_was_never_reachable(
     server, _ = database_down_from_the_start
     response = requests.get(f"{server.url}/readyz", timeout=10)
     assert response.status_code == 503
-    assert response.json()["checks"] == {"database": False, "signing_key": False}
+    assert response.json()["checks"] == {"database": False, "signing_key": False, "serving": True}
     assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
 
 

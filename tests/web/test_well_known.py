@@ -126,7 +126,7 @@ def test_readyz_is_200_with_the_database_and_a_signing_key(server: LiveServer) -
     assert response.status_code == 200
     assert response.json() == {
         "status": "ready",
-        "checks": {"database": True, "signing_key": True},
+        "checks": {"database": True, "signing_key": True, "serving": True},
     }
 
 
