@@ -146,6 +146,15 @@ class TrustedIssuerConfig(_Strict):
     refresh_interval: Duration = 300.0
     min_refetch_interval: Duration = 30.0
     fetch_timeout: Duration = 3.0
+    # While the JWKS cannot be fetched, cached keys keep verifying for at most this long after
+    # the last successful fetch; then subject tokens of this issuer get 503.
+    max_stale: Duration = 3600.0
+
+    @model_validator(mode="after")
+    def _stale_after_refresh(self) -> TrustedIssuerConfig:
+        if self.max_stale < self.refresh_interval:
+            raise ValueError("max_stale must be at least refresh_interval")
+        return self
 
     @field_validator("issuer")
     @classmethod
@@ -172,11 +181,20 @@ class TrustedIssuerConfig(_Strict):
         return self
 
 
+class RateLimitConfig(_Strict):
+    """A token bucket: ``per_second`` requests sustained, ``burst`` at once (per worker)."""
+
+    per_second: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
 class ClientConfig(_Strict):
     client_id: str = Field(min_length=1, max_length=255)
     client_secret: SecretStr | None = None
     jwks: dict[str, Any] | None = None
     jwks_uri: str | None = None
+    # This client's own limit, instead of the top-level rate_limit.
+    rate_limit: RateLimitConfig | None = None
     # The grants this client may use; token exchange is the only grant this service offers, so
     # `[]` is the way to keep a client configured but unable to exchange (unauthorized_client).
     grant_types: list[Literal["urn:ietf:params:oauth:grant-type:token-exchange"]] = Field(
@@ -289,6 +307,16 @@ class PolicyConfig(_Strict):
             raise ValueError(f"default_scopes {sorted(outside)} are not in scopes")
         return self
 
+    @model_validator(mode="after")
+    def _name_fits(self) -> PolicyConfig:
+        # The name column holds 255 characters; PostgreSQL refuses a longer value outright.
+        if self.name is None and len(default_policy_name(self.client_id, self.audience)) > 255:
+            raise ValueError(
+                "the default name (CLIENT -> AUDIENCE) would be longer than 255 characters; "
+                "give the policy a name"
+            )
+        return self
+
     def to_policy(self) -> Policy:
         return Policy(
             name=self.name or default_policy_name(self.client_id, self.audience),
@@ -348,6 +376,8 @@ class Settings(_Strict):
     # policy change takes to reach every worker of every replica.
     policy_refresh_interval: Duration = 5.0
     admin: AdminConfig | None = None
+    # Per-client limit of /token requests (per worker process); absent: no limit.
+    rate_limit: RateLimitConfig | None = None
     # Where the config file lives; relative jwks_file paths resolve against it. Not a YAML key.
     config_dir: Path = Field(default=Path("."), exclude=True)
 
