@@ -17,7 +17,7 @@ from sidecar.errors import (
     UnauthorizedClientError,
 )
 from sidecar.exchange.request import parse_resource, parse_scope
-from sidecar.exchange.subject import VerifiedToken, scopes_of, verify_token
+from sidecar.exchange.subject import ID_TOKEN_CLAIMS, VerifiedToken, scopes_of, verify_token
 from sidecar.services import Services
 
 
@@ -28,9 +28,9 @@ def verified_from_claims(claims: Mapping[str, Any], *, now: int, max_ttl: int) -
     if not isinstance(issuer, str) or not isinstance(subject, str) or not subject:
         raise InvalidRequestError(reason="claims need string iss and sub")
     exp = claims.get("exp")
-    expires_at = (
-        int(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else now + max_ttl
-    )
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
+        raise InvalidRequestError(reason="subject token exp is not a number")  # as /token says
+    expires_at = now + max_ttl if exp is None else int(exp)
     return VerifiedToken(
         issuer=issuer,
         subject=subject,
@@ -67,6 +67,11 @@ def explain(
             verified = verify_token(subject, services.issuers, leeway=settings.tokens.leeway)
         else:
             verified = verified_from_claims(subject, now=now, max_ttl=settings.tokens.max_ttl)
+            # What /token refuses before any policy is consulted, claims can show as well.
+            if services.issuers.find_issuer(verified.issuer) is None:
+                raise InvalidRequestError(reason="subject token issuer is not trusted")
+            if any(name in verified.claims for name in ID_TOKEN_CLAIMS):
+                raise InvalidRequestError(reason="subject token is an ID token")
         decision = services.grant.evaluate(client_id, targets, scopes, verified, None, now)
     except ProtocolError as exc:
         result.update(error=exc.error, reason=exc.reason)

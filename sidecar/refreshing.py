@@ -35,8 +35,12 @@ class Refreshing(Generic[T]):
         self._value: T | None = None
         self._loaded_at = float("-inf")
         self._failed_at = float("-inf")
+        self._generation = 0
 
     def invalidate(self) -> None:
+        # A load already under way read the old state: the generation makes it not count as
+        # fresh, so the next get() loads again.
+        self._generation += 1
         self._loaded_at = self._failed_at = float("-inf")
 
     def refresh(self) -> T:
@@ -62,7 +66,10 @@ class Refreshing(Generic[T]):
         try:
             if self._value is not None and self._clock() - self._loaded_at < self._interval:
                 return self._value  # another thread loaded it while this one waited
-            self._value, self._loaded_at = self._load(), self._clock()
+            generation = self._generation
+            value = self._load()
+            self._value = value
+            self._loaded_at = self._clock() if generation == self._generation else float("-inf")
         except Exception as exc:
             self._failed_at = now
             log.warning("%s refresh failed: %s", self._name, type(exc).__name__)

@@ -40,8 +40,16 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
             if name in self.cfg.settings:
                 self.cfg.set(name, value)
         admin = self._settings.admin
-        if admin is not None and admin.listen and admin.listen not in self.cfg.bind:
-            # The admin API's own listener, beside the gateway's (see web.app).
+        if admin is not None and admin.listen:
+            # The admin API's own listener, beside the gateway's (see web.app). The listener is
+            # recognised by its port, so no gateway listener may share it.
+            port = admin.listen.rsplit(":", 1)[1]
+            if any(
+                b.rsplit(":", 1)[-1] == port for b in self.cfg.bind if not b.startswith("unix:")
+            ):
+                raise SystemExit(
+                    f"sidecar: error: admin.listen port {port} is also a gateway listener's port"
+                )
             self.cfg.set("bind", [*self.cfg.bind, admin.listen])
 
     def load(self) -> Any:

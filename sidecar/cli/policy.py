@@ -196,6 +196,9 @@ def policy_explain(
         )
     except ValueError:
         fail("--claims is not valid JSON", 2)
+    if claims is not None and not isinstance(subject, dict):
+        # A JSON string would otherwise be taken for a subject token, a list fail deep inside.
+        fail("--claims must be a JSON object", 2)
     settings_of(ctx)
     result = explain(
         services_of(ctx),

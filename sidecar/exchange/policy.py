@@ -49,7 +49,7 @@ def normalize_audience(audience: str) -> str:
     return f"{scheme}://{netloc}{audience[len(prefix) :]}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Condition:
     """A condition on one verified claim of the subject token.
 
@@ -61,6 +61,19 @@ class Condition:
     claim: str
     operator: Operator
     values: tuple[Any, ...]  # one value for equals/contains, several for one_of
+
+    # Typed, like the matching: `equals: true` and `equals: 1` hold for different tokens, so a
+    # policy changed from one to the other has changed (Python's True == 1 would hide it).
+    def _key(self) -> tuple[Any, ...]:
+        return (self.claim, self.operator, tuple((type(v), v) for v in self.values))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Condition):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def holds(self, claims: Mapping[str, Any]) -> bool:
         if self.claim not in claims:

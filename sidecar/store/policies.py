@@ -75,10 +75,11 @@ def policy_document(policy: Policy) -> dict[str, Any]:
     return document
 
 
-def policy_from_document(document: Any) -> Policy:
-    """Parse a policy document (a policy file entry, an admin API body, a history version)."""
+def policy_from_document(document: Any, *, strict: bool = False) -> Policy:
+    """Parse a policy document (a policy file entry, an admin API body, a history version);
+    ``strict`` refuses any type coercion (JSON from the admin API: "60" is not a ttl)."""
     try:
-        return PolicyConfig.model_validate(document).to_policy()
+        return PolicyConfig.model_validate(document, strict=strict).to_policy()
     except ValidationError as exc:
         raise PolicyInvalid("; ".join(format_validation_error(exc).splitlines())) from None
 

@@ -15,8 +15,10 @@ import hmac
 import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from flask import Blueprint, Response, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from sidecar.config import AdminConfig
 from sidecar.services import Services
@@ -32,7 +34,9 @@ from sidecar.store.policies import (
 from sidecar.web.openapi import ADMIN_OPENAPI
 from sidecar.web.responses import NO_STORE, json_response
 
-_ETAG = re.compile(r'^\s*(?:W/)?"(\d+)"\s*$')
+# RFC 9110 §13.1.1: If-Match uses the strong comparison; a weak tag never matches.
+_ETAG = re.compile(r'^\s*"(\d+)"\s*$')
+_WEAK_ETAG = re.compile(r'^\s*W/"\d+"\s*$')
 MAX_ADMIN_BODY_BYTES = 64 * 1024
 
 
@@ -65,7 +69,12 @@ def _authenticate(config: AdminConfig) -> str | None:
 
 
 def _if_match() -> int | None:
-    match = _ETAG.match(request.headers.get("If-Match", ""))
+    """The version named by If-Match: None when absent or unusable; -1 for a weak tag, which
+    matches no version (412)."""
+    header = request.headers.get("If-Match", "")
+    if _WEAK_ETAG.match(header):
+        return -1
+    match = _ETAG.match(header)
     return int(match.group(1)) if match else None
 
 
@@ -76,6 +85,17 @@ def _body() -> Any:
     if isinstance(document, dict):
         document.pop("version", None)  # read-only: the ETag carries it
     return document
+
+
+def _sent_as_path_segment(word: str) -> bool:
+    """Whether the request path as sent ends with ``/word``, a real path segment. The router sees
+    the decoded path, where the policy named ``a/history`` (sent as ``a%2Fhistory``) and the
+    history of ``a`` look the same."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    if raw is None:
+        return True  # the server does not say: trust the router
+    _, slash, last = urlsplit(raw).path.rpartition("/")
+    return bool(slash) and unquote(last) == word
 
 
 def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
@@ -136,6 +156,8 @@ def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
 
     @admin.get("/policies/<path:name>/history")
     def policy_history(name: str) -> Response:
+        if not _sent_as_path_segment("history"):
+            return get_policy(f"{name}/history")
         versions = store.history(name)
         if not versions:
             return admin_error(404, "not_found", "No such policy.")
@@ -159,7 +181,7 @@ def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
     @admin.post("/policies")
     def create_policy() -> Response:
         def write() -> Response:
-            policy = policy_from_document(_body())
+            policy = policy_from_document(_body(), strict=True)
             return changed(store.put(policy, actor=actor(), if_version=None, create=True), 201)
 
         return guarded(write)
@@ -176,13 +198,17 @@ def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
                 return admin_error(400, "invalid_policy", "The name in the body differs.")
 
         def write() -> Response:
-            policy = policy_from_document(document)
+            policy = policy_from_document(document, strict=True)
             return changed(store.put(policy, actor=actor(), if_version=version, create=False))
 
         return guarded(write)
 
     @admin.post("/policies/<path:name>/disable")
     def disable_policy(name: str) -> Response:
+        if not _sent_as_path_segment("disable"):
+            # A POST to the policy named "NAME/disable", which is not a route: never a disable
+            # of the policy NAME.
+            raise MethodNotAllowed(valid_methods=["GET", "HEAD", "PUT"])
         version = _if_match()
         if version is None:
             return admin_error(428, "precondition_required", "If-Match with the ETag is required.")

@@ -46,6 +46,18 @@ ADMIN_OPENAPI: dict[str, Any] = {
     },
     "security": [{"adminToken": []}],
     "paths": {
+        "/admin/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI document of the admin API.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            },
+        },
         "/admin/policies": {
             "get": {
                 "summary": "List policies",
