@@ -8,6 +8,7 @@ rather than treat them as absent: a gateway that sends ``scope=`` has a bug wort
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -145,7 +146,28 @@ def parse_resource(value: str) -> str:
         raise InvalidTargetError(reason="malformed resource URI") from None
     if not parts.scheme or not parts.netloc or parts.fragment or "#" in value:
         raise InvalidTargetError(reason="resource is not an absolute URI without fragment")
+    if _is_local_address(parts.hostname or ""):
+        # A token for a loopback or link-local address (a cloud metadata service, say) is never
+        # what a gateway should ask for, whatever a policy says.
+        raise InvalidTargetError(reason="resource names a loopback or link-local address")
     return value
+
+
+def _is_local_address(host: str) -> bool:
+    if host.rstrip(".").lower() == "localhost" or host.rstrip(".").lower().endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return (
+        address.is_loopback
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or (isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None
+            and _is_local_address(str(address.ipv4_mapped)))
+    )  # fmt: skip
 
 
 def parse_scope(value: str | None) -> tuple[str, ...] | None:
