@@ -127,11 +127,10 @@ class KeysConfig(_Strict):
     @field_validator("encryption_key")
     @classmethod
     def _encryption_key_strength(cls, value: SecretStr | None) -> SecretStr | None:
-        # Checked here, not only by KeyEncryptor, so that a short key, or an empty one from an
-        # unset-but-exported variable (which would silently store keys in plaintext), is a
-        # start-up error naming the key path.
-        if value is not None and len(value.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters")
+        # An empty key (an exported but empty variable) would silently store keys in clear
+        # text: a start-up error naming the key path. A short one is a warning (weaknesses()).
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
         return value
 
 
@@ -209,8 +208,8 @@ class ClientConfig(_Strict):
     @field_validator("client_secret")
     @classmethod
     def _secret_strength(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters")
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
         return value
 
     @model_validator(mode="after")
@@ -417,6 +416,17 @@ class Settings(_Strict):
             raise ValueError("keys.publish_ahead must be at least twice keys.refresh_interval")
         validate_policies(self.policies, self)
         return self
+
+    def weaknesses(self) -> list[str]:
+        """Settings that work but are weak: printed by check-config, logged by serve."""
+        found = []
+        for index, client in enumerate(self.clients):
+            if client.client_secret and len(client.client_secret.get_secret_value()) < 16:
+                found.append(f"clients[{index}].client_secret is shorter than 16 characters")
+        key = self.keys.encryption_key
+        if key is not None and len(key.get_secret_value()) < 16:
+            found.append("keys.encryption_key is shorter than 16 characters")
+        return found
 
     def missing_files(self) -> list[str]:
         """Files the configuration names that do not exist (checked by check-config and serve,

@@ -98,6 +98,8 @@ class Services:
             raise RuntimeError("the database schema is not current: run `sidecar db upgrade`")
         self.keys.ensure_current()  # raises KeyDirectoryError for a directory without keys
         self.keys.load()  # raises KeyDecryptionError on a wrong keys.encryption_key
+        for weakness in self.settings.weaknesses():
+            log.warning("weak configuration: %s", weakness)
         if isinstance(self.keys, KeyStore):
             if self.keys.encrypts:
                 encrypted = self.keys.encrypt_stored_keys()

@@ -453,12 +453,18 @@ def test_private_key_jwt_client_is_accepted(tmp_path: Path) -> None:
     assert load(tmp_path, data).clients[0].auth_methods == ("private_key_jwt",)
 
 
-def test_short_client_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
+def test_short_client_secret_is_a_warning_without_echoing_it(tmp_path: Path) -> None:
     data = config()
     data["clients"][0]["client_secret"] = "short-secret"
-    message = refused(tmp_path, data)
-    assert "clients[0].client_secret" in message
-    assert "short-secret" not in message
+    (warning,) = load(tmp_path, data).weaknesses()
+    assert warning.startswith("clients[0].client_secret")
+    assert "short-secret" not in warning
+
+
+def test_empty_client_secret_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["clients"][0]["client_secret"] = ""
+    assert "clients[0].client_secret" in refused(tmp_path, data)
 
 
 def test_duplicate_client_ids_are_refused(tmp_path: Path) -> None:
@@ -607,12 +613,18 @@ def test_durations_in_the_file(tmp_path: Path) -> None:
     assert settings.trusted_issuers[0].refresh_interval == 600
 
 
-def test_short_encryption_key_is_refused_without_echoing_it(tmp_path: Path) -> None:
+def test_short_encryption_key_is_a_warning_without_echoing_it(tmp_path: Path) -> None:
     data = config()
     data["keys"]["encryption_key"] = "tiny-key"
-    message = refused(tmp_path, data)
-    assert "keys.encryption_key" in message
-    assert "tiny-key" not in message
+    (warning,) = load(tmp_path, data).weaknesses()
+    assert "keys.encryption_key" in warning
+    assert "tiny-key" not in warning
+
+
+def test_empty_encryption_key_is_refused(tmp_path: Path) -> None:
+    data = config()
+    data["keys"]["encryption_key"] = ""
+    assert "keys.encryption_key" in refused(tmp_path, data)
 
 
 # --- load_policies_file -------------------------------------------------------------------------
@@ -710,3 +722,222 @@ def test_unterminated_reference_is_refused(tmp_path: Path) -> None:
     message = refused(tmp_path, data, env={"GATEWAY_SECRET": SECRET})
     assert "clients[0].client_secret" in message
     assert "unterminated" in message
+
+
+# --- policy names, issuer filter, subject conditions, overlap (issue 5) -------------------------
+
+OTHER_IDP = {
+    "issuer": "https://other-idp.test.example",
+    "jwks_uri": "https://other-idp.test.example/.well-known/jwks.json",
+    "audiences": ["https://gateway.test.example"],
+}
+
+
+def with_policies(*policies: dict[str, Any]) -> dict[str, Any]:
+    """The base configuration with a second trusted issuer and these policies, each based on
+    the base policy."""
+    data = config()
+    data["trusted_issuers"].append(copy.deepcopy(OTHER_IDP))
+    data["policies"] = [{**BASE["policies"][0], **p} for p in policies]
+    return data
+
+
+def test_subject_conditions_load_as_typed_conditions(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        with_policies(
+            {
+                "subject": {
+                    "tenant": {"equals": "acme"},
+                    "groups": {"contains": "eng"},
+                    "level": {"one_of": [1, 2]},
+                    "mfa": {"equals": True},
+                }
+            }
+        ),
+    )
+
+    [policy] = [p.to_policy() for p in settings.policies]
+    assert {(c.claim, c.operator, c.values) for c in policy.conditions} == {
+        ("tenant", "equals", ("acme",)),
+        ("groups", "contains", ("eng",)),
+        ("level", "one_of", (1, 2)),
+        ("mfa", "equals", (True,)),
+    }
+    # YAML types survive: a boolean stays a boolean, an integer an integer.
+    [mfa] = [c for c in policy.conditions if c.claim == "mfa"]
+    assert mfa.values[0] is True
+
+
+def test_a_yaml_condition_keeps_its_type(tmp_path: Path) -> None:
+    text = yaml.safe_dump(config()).replace(
+        "  ttl: 120\n", '  ttl: 120\n  subject:\n    level: {equals: "1"}\n    mfa: {equals: yes}\n'
+    )
+    [policy] = [p.to_policy() for p in load(tmp_path, text).policies]
+    values = {c.claim: c.values[0] for c in policy.conditions}
+    assert values == {"level": "1", "mfa": True}
+    assert type(values["level"]) is str
+    assert type(values["mfa"]) is bool
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        {"equals": "acme", "one_of": ["acme"]},
+        {"equals": "acme", "contains": "acme"},
+        {},
+        {"one_of": []},
+        {"equals": 1.5},
+        {"equals": None},
+        {"equals": ["acme"]},
+        {"equals": {"a": 1}},
+        {"one_of": [["acme"]]},
+        {"contains": [1]},
+        {"startswith": "ac"},
+        "acme",
+    ],
+)
+def test_malformed_subject_condition_is_refused_naming_its_path(
+    tmp_path: Path, condition: Any
+) -> None:
+    message = refused(tmp_path, with_policies({"subject": {"tenant": condition}}))
+    assert message.startswith("policies[0].subject.tenant")
+
+
+def test_issuer_filter_must_name_a_trusted_issuer(tmp_path: Path) -> None:
+    accepted = load(tmp_path, with_policies({"issuer": OTHER_IDP["issuer"]}))
+    assert accepted.policies[0].to_policy().issuer == OTHER_IDP["issuer"]
+
+    message = refused(tmp_path, with_policies({"name": "code", "issuer": "https://idp.evil"}))
+    assert message == "policies[0] (code): issuer is not one of the trusted_issuers"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param(
+            {"issuer": "https://idp.test.example"},
+            {"issuer": OTHER_IDP["issuer"]},
+            id="by-issuer",
+        ),
+        pytest.param(
+            {"subject": {"tenant": {"equals": "acme"}}},
+            {"subject": {"tenant": {"equals": "globex"}}},
+            id="by-equals",
+        ),
+        pytest.param(
+            {"subject": {"tenant": {"one_of": ["acme", "initech"]}}},
+            {"subject": {"tenant": {"one_of": ["globex", "hooli"]}}},
+            id="by-one_of",
+        ),
+        pytest.param(
+            {"subject": {"tenant": {"equals": "acme"}, "groups": {"contains": "eng"}}},
+            {"subject": {"tenant": {"one_of": ["globex"]}}},
+            id="by-one-disjoint-claim",
+        ),
+        pytest.param({}, {"enabled": False}, id="one-disabled"),
+    ],
+)
+def test_exclusive_policies_for_one_client_and_audience_are_accepted(
+    tmp_path: Path, first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    settings = load(tmp_path, with_policies({"name": "a", **first}, {"name": "b", **second}))
+    assert [p.name for p in settings.policies] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param({}, {}, id="no-conditions"),
+        pytest.param({"issuer": "https://idp.test.example"}, {}, id="one-issuer-filter"),
+        pytest.param(
+            {"subject": {"groups": {"contains": "eng"}}},
+            {"subject": {"groups": {"contains": "sales"}}},
+            id="contains",
+        ),
+        pytest.param(
+            {"subject": {"tenant": {"one_of": ["acme", "initech"]}}},
+            {"subject": {"tenant": {"one_of": ["initech", "globex"]}}},
+            id="intersecting-one_of",
+        ),
+        pytest.param(
+            {"subject": {"tenant": {"equals": "acme"}}},
+            {"subject": {"region": {"equals": "eu"}}},
+            id="different-claims",
+        ),
+        pytest.param(
+            {},
+            {"audience": "HTTPS://Code-Search.INTERNAL:443/mcp"},
+            id="same-audience-after-normalisation",
+        ),
+    ],
+)
+def test_overlapping_enabled_policies_are_refused_naming_both(
+    tmp_path: Path, first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    message = refused(tmp_path, with_policies({"name": "a", **first}, {"name": "b", **second}))
+    assert message.startswith("policies[1] (b): could match the same requests as policies[0] (a)")
+
+
+def test_enabling_a_disabled_duplicate_is_refused(tmp_path: Path) -> None:
+    assert load(tmp_path, with_policies({"name": "a"}, {"name": "b", "enabled": False}))
+    message = refused(tmp_path, with_policies({"name": "a"}, {"name": "b", "enabled": True}))
+    assert "policies[1] (b)" in message
+
+
+def test_two_policies_with_one_name_are_refused_naming_it(tmp_path: Path) -> None:
+    message = refused(
+        tmp_path,
+        with_policies({"name": "code"}, {"name": "code", "audience": "https://other.internal"}),
+    )
+    assert message.startswith("policies[1] (code): the name is already used by policies[0]")
+
+
+def test_default_name_is_client_arrow_audience(tmp_path: Path) -> None:
+    [policy] = load(tmp_path, config()).policies
+    assert policy.to_policy().name == "gateway -> https://code-search.internal/mcp"
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        pytest.param({"scopes": ["code.read", "*"]}, "policies[1].scopes", id="wildcard"),
+        pytest.param({"scopes": ["code.read", "all"]}, "policies[1].scopes", id="all"),
+        pytest.param({"ttl": 301}, "policies[1] (bad-policy): ttl 301", id="ttl"),
+        pytest.param(
+            {"default_scopes": ["code.read", "code.write"]},
+            "policies[1].default_scopes",
+            id="dflt",
+        ),
+        pytest.param({"client_id": "nobody"}, "policies[1] (bad-policy): client_id", id="client"),
+        pytest.param({"issuer": "https://nobody.example"}, "policies[1] (bad-policy)", id="iss"),
+        pytest.param({"name": "good-policy"}, "policies[1] (good-policy)", id="name"),
+        pytest.param(
+            {"audience": "https://code-search.internal/mcp"}, "(bad-policy)", id="overlap"
+        ),
+        pytest.param({"subject": {"tenant": {"equals": 0.5}}}, "policies[1].subject", id="cond"),
+    ],
+)
+def test_every_policy_refusal_in_a_policy_file_names_the_policy(
+    tmp_path: Path, settings: Settings, bad: dict[str, Any], named: str
+) -> None:
+    good = {**BASE["policies"][0], "name": "good-policy"}
+    policy = {**BASE["policies"][0], "name": "bad-policy", "audience": "https://other.internal"}
+    path = write(tmp_path, {"policies": [good, {**policy, **bad}]}, "p.yaml")
+
+    with pytest.raises(ConfigError) as caught:
+        load_policies_file(path, settings)
+
+    assert named in str(caught.value)
+
+
+def test_a_default_name_too_long_to_store_is_refused(tmp_path: Path) -> None:
+    # "gateway -> " + the audience must fit the 255-character name column (PostgreSQL refuses a
+    # longer value at write time); a long audience needs an explicit name.
+    audience = "https://long.internal/" + "a" * 240
+    message = refused(tmp_path, with_policy(audience=audience))
+    assert message.startswith("policies[0]")
+    assert "give the policy a name" in message
+
+    named = load(tmp_path, with_policy(audience=audience, name="long upstream"))
+    assert named.policies[0].to_policy().name == "long upstream"

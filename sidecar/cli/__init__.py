@@ -97,6 +97,8 @@ def check_config(ctx: click.Context) -> None:
     settings = settings_of(ctx)
     if missing := settings.missing_files():
         fail("invalid configuration: " + "; ".join(missing), 2)
+    for weakness in settings.weaknesses():
+        click.echo(f"warning: {weakness}", err=True)
     click.echo(
         f"configuration OK: issuer {settings.issuer}, {len(settings.trusted_issuers)} trusted "
         f"issuer(s), {len(settings.clients)} client(s), {len(settings.policies)} policy(ies)"

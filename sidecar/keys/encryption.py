@@ -24,8 +24,8 @@ class KeyEncryptor:
     scheme = SCHEME
 
     def __init__(self, secret: str) -> None:
-        if len(secret) < 16:
-            raise ValueError("keys.encryption_key must be at least 16 characters")
+        if not secret:
+            raise ValueError("keys.encryption_key must not be empty")
         self._aead = AESGCM(
             HKDF(
                 algorithm=hashes.SHA256(),
