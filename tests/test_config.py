@@ -708,7 +708,7 @@ def test_empty_policy_file_list_is_accepted(tmp_path: Path, settings: Settings) 
     assert load_policies_file(write(tmp_path, {"policies": []}, "p.yaml"), settings) == []
 
 
-def test_empty_encryption_key_is_refused(tmp_path: Path) -> None:
+def test_empty_encryption_key_from_the_environment_is_refused(tmp_path: Path) -> None:
     # An exported-but-empty variable must not silently turn encryption at rest off.
     data = config()
     data["keys"]["encryption_key"] = "${SIDECAR_KEY_ENCRYPTION_KEY}"
