@@ -249,11 +249,15 @@ class ConditionConfig(_Strict):
         given = [name for name in operators if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of equals, one_of, contains")
+        if self.contains == "":
+            raise ValueError("contains must not be empty")
         return self
 
     def to_condition(self, claim: str) -> Condition:
         if self.one_of is not None:
-            return Condition(claim, "one_of", tuple(self.one_of))
+            # A set: the order in the file is not a change.
+            values = sorted(set(self.one_of), key=lambda v: (type(v).__name__, str(v)))
+            return Condition(claim, "one_of", tuple(values))
         if self.equals is not None:
             return Condition(claim, "equals", (self.equals,))
         return Condition(claim, "contains", (self.contains,))

@@ -133,6 +133,9 @@ COMMANDS = [
     ["policy"],
     ["policy", "list"],
     ["policy", "apply"],
+    ["policy", "history"],
+    ["policy", "rollback"],
+    ["policy", "explain"],
     ["demo-init"],
     ["demo-token"],
 ]
@@ -356,6 +359,168 @@ def test_policy_list_prints_a_table_and_json(started: Path) -> None:
     assert code_search["ttl"] == 120
     assert code_search["enabled"] is True
     assert code_search["copy_claims"] == ["email"]
+
+
+# Apply, history and rollback in-process through click (the parser the installed script runs):
+# the subprocess tests above already cover the installed command and its exit statuses.
+
+
+def cli(config_file: Path, *args: str) -> Any:
+    return CliRunner().invoke(main, ["--config", str(config_file), *args], env={})
+
+
+def test_policy_apply_dry_run_prints_field_level_diffs_and_changes_nothing(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    code_search = config["policies"][0]
+    code_search.update(
+        ttl=30, scopes=["code.read"], subject={"groups": {"contains": "eng"}}, copy_claims=[]
+    )
+    policies = [
+        code_search,
+        *config["policies"][2:],  # TICKETS left out: pruned
+        {"name": "wiki", "client_id": "gateway", "audience": "https://wiki.internal/mcp",
+         "scopes": ["wiki.read"]},
+    ]  # fmt: skip
+    changed = write_config(tmp_path / "policies.yaml", {"policies": policies})
+
+    result = cli(started, "policy", "apply", str(changed), "--dry-run", "--prune")
+
+    assert result.exit_code == 3, result.output
+    lines = result.stdout.splitlines()
+    update = lines.index(f"would update: gateway -> {CODE_SEARCH}")
+    diff = lines[update + 1 : update + 5]
+    assert sorted(diff) == sorted(
+        [
+            '    subject: null -> {"groups": {"contains": "eng"}}',
+            '    scopes: ["code.read", "code.search"] -> ["code.read"]',
+            "    ttl: 120 -> 30",
+            '    copy_claims: ["email"] -> []',
+        ]
+    )
+    assert "would create: wiki" in lines
+    assert f"would delete: gateway -> {TICKETS}" in lines
+    assert lines[-1] == "3 change(s), 3 unchanged"
+    assert policy_ttls(started) == {
+        CODE_SEARCH: 120,
+        TICKETS: 60,
+        "https://disabled.internal/mcp": 60,
+    }
+
+
+def test_policy_apply_dry_run_json_has_before_and_after(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    config["policies"][0]["ttl"] = 30
+    changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
+
+    result = cli(started, "policy", "apply", str(changed), "--dry-run", "--json")
+
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is True
+    [update] = report["changes"]
+    assert update["action"] == "update"
+    assert (update["before"]["ttl"], update["after"]["ttl"]) == (120, 30)
+    assert policy_ttls(started)[CODE_SEARCH] == 120
+
+
+def test_policy_apply_dry_run_of_an_overlapping_file_exits_2(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    twin = {
+        **config["policies"][0],
+        "name": "twin",
+        "audience": "HTTPS://CODE-SEARCH.INTERNAL:443/mcp",
+    }
+    bad = write_config(tmp_path / "policies.yaml", {"policies": [*config["policies"], twin]})
+
+    result = cli(started, "policy", "apply", str(bad), "--dry-run")
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "(twin)" in result.stderr
+    assert "could match the same requests" in result.stderr
+
+
+def test_policy_apply_records_the_actor_and_history_shows_every_version(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    name = f"gateway -> {CODE_SEARCH}"
+    config["policies"][0]["ttl"] = 30
+    changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
+    applied = cli(started, "policy", "apply", str(changed), "--actor", "alice@example.com")
+    assert applied.exit_code == 0, applied.output
+
+    listed = cli(started, "policy", "history", name, "--json")
+    table = cli(started, "policy", "history", name)
+
+    assert listed.exit_code == 0, listed.output
+    versions = json.loads(listed.stdout)
+    assert [(v["version"], v["action"], v["changed_by"]) for v in versions] == [
+        (1, "create", "bootstrap"),
+        (2, "update", "alice@example.com"),
+    ]
+    assert [v["policy"]["ttl"] for v in versions] == [120, 30]
+    assert all(v["changed_at"].endswith("Z") for v in versions)
+    assert table.exit_code == 0, table.output
+    rows = table.stdout.splitlines()
+    assert rows[0].split() == ["version", "action", "changed_at", "changed_by", "policy"]
+    assert rows[2].split()[:2] == ["2", "update"]
+    assert "alice@example.com" in rows[2]
+    assert "ttl=30" in rows[2]
+
+
+def test_policy_history_of_an_unknown_policy_fails(started: Path) -> None:
+    result = cli(started, "policy", "history", "nope")
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "sidecar: error: no history for policy nope"
+
+
+def test_policy_rollback_restores_a_version_as_a_new_one(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    name = f"gateway -> {CODE_SEARCH}"
+    config["policies"][0]["ttl"] = 30
+    changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
+    assert cli(started, "policy", "apply", str(changed)).exit_code == 0
+    assert policy_ttls(started)[CODE_SEARCH] == 30
+
+    result = cli(started, "policy", "rollback", name, "--to", "1", "--actor", "carol")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"policy {name} restored to version 1 as version 3"
+    assert policy_ttls(started)[CODE_SEARCH] == 120
+    versions = json.loads(cli(started, "policy", "history", name, "--json").stdout)
+    assert versions[-1]["action"] == "rollback"
+    assert versions[-1]["changed_by"] == "carol"
+    assert versions[-1]["policy"] == versions[0]["policy"]
+
+
+def test_policy_rollback_of_a_pruned_policy_recreates_it(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    name = f"gateway -> {TICKETS}"
+    kept = [p for p in config["policies"] if p["audience"] != TICKETS]
+    pruned = write_config(tmp_path / "policies.yaml", {"policies": kept})
+    assert cli(started, "policy", "apply", str(pruned), "--prune").exit_code == 0
+    assert TICKETS not in policy_ttls(started)
+
+    result = cli(started, "policy", "rollback", name, "--to", "1")
+
+    assert result.exit_code == 0, result.output
+    assert policy_ttls(started)[TICKETS] == 60
+
+
+def test_policy_rollback_to_a_missing_version_fails_and_changes_nothing(started: Path) -> None:
+    name = f"gateway -> {CODE_SEARCH}"
+
+    result = cli(started, "policy", "rollback", name, "--to", "7")
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"sidecar: error: policy {name} has no version 7"
+    assert policy_ttls(started)[CODE_SEARCH] == 120
 
 
 # --- keys ---------------------------------------------------------------------------------

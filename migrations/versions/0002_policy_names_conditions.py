@@ -23,7 +23,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column("issuer", sa.String(2048), nullable=True))
         batch.add_column(sa.Column("conditions", sa.Text(), nullable=False, server_default="[]"))
         batch.drop_constraint("uq_policies_target", type_="unique")
-    op.execute("UPDATE policies SET name = client_id || ' -> ' || audience")
+    # The default name "CLIENT -> AUDIENCE"; one too long for the column is cut and made unique
+    # with the row id.
+    op.execute(
+        "UPDATE policies SET name = CASE"
+        " WHEN length(client_id || ' -> ' || audience) <= 255 THEN client_id || ' -> ' || audience"
+        " ELSE substr(client_id || ' -> ' || audience, 1, 240) || ' #' || CAST(id AS VARCHAR(12))"
+        " END"
+    )
     with op.batch_alter_table("policies") as batch:
         batch.alter_column("name", existing_type=sa.String(255), nullable=False)
         batch.create_unique_constraint("uq_policies_name", ["name"])
@@ -31,7 +38,12 @@ def upgrade() -> None:
 
     with op.batch_alter_table("policy_versions") as batch:
         batch.add_column(sa.Column("name", sa.String(255), nullable=True))
-    op.execute("UPDATE policy_versions SET name = client_id || ' -> ' || audience")
+    op.execute(
+        "UPDATE policy_versions SET name = COALESCE("
+        " (SELECT p.name FROM policies p"
+        "  WHERE p.client_id = policy_versions.client_id AND p.audience = policy_versions.audience),"
+        " substr(client_id || ' -> ' || audience, 1, 255))"
+    )
     with op.batch_alter_table("policy_versions") as batch:
         batch.alter_column("name", existing_type=sa.String(255), nullable=False)
         batch.create_index("ix_policy_versions_name", ["name", "version"])

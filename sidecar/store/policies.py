@@ -210,8 +210,10 @@ class PolicyStore:
     ) -> PolicyChanges:
         """Make the table match ``policies`` (by name) in one transaction; with ``prune``,
         policies absent from the list are deleted; ``dry_run`` computes the changes only."""
-        built = (p.to_policy() if isinstance(p, PolicyConfig) else p for p in policies)
+        built = [p.to_policy() if isinstance(p, PolicyConfig) else p for p in policies]
         wanted = {policy.name: policy for policy in built}
+        if len(wanted) != len(built):
+            raise PolicyInvalid("two policies have the same name")
         changes = PolicyChanges()
         with self._sessions() as session, session.begin():
             hold_lease(session, "policies")
