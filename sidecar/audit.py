@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,6 +21,7 @@ from sidecar.store.models import AuditEventRow
 log = logging.getLogger("sidecar.audit")
 
 GRANTED, DENIED = "granted", "denied"
+FAILURE_BACKOFF = 1.0  # seconds
 
 
 @dataclass(slots=True)
@@ -45,11 +47,17 @@ class AuditEvent:
 class AuditTrail:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._failed_at = float("-inf")
 
     def record(self, event: AuditEvent) -> None:
-        """Write the event; raises TemporarilyUnavailableError if a *grant* cannot be recorded."""
+        """Write the event; raises TemporarilyUnavailableError if a *grant* cannot be recorded.
+
+        After a failed write, denials are only logged for a second: a request refused because
+        the database is down must not wait for the database a second time."""
         values = asdict(event)
         log.info("exchange %s", json.dumps(values, separators=(",", ":")))
+        if event.decision != GRANTED and time.monotonic() - self._failed_at < FAILURE_BACKOFF:
+            return
         values["audiences"] = json.dumps(event.audiences)
         # Column limits: a long `sub` from an IdP must not turn a grant into a failed insert.
         for name in ("reason", "subject", "actor", "client_id"):
@@ -59,6 +67,7 @@ class AuditTrail:
             with self._sessions() as session, session.begin():
                 session.add(AuditEventRow(**values))
         except SQLAlchemyError as exc:
+            self._failed_at = time.monotonic()
             log.error("audit record not written: %s", type(exc).__name__)
             if event.decision == GRANTED:
                 raise TemporarilyUnavailableError(reason="audit trail unavailable") from exc

@@ -17,6 +17,7 @@ every check is spelled out here rather than left to a library default:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -113,6 +114,15 @@ def _check_header(unverified_header: Mapping[str, Any]) -> tuple[str, str]:
     return alg, kid
 
 
+def _is_numeric_date(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond the range of a binary64 number
+        return False
+
+
 def verify_token(
     token: str, issuers: IssuerDirectory, *, leeway: int, role: str = "subject"
 ) -> VerifiedToken:
@@ -169,9 +179,13 @@ def verify_token(
         raise _refuse(f"{role} token sub is not a non-empty string")
     if any(name in verified_claims for name in ID_TOKEN_CLAIMS):
         raise _refuse(f"{role} token is an ID token")
+    # RFC 7519 §2: a NumericDate is a JSON number, and RFC 8259 §6 leaves numbers beyond the
+    # range of binary64 without interoperable meaning. PyJWT checks these claims through int(),
+    # which takes "1700000000" (a string) and a 400-digit integer alike: refuse both here.
+    for name in ("exp", "nbf", "iat"):
+        if name in verified_claims and not _is_numeric_date(verified_claims[name]):
+            raise _refuse(f"{role} token {name} is not a NumericDate")
     exp = verified_claims["exp"]
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
-        raise _refuse(f"{role} token exp is not a number")
     return VerifiedToken(
         issuer=trusted.issuer,
         subject=subject,

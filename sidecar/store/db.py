@@ -15,8 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from sidecar.store.models import LeaseRow
 
 # Every database operation is bounded: a slow or unreachable database becomes a 503, not a hang.
-CONNECT_TIMEOUT_SECONDS = 3
-STATEMENT_TIMEOUT_MS = 3000
+CONNECT_TIMEOUT_SECONDS = 2
+STATEMENT_TIMEOUT_MS = 2000
+# The client-side bound on any one wait for the server (PostgreSQL); see BoundedConnection.
+CLIENT_WAIT_SECONDS = 2.0
 SQLITE_BUSY_TIMEOUT_MS = 3000
 
 
@@ -46,7 +48,7 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_size=5,
@@ -58,6 +60,51 @@ def make_engine(url: str) -> Engine:
             "application_name": "token-exchange-sidecar",
         },
     )
+    if parsed.get_driver_name() == "psycopg":
+        event.listen(engine, "do_connect", _connect_bounded)
+    return engine
+
+
+def _connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    return _BoundedConnection.connect(*cargs, **cparams)
+
+
+def _bounded_connection_class() -> Any:
+    import psycopg
+    from psycopg.errors import _WaitTimeout
+
+    class BoundedConnection(psycopg.Connection):
+        """A psycopg connection whose every wait on the server is bounded client-side.
+
+        ``statement_timeout`` is enforced by the server, and ``connect_timeout`` covers only
+        the connection set-up: a stalled network or an overloaded server would otherwise hold a
+        request (and its worker thread) indefinitely. After ``CLIENT_WAIT_SECONDS`` the
+        connection is closed and the call fails, which the service answers with a 503.
+        """
+
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            try:
+                return super().wait(
+                    gen, interval, CLIENT_WAIT_SECONDS if timeout is None else timeout
+                )
+            except _WaitTimeout:
+                self.pgconn.finish()
+                raise psycopg.OperationalError("the database did not answer in time") from None
+
+    return BoundedConnection
+
+
+class _LazyBoundedConnection:
+    # psycopg is an optional dependency: built on first use, not at import.
+    _class: Any = None
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        if self._class is None:
+            type(self)._class = _bounded_connection_class()
+        return self._class.connect(*args, **kwargs)
+
+
+_BoundedConnection = _LazyBoundedConnection()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

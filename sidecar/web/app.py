@@ -119,8 +119,18 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
         _separate_admin_listener(app, settings.admin.listen_port)
 
     app.register_error_handler(ProtocolError, protocol_error_response)
-    app.register_error_handler(HTTPException, http_error_response)
     app.register_error_handler(Exception, unexpected_error_response)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = http_error_response(exc)
+        if request.path == "/token":
+            # Refused before the view ran (a method other than POST): a denial at the token
+            # endpoint all the same, so it is audited and counted like the others.
+            error = "server_error" if response.status_code >= 500 else "invalid_request"
+            services.audit.record(AuditEvent(at=services.clock(), error=error, reason=exc.name))
+            metrics.exchanges.labels("denied", error).inc()
+        return response
 
     @app.post("/token")
     def token() -> Response:

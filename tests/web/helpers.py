@@ -39,7 +39,9 @@ FIXED_DESCRIPTIONS: dict[str, frozenset[str]] = {
     "unsupported_grant_type": frozenset({"The grant type is not supported."}),
     "invalid_scope": frozenset({"The requested scope is not allowed."}),
     "invalid_target": frozenset({"The requested audience or resource is not allowed."}),
-    "temporarily_unavailable": frozenset({"The service is temporarily unavailable."}),
+    "temporarily_unavailable": frozenset(
+        {"The service is temporarily unavailable.", "Too many requests."}  # 503, 429
+    ),
     "server_error": frozenset({"Internal error."}),
 }
 CLIENT_SECRETS = (GATEWAY_SECRET, OTHER_SECRET)
