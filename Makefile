@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= deploy/demo.yaml
 
-.PHONY: run test lint typecheck check install clean
+.PHONY: run test lint typecheck check install clean bench
 
 $(BIN)/sidecar: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,26 @@ run: install
 test: install
 	$(BIN)/pytest
 
+## make bench: the service against a bare baseline app under the same load (bench/run.py):
+## requests/s, p50/p99/p99.9, errors, peak RSS per worker. wrk (Debian's package) is installed
+## when missing and apt-get can run without asking; otherwise the Python load generator is used.
+## BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--duration 5 --json bench.json".
+BENCH_ARGS ?=
+bench: install
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else sudo=none; fi; \
+	  if [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1 && \
+	     $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null >/dev/null 2>&1 && \
+	     $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	       wrk </dev/null >/dev/null 2>&1; then echo "bench: installed wrk"; \
+	  else echo "bench: wrk not installed (no non-interactive apt-get); using the Python load generator"; fi; }
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 lint: install
-	$(BIN)/ruff check sidecar tests migrations
-	$(BIN)/ruff format --check sidecar tests migrations
+	$(BIN)/ruff check sidecar tests migrations bench
+	$(BIN)/ruff format --check sidecar tests migrations bench
 
 typecheck: install
 	$(BIN)/mypy
