@@ -55,9 +55,11 @@ class AuditTrail:
         After a failed write, denials are only logged for a second: a request refused because
         the database is down must not wait for the database a second time."""
         values = asdict(event)
-        log.info("exchange %s", json.dumps(values, separators=(",", ":")))
-        if event.decision != GRANTED and time.monotonic() - self._failed_at < FAILURE_BACKOFF:
-            return
+        line = json.dumps(values, separators=(",", ":"))
+        if event.decision != GRANTED:
+            log.info("exchange %s", line)
+            if time.monotonic() - self._failed_at < FAILURE_BACKOFF:
+                return
         values["audiences"] = json.dumps(event.audiences)
         # Column limits: a long `sub` from an IdP must not turn a grant into a failed insert.
         for name in ("reason", "subject", "actor", "client_id"):
@@ -70,4 +72,8 @@ class AuditTrail:
             self._failed_at = time.monotonic()
             log.error("audit record not written: %s", type(exc).__name__)
             if event.decision == GRANTED:
+                # No token leaves: the log shows the denial that follows, not this grant.
                 raise TemporarilyUnavailableError(reason="audit trail unavailable") from exc
+            return
+        if event.decision == GRANTED:
+            log.info("exchange %s", line)

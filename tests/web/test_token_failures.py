@@ -173,11 +173,20 @@ def test_database_lost_while_serving_refuses_tokens_it_cannot_audit(
     assert server.exchange(idp.token()).status_code == 200
 
     take_sqlite_database_away(services)
+    captured_logs.clear()
     subject = idp.token()
     response = server.exchange(subject)
 
     assert_retry_later(response, subject)
     assert "audit record not written" in captured_logs.text
+    # The audit log shows what the client got: a denial, never the grant that was not sent.
+    exchange_lines = [
+        r.getMessage()
+        for r in captured_logs.records
+        if r.name == "sidecar.audit" and r.getMessage().startswith("exchange ")
+    ]
+    assert exchange_lines, captured_logs.text
+    assert all('"decision":"denied"' in line for line in exchange_lines), exchange_lines
 
 
 def test_readyz_is_503_when_the_database_is_lost(server: LiveServer, services: Services) -> None:
