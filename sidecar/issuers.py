@@ -20,20 +20,13 @@ class TrustedIssuer:
         self,
         config: TrustedIssuerConfig,
         *,
-        config_dir: Path,
+        jwks_path: Path | None,
         clock: Callable[[], float],
         fetch: Callable[[str, float], object] = fetch_json,
     ) -> None:
         self.issuer = config.issuer
         self.audiences = tuple(config.audiences)
         self.algorithms = frozenset(config.algorithms)
-        path = None
-        if config.jwks_file is not None:
-            path = (
-                config.jwks_file
-                if config.jwks_file.is_absolute()
-                else config_dir / config.jwks_file
-            )
         self._keys = JwksSource(
             name=config.issuer,
             allowed=self.algorithms,
@@ -45,7 +38,7 @@ class TrustedIssuer:
             ),
             clock=clock,
             url=config.jwks_uri,
-            path=path,
+            path=jwks_path,
             fetch=fetch,
         )
 
@@ -62,7 +55,10 @@ class IssuerDirectory:
     ) -> None:
         self._issuers = {
             entry.issuer: TrustedIssuer(
-                entry, config_dir=settings.config_dir, clock=clock, fetch=fetch
+                entry,
+                jwks_path=settings.resolve_path(entry.jwks_file) if entry.jwks_file else None,
+                clock=clock,
+                fetch=fetch,
             )
             for entry in settings.trusted_issuers
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.store import migrate
 from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, fresh_postgres_database
 
 
 @pytest.fixture
@@ -30,3 +31,19 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A database with no tables at all: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+        yield engine
+        engine.dispose()
+        return
+    with fresh_postgres_database("sidecar_empty") as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()

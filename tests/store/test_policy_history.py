@@ -4,22 +4,19 @@ rollback, and migration 0002 of a database holding 0001 data. SQLite and Postgre
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.config import PolicyConfig, Settings, check_policy_set
 from sidecar.exchange.policy import Condition, Policy
 from sidecar.store import migrate
-from sidecar.store.db import make_engine, make_sessionmaker
+from sidecar.store.db import make_sessionmaker
 from sidecar.store.policies import PolicyInvalid, PolicyNotFound, PolicyStore
-from tests.conftest import CODE_SEARCH, POSTGRES_URL, TICKETS, FakeClock
+from tests.conftest import CODE_SEARCH, TICKETS, FakeClock
 from tests.store.test_policies import snapshot
 
 IDP = "https://idp.test.example"  # the `idp` fixture's issuer, trusted by `settings`
@@ -374,30 +371,6 @@ def test_dry_run_of_a_prune_to_nothing_changes_nothing(store: PolicyStore, engin
 
 
 # --- migration 0002 on a database holding 0001 data ---------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """A database with no tables at all: a new SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-        yield engine
-        engine.dispose()
-        return
-    if not POSTGRES_URL:
-        pytest.skip("SIDECAR_TEST_POSTGRES_URL is not set: PostgreSQL tests skipped")
-    name = f"sidecar_0001_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(POSTGRES_URL.rsplit("/", 1)[0] + "/" + name)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def upgrade_to(engine: Engine, revision: str) -> None:
