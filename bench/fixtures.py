@@ -1,5 +1,6 @@
 """What the benchmark runs against: an identity provider's RS256 key and JWKS, distinct subject
-tokens, the baseline's keys, and a realistic configuration of the real service.
+tokens, the baseline's keys, and a realistic configuration of the real service, in two files that
+differ only in ``caches:`` (the defaults, both caches on; and both off).
 
 Everything is generated under one temporary directory per run; no key leaves it.
 """
@@ -30,6 +31,8 @@ GATEWAY_AUDIENCE = "https://gateway.bench.invalid"
 SERVICE_ISSUER = "https://sidecar.bench.invalid"
 SUBJECT_TOKEN_LIFETIME = 3600
 FORM = "application/x-www-form-urlencoded"
+# The uncached path's `caches:`: every subject token verified and every token minted afresh.
+NO_CACHES = {"subject_tokens": {"enabled": False}, "minted_tokens": {"enabled": False}}
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class Sizes:
 class Fixtures:
     directory: Path
     bodies: Path  # one url-encoded token-exchange form per line, every subject token distinct
-    service_config: Path
+    service_config: Path  # the caches as configured by default (both enabled)
+    uncached_config: Path  # the same, with both caches disabled (the same database)
     auth_header: str  # the Basic credentials of the client whose policies allow the audience
     client_id: str
     audience: str
@@ -149,6 +153,8 @@ def generate(directory: Path, sizes: Sizes) -> Fixtures:
     config, secrets_by_client = service_config(directory, jwks_file, sizes)
     config_file = directory / "sidecar.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    uncached_file = directory / "sidecar-uncached.yaml"
+    uncached_file.write_text(yaml.safe_dump({**config, "caches": NO_CACHES}, sort_keys=False))
 
     # A client and an audience from the middle of the tables, which its policies allow.
     client_id = client_name(sizes.clients // 2)
@@ -181,6 +187,7 @@ def generate(directory: Path, sizes: Sizes) -> Fixtures:
         directory=directory,
         bodies=bodies,
         service_config=config_file,
+        uncached_config=uncached_file,
         auth_header=auth_header,
         client_id=client_id,
         audience=audience,

@@ -7,6 +7,9 @@ target 127.0.0.1 only. The Python generator counts every response that is not 2x
 error; wrk, every status of 400 or above (its own count: a Lua ``response()`` hook would check
 for 2xx exactly but makes wrk hand every response to Lua, which cost about 8% of the servers'
 throughput on two cores). Neither server answers a POST with 1xx or 3xx.
+
+:func:`send_each` is not a measurement: it sends every body exactly once (the cached path's
+priming pass, see bench/run.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import random
 import shutil
 import subprocess
 import threading
@@ -249,4 +253,72 @@ def run_python(
         p999_ms=percentile(latencies, 99.9) * 1000,
         non2xx=sum(tally.non2xx for tally in tallies),
         socket_errors=sum(tally.socket_errors for tally in tallies),
+    )
+
+
+@dataclass(frozen=True)
+class PassResult:
+    requests: int  # answered, 2xx or not
+    errors: int  # non-2xx answers, socket errors and timeouts
+    seconds: float
+
+
+def send_each(
+    *,
+    port: int,
+    bodies: list[bytes],
+    auth_header: str,
+    connections: int,
+    rng: random.Random | None = None,
+) -> PassResult:
+    """Every body exactly once, in a shuffled order, over ``connections`` new keep-alive
+    connections, all opened before the first request (each connection sends its own share of
+    the bodies). New connections and a new order on each call: repeated calls reach every
+    worker of a server with every body, whichever worker each connection lands on."""
+    order = list(bodies)
+    (rng or random.Random()).shuffle(order)
+    connections = max(1, min(connections, len(order)))
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if auth_header:
+        headers["Authorization"] = auth_header
+    tallies = [[0, 0] for _ in range(connections)]  # answered, errors
+    opened = threading.Barrier(connections + 1)
+
+    def send(share: list[bytes], tally: list[int]) -> None:
+        connection = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT)
+        try:
+            try:
+                connection.connect()
+            except OSError:
+                connection.close()  # the first request counts the error and retries
+            opened.wait()
+            for body in share:
+                try:
+                    connection.request("POST", PATH, body=body, headers=headers)
+                    response = connection.getresponse()
+                    response.read()
+                except (OSError, http.client.HTTPException):
+                    tally[1] += 1
+                    connection.close()
+                    continue
+                tally[0] += 1
+                if not 200 <= response.status < 300:
+                    tally[1] += 1
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=send, args=(order[i::connections], tallies[i]), daemon=True)
+        for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    opened.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return PassResult(
+        requests=sum(t[0] for t in tallies),
+        errors=sum(t[1] for t in tallies),
+        seconds=time.perf_counter() - began,
     )

@@ -1,14 +1,18 @@
-"""Starting, watching and stopping the two servers under test, on 127.0.0.1 only.
+"""Starting, watching and stopping the servers under test, on 127.0.0.1 only.
 
-Each server is a gunicorn master started here as a child process in its own session; its
-workers are the master's children. :meth:`Server.stop` always ends both.
+Each server (the baseline under gunicorn; the service under gunicorn or granian) is a master
+process started here as a child in its own session. Its workers are the Python processes below
+it (gunicorn's are its children, granian's too, but any depth counts), less multiprocessing's
+helper processes. :meth:`Server.stop` always ends the master and everything that was below it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,8 +29,18 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 _SCRIPT = Path(sys.executable).parent / "sidecar"
 SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidecar"]
-# Variables of the caller that would point the service at another configuration or metrics dir.
-_DROPPED_ENV = ("SIDECAR_CONFIG", "PROMETHEUS_MULTIPROC_DIR")
+# Variables of the caller that would point the service at another configuration or metrics dir,
+# or turn gunicorn's access log on.
+_DROPPED_ENV = ("SIDECAR_CONFIG", "PROMETHEUS_MULTIPROC_DIR", "SIDECAR_ACCESS_LOG")
+# Python processes below a master that are not workers (multiprocessing's own helpers).
+_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+SERVICE_SERVERS = ("gunicorn", "granian")
+CACHES = ("subject_tokens", "minted_tokens")
+_CACHE_LOOKUP = re.compile(
+    r'^sidecar_cache_lookups_total\{(?=[^}]*cache="(\w+)")(?=[^}]*result="(\w+)")[^}]*\}'
+    r"\s+(\S+)",
+    re.MULTILINE,
+)
 
 
 class ServerError(RuntimeError):
@@ -76,14 +90,45 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
-def children_of(pid: int) -> list[int]:
-    """The live processes whose parent is ``pid`` (gunicorn's workers of a master)."""
-    found = []
+def descendants_of(pid: int) -> list[int]:
+    """The live processes below ``pid``: its children, their children, and so on."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
-        if fields and int(fields[1]) == pid:
-            found.append(int(entry.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        below = children.get(pending.pop(), [])
+        found.extend(below)
+        pending.extend(below)
     return sorted(found)
+
+
+def _is_worker(pid: int) -> bool:
+    """A Python process that is not one of multiprocessing's helpers."""
+    try:
+        executable = Path(os.readlink(f"/proc/{pid}/exe")).name
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return executable.startswith("python") and not any(h in command for h in _HELPERS)
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of a master: the Python processes below it (at any depth, so that
+    both gunicorn's and granian's layouts count), less multiprocessing's helper processes."""
+    return [child for child in descendants_of(pid) if _is_worker(child)]
+
+
+def parse_cache_lookups(metrics: str) -> dict[str, dict[str, int]]:
+    """``sidecar_cache_lookups_total`` of a Prometheus text exposition (the service sums it over
+    its workers): {cache: {"hit": n, "miss": n}}, zeros for what is not there (a disabled cache)."""
+    found = {cache: {"hit": 0, "miss": 0} for cache in CACHES}
+    for cache, result, value in _CACHE_LOOKUP.findall(metrics):
+        found.setdefault(cache, {}).setdefault(result, 0)
+        found[cache][result] += int(float(value))
+    return found
 
 
 def peak_rss_kib(pid: int) -> int | None:
@@ -115,7 +160,7 @@ class Server:
         self._ready_path = ready_path
         self._log = log
         self.worker_pids: list[int] = []
-        self._workers: dict[int, int] = {}  # pid -> start time
+        self._descendants: dict[int, int] = {}  # pid -> start time
         with log.open("wb") as sink:
             self.process = subprocess.Popen(
                 list(command),
@@ -151,28 +196,48 @@ class Server:
                     f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
             if self._ready():
-                self.worker_pids = children_of(self.process.pid)
+                self.worker_pids = workers_of(self.process.pid)
                 if len(self.worker_pids) >= workers:
-                    self._remember_workers()
+                    self._remember_descendants()
                     return
             time.sleep(0.1)
         raise ServerError(f"{self.name} not ready after {START_TIMEOUT:.0f}s:\n{self.log_tail()}")
 
     def peak_rss_per_worker_mib(self) -> list[float]:
         # The workers alive now: a worker that died and was replaced would show here.
-        self.worker_pids = children_of(self.process.pid) or self.worker_pids
+        self.worker_pids = workers_of(self.process.pid) or self.worker_pids
         peaks = (peak_rss_kib(pid) for pid in self.worker_pids)
         return [round(kib / 1024, 1) for kib in peaks if kib is not None]
 
-    def _remember_workers(self) -> None:
+    def get(self, path: str) -> bytes:
+        """The body of a GET on the server; raises :class:`ServerError` unless it answers 200."""
+        connection = http.client.HTTPConnection(HOST, self.port, timeout=10)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerError(f"{self.name}: GET {path} failed: {exc}") from exc
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise ServerError(f"{self.name}: GET {path} answered {response.status}")
+        return body
+
+    def cache_lookups(self) -> dict[str, dict[str, int]]:
+        """The service's cache lookups so far, from its /metrics (see parse_cache_lookups)."""
+        return parse_cache_lookups(self.get("/metrics").decode())
+
+    def _remember_descendants(self) -> None:
         if self.process.poll() is None:
-            for pid in children_of(self.process.pid):
+            for pid in descendants_of(self.process.pid):
                 if (started := start_time(pid)) is not None:
-                    self._workers[pid] = started
+                    self._descendants[pid] = started
 
     def stop(self) -> None:
-        """SIGTERM (gunicorn's graceful stop), then SIGKILL for whatever is left of it."""
-        self._remember_workers()
+        """SIGTERM (gunicorn's and granian's graceful stop), then SIGKILL for whatever is left
+        of it."""
+        self._remember_descendants()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -180,8 +245,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        for pid, started in self._workers.items():
-            # A worker the master left behind: the same pid *and* start time, so never a
+        for pid, started in self._descendants.items():
+            # A process the master left behind: the same pid *and* start time, so never a
             # process that merely reused the pid.
             if start_time(pid) == started:
                 with contextlib.suppress(ProcessLookupError):
@@ -216,25 +281,42 @@ def start_baseline(fixtures: Fixtures, workers: int) -> Server:
     return server
 
 
-def start_service(fixtures: Fixtures, workers: int) -> Server:
-    """`sidecar serve` with deploy/gunicorn.conf.py's settings, as a user would run it."""
+def granian_missing() -> str | None:
+    """Why ``sidecar serve --server granian`` cannot run here (granian is an optional extra),
+    or None when it can."""
+    try:
+        importlib.import_module("granian")
+    except ImportError as exc:
+        return f"granian is not installed in {sys.prefix} ({exc}); pip install granian to add it"
+    return None
+
+
+def start_service(
+    fixtures: Fixtures, workers: int, *, server: str = "gunicorn", cached: bool = True
+) -> Server:
+    """`sidecar serve`, as a user would run it: under gunicorn with deploy/gunicorn.conf.py's
+    settings, or under granian; with the caches as configured by default, or both disabled."""
+    if server not in SERVICE_SERVERS:
+        raise ValueError(f"unknown server {server!r}")
     port = free_port()
+    config = fixtures.service_config if cached else fixtures.uncached_config
+    path = "cached" if cached else "uncached"
     command = [
-        *SIDECAR, "--config", str(fixtures.service_config),
-        "serve", "--bind", f"{HOST}:{port}", "--workers", str(workers),
+        *SIDECAR, "--config", str(config),
+        "serve", "--server", server, "--bind", f"{HOST}:{port}", "--workers", str(workers),
     ]  # fmt: skip
-    server = Server(
-        "service",
+    service = Server(
+        f"{server} ({path})",
         command,
         port=port,
         ready_path="/readyz",
-        log=fixtures.directory / "service.log",
+        log=fixtures.directory / f"service-{server}-{path}.log",
         cwd=fixtures.directory,
         env=_environment(),
     )
     try:
-        server.wait_ready(workers)
+        service.wait_ready(workers)
     except BaseException:
-        server.stop()
+        service.stop()
         raise
-    return server
+    return service

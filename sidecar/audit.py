@@ -2,18 +2,30 @@
 
 Never a token or a secret: a subject token appears as a short SHA-256 prefix, a minted token as its
 ``jti``. Each event is written to the database and to the ``sidecar.audit`` log as one JSON line.
-A granted exchange whose audit record cannot be written is not answered with a token (fail closed).
+
+Off the hot path: ``record`` only queues the event; one background thread per process writes the
+queue in batches (one transaction each) every ``flush_interval`` or sooner when a batch fills.
+Nothing is lost on a graceful shutdown: ``close`` (called when a gunicorn worker exits, and at
+interpreter exit) writes what is queued. Fail closed: while the database refuses writes, or while
+``max_pending`` events wait, a *grant* is refused with 503 instead of answered unrecorded; the
+queued events are retried until they are written.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import multiprocessing.util
+import os
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+import weakref
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, insert
 
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.store.models import AuditEventRow
@@ -21,7 +33,31 @@ from sidecar.store.models import AuditEventRow
 log = logging.getLogger("sidecar.audit")
 
 GRANTED, DENIED = "granted", "denied"
-FAILURE_BACKOFF = 1.0  # seconds
+FLUSH_INTERVAL = 0.05  # seconds a queued event waits at most before its batch is written
+# The writer shares the GIL with the request threads: it works in slices of this many events and
+# sleeps this long after each, so a request is never held up for a whole batch (measured with
+# make bench: p99 at one connection 4 ms with unsliced batches, 1.6 ms sliced).
+SLICE = 16
+YIELD = 0.0002
+BATCH_SIZE = 500
+MAX_PENDING = 10_000
+# Past this many queued events, a request waits (up to BACKPRESSURE_WAIT) for the writer to catch
+# up before answering: overload becomes latency, not refusals, while the database keeps up.
+HIGH_WATER = 2_000
+BACKPRESSURE_WAIT = 0.5
+RETRY_AFTER_FAILURE = 1.0  # seconds between write attempts while the database refuses them
+# Column limits: a long `sub` from an IdP must not turn a batch into a failed insert.
+_TRUNCATED = ("reason", "subject", "actor", "client_id")
+_INSERT = insert(AuditEventRow)
+_TRAILS: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for trail in list(_TRAILS):
+        trail._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(slots=True)
@@ -44,36 +80,235 @@ class AuditEvent:
     kid: str | None = None
 
 
+_FIELDS = tuple(f.name for f in fields(AuditEvent))
+
+
+def _values(event: AuditEvent) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in _FIELDS}
+
+
+def _log_line(values: dict[str, Any]) -> str:
+    return json.dumps(values, separators=(",", ":"))
+
+
+def _storable(text: str) -> str:
+    """A string every database stores: claim values come from IdPs, and a lone surrogate (which
+    JSON admits) or a NUL (which PostgreSQL refuses) must not make a batch fail for ever."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+def _row(values: dict[str, Any]) -> dict[str, Any]:
+    row = dict(values, audiences=json.dumps(values["audiences"]))
+    for name, value in row.items():
+        if isinstance(value, str):
+            row[name] = _storable(value)
+    for name in _TRUNCATED:
+        if row[name] is not None:
+            row[name] = row[name][:255]
+    return row
+
+
 class AuditTrail:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
-        self._failed_at = float("-inf")
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        flush_interval: float = FLUSH_INTERVAL,
+        batch_size: int = BATCH_SIZE,
+        max_pending: int = MAX_PENDING,
+        high_water: int = HIGH_WATER,
+    ) -> None:
+        self._engine = engine
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._max_pending = max_pending
+        self._high_water = high_water
+        self._reset()
+        _TRAILS.add(self)
+
+    def _reset(self) -> None:
+        """A fresh, empty trail with no writer: at construction, and in a forked child (whose
+        copy of the parent's queue is the parent's to write, and whose locks may have been
+        copied while held)."""
+        self._queue: deque[AuditEvent] = deque()
+        self._retry: list[dict[str, Any]] = []  # rows logged already, not yet in the database
+        lock = threading.Lock()
+        self._wake = threading.Condition(lock)  # the writer waits for events or close()
+        self._idle = threading.Condition(lock)  # flush() waits for the writer to catch up
+        self._writing = False
+        self._in_flight = 0  # events taken off the queue by a write not yet committed
+        self._failing = False
+        self._flush_requested = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self.dropped = 0  # denials recorded in the log only, because the queue was full
+
+    @property
+    def healthy(self) -> bool:
+        """False while the database refuses writes or the queue is full (grants are refused)."""
+        return not self._failing and self.pending < self._max_pending
+
+    @property
+    def pending(self) -> int:
+        """Events not yet in the database: queued, being written, or waiting for a retry."""
+        return len(self._queue) + len(self._retry) + self._in_flight
 
     def record(self, event: AuditEvent) -> None:
-        """Write the event; raises TemporarilyUnavailableError if a *grant* cannot be recorded.
-
-        After a failed write, denials are only logged for a second: a request refused because
-        the database is down must not wait for the database a second time."""
-        values = asdict(event)
-        line = json.dumps(values, separators=(",", ":"))
-        if event.decision != GRANTED:
-            log.info("exchange %s", line)
-            if time.monotonic() - self._failed_at < FAILURE_BACKOFF:
-                return
-        values["audiences"] = json.dumps(event.audiences)
-        # Column limits: a long `sub` from an IdP must not turn a grant into a failed insert.
-        for name in ("reason", "subject", "actor", "client_id"):
-            if values[name] is not None:
-                values[name] = values[name][:255]
-        try:
-            with self._sessions() as session, session.begin():
-                session.add(AuditEventRow(**values))
-        except SQLAlchemyError as exc:
-            self._failed_at = time.monotonic()
-            log.error("audit record not written: %s", type(exc).__name__)
-            if event.decision == GRANTED:
-                # No token leaves: the log shows the denial that follows, not this grant.
-                raise TemporarilyUnavailableError(reason="audit trail unavailable") from exc
+        """Queue the event; raises TemporarilyUnavailableError, queueing nothing, for a *grant*
+        that could not be recorded. A denial is always at least logged."""
+        if self._closed and self._pid == os.getpid():
+            self._after_close(event)
             return
+        if not self.healthy:
+            if event.decision == GRANTED:
+                raise TemporarilyUnavailableError(reason="audit trail unavailable")
+            if self.pending >= self._max_pending:
+                self.dropped += 1
+                log.info("exchange %s", _log_line(_values(event)))
+                return
+        self._ensure_writer()
+        with self._wake:
+            closed = self._closed and self._pid == os.getpid()  # close() ran meanwhile
+            if not closed:
+                self._queue.append(event)
+                if len(self._queue) >= self._batch_size:
+                    self._wake.notify()
+                if len(self._queue) > self._high_water and not self._failing:
+                    self._wake.notify()
+                    self._idle.wait(BACKPRESSURE_WAIT)
+        if closed:
+            self._after_close(event)
+
+    def _after_close(self, event: AuditEvent) -> None:
+        # After close() (the process is exiting) nothing writes the queue any more: a grant is
+        # refused, a denial is only logged.
         if event.decision == GRANTED:
-            log.info("exchange %s", line)
+            raise TemporarilyUnavailableError(reason="audit trail closed")
+        log.info("exchange %s", _log_line(_values(event)))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every event queued so far is written; False if that took over ``timeout``
+        (the database refusing writes, say)."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            self._flush_requested = True
+            self._wake.notify()
+            while self._queue or self._retry or self._writing:
+                if self._thread is None or not self._thread.is_alive() or self._failing:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.1))
+        return not (self._queue or self._retry)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued and stop the writer (a graceful shutdown loses nothing)."""
+        if self._closed or self._pid != os.getpid():
+            return
+        self.flush(timeout)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        writer_stopped = self._thread is None or not self._thread.is_alive()
+        if writer_stopped and (self._queue or self._retry):  # one last attempt, here
+            self._write_pending()
+        if self._queue or self._retry:
+            # Not in the database: at least every one of them is in the log.
+            for event in self._queue:
+                log.info("exchange %s", _log_line(_values(event)))
+            log.error(
+                "audit trail closed with %d event(s) not written to the database (they are in "
+                "the sidecar.audit log)",
+                self.pending,
+            )
+
+    def _ensure_writer(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._wake:
+            if self._thread is not None and self._pid == os.getpid():
+                return
+            # A forked child has the parent's queue but not its thread: it starts its own.
+            self._pid = os.getpid()
+            self._closed = False
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
+            # A multiprocessing child (a granian worker) ends with os._exit, skipping atexit; its
+            # exit runs multiprocessing's finalizers instead.
+            multiprocessing.util.Finalize(None, self.close, exitpriority=100)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if (
+                    not self._closed
+                    and not self._flush_requested
+                    and len(self._queue) < self._batch_size
+                ):
+                    self._wake.wait(self._flush_interval)
+                self._flush_requested = False
+                if self._closed and not (self._queue or self._retry):
+                    return
+                if self._closed and self._failing:
+                    return  # close() reports what is left
+            if not self._write_pending():
+                time.sleep(RETRY_AFTER_FAILURE)
+
+    def _yield(self) -> None:
+        # Falling behind (the requests would soon wait at HIGH_WATER): catch up instead.
+        if len(self._queue) < self._high_water // 4:
+            time.sleep(YIELD)
+
+    def _write_pending(self) -> bool:
+        """Write the retried rows and the queue, a batch at a time; False on a failed write."""
+        while True:
+            with self._wake:
+                taken = [
+                    self._queue.popleft()
+                    for _ in range(min(self._batch_size - len(self._retry), len(self._queue)))
+                ]
+                if not (taken or self._retry):
+                    self._idle.notify_all()
+                    return True
+                self._writing = True
+                rows, self._retry = self._retry, []
+                self._in_flight = len(rows) + len(taken)
+            for index, event in enumerate(taken, 1):
+                values = _values(event)
+                log.info("exchange %s", _log_line(values))
+                rows.append(_row(values))
+                if index % SLICE == 0:
+                    self._yield()
+            try:
+                with self._engine.begin() as connection:
+                    for start in range(0, len(rows), SLICE):
+                        connection.execute(_INSERT, rows[start : start + SLICE])
+                        self._yield()
+            except Exception as exc:
+                with self._wake:
+                    self._retry = rows + self._retry
+                    self._writing = False
+                    self._in_flight = 0
+                    if not self._failing:
+                        log.error(
+                            "audit records not written (%s): grants are refused until the "
+                            "database accepts them again",
+                            type(exc).__name__,
+                        )
+                    self._failing = True
+                    self._idle.notify_all()
+                return False
+            with self._wake:
+                self._writing = False
+                self._in_flight = 0
+                if self._failing:
+                    log.warning("audit records written again")
+                self._failing = False
+                self._idle.notify_all()  # requests held back by HIGH_WATER may go on

@@ -278,6 +278,9 @@ class PolicyConfig(_Strict):
     enabled: bool = True
     # Requested (and default) scopes must also be present in the subject token's scopes.
     require_subject_scopes: bool = False
+    # A still-fresh token minted under this policy may be handed out again for an identical
+    # request (caches.minted_tokens); false for an upstream that accepts each jti once.
+    reuse_tokens: bool = True
     # Claims copied from the verified subject token into the minted token (an allowlist).
     copy_claims: list[str] = Field(default_factory=list)
 
@@ -330,6 +333,7 @@ class PolicyConfig(_Strict):
             ttl=self.ttl,
             enabled=self.enabled,
             require_subject_scopes=self.require_subject_scopes,
+            reuse_tokens=self.reuse_tokens,
             copy_claims=tuple(self.copy_claims),
             issuer=self.issuer,
             conditions=tuple(
@@ -367,6 +371,32 @@ class AdminConfig(_Strict):
         return int(self.listen.rsplit(":", 1)[1]) if self.listen else None
 
 
+class SubjectTokenCacheConfig(_Strict):
+    """Verified subject and actor tokens, by SHA-256 of the token, each kept until its ``exp``."""
+
+    enabled: bool = True
+    max_entries: int = Field(10_000, ge=1, le=1_000_000)
+
+
+class MintedTokenCacheConfig(_Strict):
+    """Minted tokens reused for an identical request while enough of their lifetime is left."""
+
+    enabled: bool = True
+    max_entries: int = Field(10_000, ge=1, le=1_000_000)
+    # Reused only while at least this fraction of the token's lifetime remains (0.5: a gateway
+    # never gets a token with less than half the lifetime a fresh one would have had).
+    min_remaining: float = Field(0.5, gt=0, le=1)
+
+
+class CachesConfig(_Strict):
+    subject_tokens: SubjectTokenCacheConfig = Field(
+        default_factory=SubjectTokenCacheConfig  # type: ignore[arg-type]
+    )
+    minted_tokens: MintedTokenCacheConfig = Field(
+        default_factory=MintedTokenCacheConfig  # type: ignore[arg-type]
+    )
+
+
 class Settings(_Strict):
     issuer: str
     database_url: str = "sqlite:///var/sidecar.db"
@@ -379,6 +409,7 @@ class Settings(_Strict):
     # policy change takes to reach every worker of every replica.
     policy_refresh_interval: Duration = 5.0
     admin: AdminConfig | None = None
+    caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.
     rate_limit: RateLimitConfig | None = None
     # Where the config file lives; relative jwks_file paths resolve against it. Not a YAML key.

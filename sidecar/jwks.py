@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-import urllib3
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt import PyJWK
 
@@ -69,7 +67,7 @@ def _parse_jwk(jwk: Any, allowed: frozenset[str]) -> dict[str, VerificationKey]:
     return {kid: VerificationKey(kid=kid, key=key, algorithms=algorithms)}
 
 
-def _read_body(response: requests.Response, url: str, deadline: float) -> bytes:
+def _read_body(response: Any, url: str, deadline: float) -> bytes:
     # `timeout` bounds each socket read; the deadline bounds the whole body, so a server that
     # trickles bytes cannot hold the fetch (and the single-flight lock) open indefinitely.
     body = bytearray()
@@ -86,6 +84,11 @@ def _read_body(response: requests.Response, url: str, deadline: float) -> bytes:
 
 def fetch_json(url: str, timeout: float) -> Any:
     """GET a JSON document: no redirects followed, bounded in time and size."""
+    # Imported here: an HTTP client with TLS costs each worker about 16 MB, and a service that
+    # reads its issuers' keys from files never needs one.
+    import requests
+    import urllib3
+
     deadline = time.monotonic() + timeout
     try:
         with requests.get(

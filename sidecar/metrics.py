@@ -85,10 +85,28 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.cache_lookups = Counter(
+            "sidecar_cache_lookups",
+            "Lookups of the subject-token and minted-token caches, by result (hit or miss).",
+            ["cache", "result"],
+            registry=self.registry,
+        )
         self._scrape_registry = self.registry
         if os.environ.get(MULTIPROCESS_ENV):
             self._scrape_registry = CollectorRegistry()
             MultiProcessCollector(self._scrape_registry)  # type: ignore[no-untyped-call]
+
+    def cache_observer(self, cache: str) -> Callable[[bool], None]:
+        """Counts one cache's lookups; the hit rate is hits / (hits + misses)."""
+        hit, miss = (
+            self.cache_lookups.labels(cache, "hit"),
+            self.cache_lookups.labels(cache, "miss"),
+        )
+
+        def observe(was_hit: bool) -> None:
+            (hit if was_hit else miss).inc()
+
+        return observe
 
     def add_collector(self, collector: Collector) -> None:
         self._scrape_registry.register(collector)

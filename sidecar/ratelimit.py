@@ -39,6 +39,11 @@ class RateLimiter:
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
+    @property
+    def active(self) -> bool:
+        """Whether any limit is configured (else nothing needs to be read for a bucket)."""
+        return bool(self._limits)
+
     def retry_after(self, claimed_client_id: str | None) -> int | None:
         """Take one request from the client's bucket: None if allowed, else the seconds after
         which a retry may succeed."""

@@ -37,6 +37,11 @@ class Refreshing(Generic[T]):
         self._failed_at = float("-inf")
         self._generation = 0
 
+    @property
+    def current(self) -> T | None:
+        """The value held now (None before the first load), without loading."""
+        return self._value
+
     def invalidate(self) -> None:
         # A load already under way read the old state: the generation makes it not count as
         # fresh, so the next get() loads again.

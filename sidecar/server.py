@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import runpy
@@ -57,7 +58,15 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
         from sidecar.web.app import create_app
 
         configure_logging()
-        return create_app(self._settings)
+        return settle(create_app(self._settings))
+
+
+def settle(app: Any) -> Any:
+    """After a worker built its app: the objects it holds for its whole life (configuration,
+    policies, keys, SQLAlchemy's tables) are moved out of the garbage collector's view, so the
+    collections that request garbage triggers stay short instead of scanning them each time."""
+    gc.freeze()  # no collection first: it would touch (and copy) every page inherited from
+    return app  # the master
 
 
 def configure_logging() -> None:
@@ -66,6 +75,15 @@ def configure_logging() -> None:
         level=logging.INFO,
         format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _share_metrics() -> None:
+    # Workers share their metrics through this directory (prometheus_client multiprocess mode);
+    # it is set before any worker imports prometheus_client.
+    if not os.environ.get(MULTIPROCESS_ENV):
+        metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        atexit.register(_remove_in_master, metrics_dir, os.getpid())
+        os.environ[MULTIPROCESS_ENV] = metrics_dir
 
 
 def _remove_in_master(path: str, master_pid: int) -> None:
@@ -80,12 +98,56 @@ def serve(
 ) -> None:
     if config_file is None and DEFAULT_GUNICORN_CONFIG.is_file():
         config_file = DEFAULT_GUNICORN_CONFIG
-    # Workers share their metrics through this directory (prometheus_client multiprocess mode);
-    # it is set before any worker imports prometheus_client.
-    if not os.environ.get(MULTIPROCESS_ENV):
-        metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
-        atexit.register(_remove_in_master, metrics_dir, os.getpid())
-        os.environ[MULTIPROCESS_ENV] = metrics_dir
+    _share_metrics()
+    # Objects of the master that every worker inherits: out of the collector's reach, so that no
+    # collection in a worker writes to (and so copies) the pages they share.
+    gc.freeze()
     SidecarServer(
         settings, config_file, {"bind": [bind] if bind else None, "workers": workers}
     ).run()
+
+
+CONFIG_ENV = "SIDECAR_CONFIG"
+GRANIAN_KILL_TIMEOUT = 20  # seconds, as gunicorn's graceful_timeout
+GRANIAN_THREADS = 4  # per worker, as gunicorn's threads
+
+
+def serve_granian(config_path: Path, *, bind: str | None, workers: int | None) -> None:
+    """``sidecar serve --server granian``: the same app under granian's WSGI interface (HTTP/1.1
+    parsing and connection handling in Rust). Each worker reads the config file again."""
+    try:
+        from granian import Granian
+        from granian.constants import HTTPModes, Interfaces
+    except ImportError:
+        raise SystemExit(
+            "sidecar: error: --server granian needs granian: pip install "
+            "'token-exchange-sidecar[granian]'"
+        ) from None
+    host, _, port = (bind or "127.0.0.1:8080").rpartition(":")
+    os.environ[CONFIG_ENV] = str(config_path)
+    _share_metrics()
+    configure_logging()
+    Granian(
+        "sidecar.server:granian_app",
+        address=host.strip("[]"),
+        port=int(port),
+        interface=Interfaces.WSGI,
+        http=HTTPModes.http1,
+        workers=workers or 2,
+        # The app is CPU-bound under one GIL per worker: a few threads run it, the rest of the
+        # connections wait in granian (Rust) rather than as Python threads.
+        blocking_threads=GRANIAN_THREADS,
+        factory=True,
+        log_access=False,
+        workers_kill_timeout=GRANIAN_KILL_TIMEOUT,
+    ).serve()
+
+
+def granian_app() -> Any:
+    """The WSGI app in a granian worker (``sidecar serve --server granian``): the settings are
+    read again from the config file the command was given."""
+    from sidecar.config import load_settings
+    from sidecar.web.app import create_app
+
+    configure_logging()
+    return settle(create_app(load_settings(Path(os.environ[CONFIG_ENV]))))

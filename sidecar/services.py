@@ -15,6 +15,7 @@ from sidecar.audit import AuditTrail
 from sidecar.clients import ClientAuthenticator
 from sidecar.config import Settings, check_policy_set
 from sidecar.errors import TemporarilyUnavailableError
+from sidecar.exchange.caches import MintedTokenCache, SubjectTokenCache
 from sidecar.exchange.grant import TokenExchangeGrant
 from sidecar.exchange.policy import PolicySet
 from sidecar.issuers import IssuerDirectory
@@ -24,7 +25,6 @@ from sidecar.keys.keyring import Keyring, SigningKey
 from sidecar.keys.store import KeyStore
 from sidecar.ratelimit import RateLimiter
 from sidecar.refreshing import Refreshing
-from sidecar.store import migrate
 from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker, ping
 from sidecar.store.jtis import JtiStore
 from sidecar.store.models import PolicyRow
@@ -59,7 +59,7 @@ class Services:
         self.policy_store = PolicyStore(
             sessions, clock, validate=lambda policies: check_policy_set(policies, settings)
         )
-        self.audit = AuditTrail(sessions)
+        self.audit = AuditTrail(self.engine)
         self.issuers = IssuerDirectory(settings, clock, fetch)
         self.authenticator = ClientAuthenticator(settings, JtiStore(sessions, clock), clock, fetch)
         self.rate_limiter = RateLimiter(settings, clock)
@@ -70,8 +70,12 @@ class Services:
             "keyring", self.keys.maintain, settings.keys.refresh_interval, clock
         )
         self.policies: Refreshing[PolicySet] = Refreshing(
-            "policies", self.policy_store.load, settings.policy_refresh_interval, clock
+            "policies",
+            lambda: self.policy_store.load_if_changed(self.policies.current),
+            settings.policy_refresh_interval,
+            clock,
         )
+        caches = settings.caches
         self.grant = TokenExchangeGrant(
             issuer=settings.issuer,
             max_ttl=settings.tokens.max_ttl,
@@ -80,6 +84,18 @@ class Services:
             policies=self.policies.get,
             signing_key=self.signing_key,
             clock=clock,
+            subject_cache=(
+                SubjectTokenCache(self.issuers, caches.subject_tokens.max_entries)
+                if caches.subject_tokens.enabled
+                else None
+            ),
+            minted_cache=(
+                MintedTokenCache(
+                    caches.minted_tokens.max_entries, caches.minted_tokens.min_remaining
+                )
+                if caches.minted_tokens.enabled
+                else None
+            ),
         )
 
     def signing_key(self) -> SigningKey:
@@ -92,6 +108,9 @@ class Services:
         """Start-up work done once, before serving: migrate an embedded SQLite database, check
         the schema is current, make sure a key signs (and that every stored key decrypts), and
         bootstrap the policy table from the config when it is empty."""
+        # Imported here: Alembic is start-up work of the serving command, not of each worker.
+        from sidecar.store import migrate
+
         if migrate_sqlite and is_sqlite(self.settings.database_url):
             migrate.upgrade(self.engine)
         if not migrate.is_current(self.engine):
@@ -115,6 +134,11 @@ class Services:
             log.info(
                 "policy table was empty: applied %d policies from the config", len(changes.created)
             )
+
+    def close(self) -> None:
+        """Graceful shutdown: write the queued audit events, then release the connections."""
+        self.audit.close()
+        self.engine.dispose()
 
     def count_policies(self) -> int:
         with self.engine.connect() as connection:

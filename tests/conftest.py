@@ -20,11 +20,13 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.orm import sessionmaker
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.services import Services
+from sidecar.store.models import AuditEventRow
 from sidecar.web.app import create_app
 
 SIDECAR_ISSUER = "https://sidecar.test.example"
@@ -302,7 +304,15 @@ def make_services(settings: Settings, **kwargs: Any) -> Services:
 def services(settings: Settings) -> Iterator[Services]:
     services = make_services(settings)
     yield services
-    services.engine.dispose()
+    services.close()
+
+
+def audit_rows(services: Services, *, after_id: int = 0) -> list[AuditEventRow]:
+    """The audit rows, oldest first, once every event queued so far is written."""
+    assert services.audit.flush(), "audit events still queued"
+    with sessionmaker(services.engine)() as session:
+        query = select(AuditEventRow).where(AuditEventRow.id > after_id)
+        return list(session.scalars(query.order_by(AuditEventRow.id)))
 
 
 class LiveServer:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import selectors
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -200,3 +203,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
             return True
         time.sleep(interval)
     return predicate()
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a server and, when it leads its own process group (``start_new_session``), every
+    process of that group: granian's workers outlive a master killed alone."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()

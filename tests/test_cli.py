@@ -358,6 +358,8 @@ def test_policy_list_prints_a_table_and_json(started: Path) -> None:
     assert code_search["default_scopes"] == ["code.read"]
     assert code_search["ttl"] == 120
     assert code_search["enabled"] is True
+    assert code_search["require_subject_scopes"] is False
+    assert code_search["reuse_tokens"] is True
     assert code_search["copy_claims"] == ["email"]
 
 
@@ -374,7 +376,11 @@ def test_policy_apply_dry_run_prints_field_level_diffs_and_changes_nothing(
 ) -> None:
     code_search = config["policies"][0]
     code_search.update(
-        ttl=30, scopes=["code.read"], subject={"groups": {"contains": "eng"}}, copy_claims=[]
+        ttl=30,
+        scopes=["code.read"],
+        subject={"groups": {"contains": "eng"}},
+        copy_claims=[],
+        reuse_tokens=False,
     )
     policies = [
         code_search,
@@ -389,12 +395,13 @@ def test_policy_apply_dry_run_prints_field_level_diffs_and_changes_nothing(
     assert result.exit_code == 3, result.output
     lines = result.stdout.splitlines()
     update = lines.index(f"would update: gateway -> {CODE_SEARCH}")
-    diff = lines[update + 1 : update + 5]
+    diff = lines[update + 1 : update + 6]
     assert sorted(diff) == sorted(
         [
             '    subject: null -> {"groups": {"contains": "eng"}}',
             '    scopes: ["code.read", "code.search"] -> ["code.read"]',
             "    ttl: 120 -> 30",
+            "    reuse_tokens: true -> false",
             '    copy_claims: ["email"] -> []',
         ]
     )
@@ -411,7 +418,7 @@ def test_policy_apply_dry_run_prints_field_level_diffs_and_changes_nothing(
 def test_policy_apply_dry_run_json_has_before_and_after(
     started: Path, tmp_path: Path, config: dict[str, Any]
 ) -> None:
-    config["policies"][0]["ttl"] = 30
+    config["policies"][0].update(ttl=30, reuse_tokens=False)
     changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
 
     result = cli(started, "policy", "apply", str(changed), "--dry-run", "--json")
@@ -422,6 +429,7 @@ def test_policy_apply_dry_run_json_has_before_and_after(
     [update] = report["changes"]
     assert update["action"] == "update"
     assert (update["before"]["ttl"], update["after"]["ttl"]) == (120, 30)
+    assert (update["before"]["reuse_tokens"], update["after"]["reuse_tokens"]) == (True, False)
     assert policy_ttls(started)[CODE_SEARCH] == 120
 
 

@@ -550,6 +550,32 @@ def test_ordinary_claims_can_be_copied(tmp_path: Path) -> None:
     assert settings.policies[0].copy_claims == ["email", "groups"]
 
 
+def test_policy_booleans_default_and_reach_the_policy(tmp_path: Path) -> None:
+    [defaulted] = load(tmp_path, config()).policies
+    assert (defaulted.enabled, defaulted.require_subject_scopes, defaulted.reuse_tokens) == (
+        True,
+        False,
+        True,
+    )
+    assert defaulted.to_policy().reuse_tokens is True
+
+    [strict] = load(tmp_path, with_policy(require_subject_scopes=True, reuse_tokens=False)).policies
+    assert strict.to_policy().require_subject_scopes is True
+    assert strict.to_policy().reuse_tokens is False
+
+
+def test_reuse_tokens_from_yaml_text(tmp_path: Path) -> None:
+    text = yaml.safe_dump(config(), sort_keys=False).replace(
+        "  ttl: 120\n", "  ttl: 120\n  reuse_tokens: false\n"
+    )
+    assert load(tmp_path, text).policies[0].reuse_tokens is False
+
+
+@pytest.mark.parametrize("value", ["sometimes", [True], {"on": True}])
+def test_reuse_tokens_that_is_not_a_boolean_is_refused(tmp_path: Path, value: Any) -> None:
+    assert "policies[0].reuse_tokens" in refused(tmp_path, with_policy(reuse_tokens=value))
+
+
 def test_unknown_policy_key_names_its_path(tmp_path: Path) -> None:
     assert "policies[0].scope" in refused(tmp_path, with_policy(scope="code.read"))
 

@@ -149,6 +149,7 @@ CASES = [
 
 
 def last_audit(services: Services) -> AuditEventRow:
+    assert services.audit.flush()
     with sessionmaker(services.engine)() as session:
         row = session.scalars(select(AuditEventRow).order_by(AuditEventRow.id.desc())).first()
         assert row is not None
@@ -156,6 +157,7 @@ def last_audit(services: Services) -> AuditEventRow:
 
 
 def audit_count(services: Services) -> int:
+    assert services.audit.flush()
     with sessionmaker(services.engine)() as session:
         return int(session.scalar(select(func.count()).select_from(AuditEventRow)) or 0)
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     TestIdP,
     base_config,
 )
+from tests.loopback import kill_tree
 
 _SCRIPT = Path(sys.executable).parent / "sidecar"
 SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidecar"]
@@ -62,7 +63,7 @@ class Gunicorn:
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
+            kill_tree(self.process)
             self.process.wait(timeout=10)
 
 
@@ -72,15 +73,17 @@ def wait_until_ready(server: Gunicorn) -> None:
         if server.process.poll() is not None:
             pytest.fail(f"sidecar serve exited with {server.process.returncode}:\n{server.log()}")
         try:
-            if requests.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+            if requests.get(f"{server.url}/readyz", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        # While the workers load the app the listener already completes connections, so a read
+        # can time out before anything is refused.
+        except requests.RequestException:
             pass
         time.sleep(0.1)
     pytest.fail(f"sidecar serve not ready after {START_TIMEOUT}s:\n{server.log()}")
 
 
-def start_gunicorn(directory: Path) -> Gunicorn:
+def start_gunicorn(directory: Path, *extra: str, access_log: bool = True) -> Gunicorn:
     """`sidecar serve --workers 2` on a SQLite database file that does not exist yet."""
     idp = TestIdP(directory)
     database_url = f"sqlite:///{directory / 'never-migrated.db'}"
@@ -89,15 +92,19 @@ def start_gunicorn(directory: Path) -> Gunicorn:
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     output = directory / "server.log"
-    environment = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
+    ignored = ("SIDECAR_CONFIG", "SIDECAR_ACCESS_LOG")
+    environment = {k: v for k, v in os.environ.items() if k not in ignored}
+    if access_log:
+        environment["SIDECAR_ACCESS_LOG"] = "-"  # off by default; most tests here read it
     command = [*SIDECAR, "--config", str(config_file), "serve"]
     with output.open("wb") as sink:
         process = subprocess.Popen(
-            [*command, "--bind", f"127.0.0.1:{port}", "--workers", "2"],
+            [*command, "--bind", f"127.0.0.1:{port}", "--workers", "2", *extra],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=environment,
             cwd=directory,
+            start_new_session=True,  # kill() takes the workers too (granian's outlive a master)
         )
     server = Gunicorn(process, f"http://127.0.0.1:{port}", database_url, idp, output)
     try:
@@ -238,3 +245,50 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
             requests.get(f"{server.url}/healthz", timeout=2)
     finally:
         server.kill()
+
+
+def test_no_access_log_by_default(tmp_path: Path) -> None:
+    server = start_gunicorn(tmp_path, access_log=False)
+    try:
+        assert exchange(server, server.idp.token()).status_code == 200
+        time.sleep(0.3)
+    finally:
+        server.kill()
+    assert '"POST /token"' not in server.log()
+
+
+def test_granian_serves_the_same_app(tmp_path: Path) -> None:
+    server = start_gunicorn(tmp_path, "--server", "granian")
+    try:
+        response = exchange(server, server.idp.token())
+        assert response.status_code == 200, response.text
+        assert response.headers["Cache-Control"] == "no-store"
+        refused = exchange(server, server.idp.token(aud="https://someone-else.example"))
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "invalid_request"
+        assert requests.get(f"{server.url}/.well-known/jwks.json", timeout=5).json()["keys"]
+        metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+        assert 'sidecar_token_requests_total{error="",outcome="granted"}' in metrics
+    finally:
+        server.kill()
+
+
+def test_granian_refuses_a_separate_admin_listener(tmp_path: Path) -> None:
+    idp = TestIdP(tmp_path)
+    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    config["admin"] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "credentials": [{"name": "ops", "token": "x" * 32}],
+    }
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [*SIDECAR, "--config", str(config_file), "serve", "--server", "granian"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "admin.listen (a separate admin listener) needs --server gunicorn" in result.stderr

@@ -113,12 +113,26 @@ def check_config(ctx: click.Context) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="gunicorn settings file (default deploy/gunicorn.conf.py).",
 )
+@click.option(
+    "--server",
+    "server_name",
+    type=click.Choice(["gunicorn", "granian"]),
+    default="gunicorn",
+    show_default=True,
+    help="HTTP server: gunicorn (deploy/gunicorn.conf.py), or granian (needs the "
+    "`granian` extra; no separate admin listener, no draining /readyz).",
+)
 @click.pass_context
 def serve(
-    ctx: click.Context, bind: str | None, workers: int | None, gunicorn_config: Path | None
+    ctx: click.Context,
+    bind: str | None,
+    workers: int | None,
+    gunicorn_config: Path | None,
+    server_name: str,
 ) -> None:
-    """Serve the token endpoint under gunicorn."""
+    """Serve the token endpoint under gunicorn (or granian)."""
     from sidecar.server import serve as run_server
+    from sidecar.server import serve_granian
 
     # prepare() migrates an embedded SQLite database itself and checks the schema otherwise.
     services = services_of(ctx, needs_schema=False)
@@ -132,6 +146,14 @@ def serve(
         fail(f"cannot start: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     finally:
         services.engine.dispose()
+    if server_name == "granian":
+        if gunicorn_config is not None:
+            fail("--gunicorn-config applies to --server gunicorn only", 2)
+        if services.settings.admin is not None and services.settings.admin.listen:
+            fail("admin.listen (a separate admin listener) needs --server gunicorn", 2)
+        config_path = Path(str(ctx.find_root().params["config"])).resolve()
+        serve_granian(config_path, bind=bind, workers=workers)
+        return
     run_server(services.settings, bind=bind, workers=workers, config_file=gunicorn_config)
 
 

@@ -12,16 +12,24 @@ policy decision -> claims -> sign.
 
 from __future__ import annotations
 
-import secrets
+import base64
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sidecar.audit import GRANTED, AuditEvent
+from sidecar.exchange.caches import MintedKey, MintedToken, MintedTokenCache, SubjectTokenCache
 from sidecar.exchange.claims import build_claims, check_may_act
 from sidecar.exchange.policy import Decision, PolicySet, decide
 from sidecar.exchange.request import FormParams, parse_token_exchange
-from sidecar.exchange.subject import IssuerDirectory, VerifiedToken, verify_token
+from sidecar.exchange.subject import (
+    IssuerDirectory,
+    VerifiedToken,
+    token_digest,
+    verify_token_and_key,
+)
 from sidecar.keys.keyring import SigningKey, TokenSigner
 
 
@@ -44,6 +52,30 @@ class TokenResponse:
         }
 
 
+class JtiSource:
+    """Unique, unguessable ``jti`` values: 128 random bits each, from ``os.urandom``, read 4 KiB
+    at a time (one system call per 256 tokens instead of one per token). A forked child never
+    uses bytes its parent read."""
+
+    SIZE = 16
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._offset = 0
+        self._pid = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._offset + self.SIZE > len(self._buffer) or self._pid != os.getpid():
+                self._buffer, self._offset, self._pid = os.urandom(self.CHUNK), 0, os.getpid()
+            start = self._offset
+            self._offset += self.SIZE
+            raw = self._buffer[start : start + self.SIZE]
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
 class TokenExchangeGrant:
     def __init__(
         self,
@@ -56,6 +88,8 @@ class TokenExchangeGrant:
         signing_key: Callable[[], SigningKey],
         clock: Callable[[], float],
         signer: TokenSigner | None = None,
+        subject_cache: SubjectTokenCache | None = None,
+        minted_cache: MintedTokenCache | None = None,
     ) -> None:
         self._issuer = issuer
         self._max_ttl = max_ttl
@@ -65,6 +99,24 @@ class TokenExchangeGrant:
         self._signing_key = signing_key
         self._clock = clock
         self._signer = signer or TokenSigner()
+        self._new_jti = JtiSource()
+        self.subject_cache = subject_cache
+        self.minted_cache = minted_cache
+
+    def verify(self, token: str, now: float, role: str = "subject") -> tuple[VerifiedToken, bytes]:
+        """A verified subject or actor token, from the cache when it was verified before; and
+        the token's SHA-256."""
+        digest = token_digest(token)
+        if self.subject_cache is not None:
+            cached = self.subject_cache.get(digest, now)
+            if cached is not None:
+                return cached, digest
+        verified, key = verify_token_and_key(
+            token, self._issuers, leeway=self._leeway, role=role, digest=digest
+        )
+        if self.subject_cache is not None:
+            self.subject_cache.put(digest, verified, key, now)
+        return verified, digest
 
     def evaluate(
         self,
@@ -86,21 +138,41 @@ class TokenExchangeGrant:
         """Exchange, or raise the protocol error that refuses it; ``event`` records progress."""
         request = parse_token_exchange(params)
         event.audiences = list(request.targets)
+        clock_now = self._clock()
 
-        subject = verify_token(request.subject_token, self._issuers, leeway=self._leeway)
+        subject, subject_digest = self.verify(request.subject_token, clock_now)
         event.subject, event.subject_issuer = subject.subject, subject.issuer
         event.subject_token_sha256 = subject.fingerprint
 
-        actor = None
+        actor = actor_digest = None
         if request.actor_token is not None:
-            actor = verify_token(
-                request.actor_token, self._issuers, leeway=self._leeway, role="actor"
-            )
+            actor, actor_digest = self.verify(request.actor_token, clock_now, role="actor")
             event.actor = actor.subject
 
-        now = int(self._clock())
+        now = int(clock_now)
         decision = self.evaluate(client_id, request.targets, request.scopes, subject, actor, now)
         key = self._signing_key()
+        cache_key: MintedKey = (
+            client_id,
+            subject_digest,
+            actor_digest,
+            request.targets,
+            request.scopes,
+            request.requested_token_type,
+        )
+        if self.minted_cache is not None:
+            reused = self.minted_cache.get(cache_key, decision, key.kid, now)
+            if reused is not None:
+                event.decision, event.reason = GRANTED, "reused a minted token"
+                event.scope, event.jti, event.kid = reused.scope, reused.jti, reused.kid
+                event.expires_at = reused.expires_at
+                return TokenResponse(
+                    access_token=reused.access_token,
+                    issued_token_type=request.requested_token_type,
+                    expires_in=reused.expires_at - now,
+                    scope=reused.scope,
+                )
+
         claims = build_claims(
             issuer=self._issuer,
             client_id=client_id,
@@ -108,12 +180,25 @@ class TokenExchangeGrant:
             actor=actor,
             decision=decision,
             now=now,
-            jti=secrets.token_urlsafe(16),
+            jti=self._new_jti(),
         )
         token = self._signer.sign(claims, key)
         event.decision, event.reason = GRANTED, None
         event.scope, event.jti, event.kid = claims["scope"], claims["jti"], key.kid
         event.expires_at = claims["exp"]
+        if self.minted_cache is not None:
+            self.minted_cache.put(
+                cache_key,
+                MintedToken(
+                    access_token=token,
+                    kid=key.kid,
+                    jti=claims["jti"],
+                    scope=claims["scope"],
+                    issued_at=now,
+                    expires_at=claims["exp"],
+                    decision=decision,
+                ),
+            )
         return TokenResponse(
             access_token=token,
             issued_token_type=request.requested_token_type,

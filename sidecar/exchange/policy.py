@@ -10,6 +10,7 @@ naming several targets is refused as a whole if any one of them is not allowed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_audience(audience: str) -> str:
     """The form in which audiences are compared: for an absolute URI, the scheme and host are
     lowercased (ASCII only: ``str.lower`` would fold look-alikes such as the Kelvin sign into
@@ -110,6 +112,9 @@ class Policy:
     issuer: str | None = None  # only subject tokens of this issuer
     conditions: tuple[Condition, ...] = ()
     name: str = field(default="")
+    # Whether a still-fresh token minted under this policy may be handed out again for an
+    # identical request (caches.minted_tokens); off for an upstream that takes each jti once.
+    reuse_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -136,6 +141,8 @@ class PolicySet:
 
     def __init__(self, policies: Iterable[Policy]) -> None:
         self._policies = tuple(policies)
+        # Set by the store: what the table looked like when this set was read from it.
+        self.marker: tuple[Any, ...] | None = None
         self._by_target: dict[tuple[str, str], list[Policy]] = {}
         for policy in self._policies:
             key = (policy.client_id, normalize_audience(policy.audience))
@@ -163,6 +170,11 @@ class Decision:
     lifetime: int  # seconds
     copy_claims: tuple[str, ...]
     policies: tuple[Policy, ...]
+
+    @property
+    def reuse_tokens(self) -> bool:
+        """Every matched policy allows reusing a minted token."""
+        return all(p.reuse_tokens for p in self.policies)
 
 
 def _policy_for(client_id: str, target: str, subject: VerifiedToken, policies: PolicySet) -> Policy:

@@ -16,7 +16,9 @@ every check is spelled out here rather than left to a library default:
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,7 +77,7 @@ class VerifiedToken:
 
 def token_fingerprint(token: str) -> str:
     """Identifies a token in logs and the audit trail without revealing it."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return token_digest(token).hex()[:16]
 
 
 def _refuse(reason: str) -> InvalidRequestError:
@@ -123,19 +125,43 @@ def _is_numeric_date(value: Any) -> bool:
         return False
 
 
+def token_digest(token: str) -> bytes:
+    """The SHA-256 of a token: the key of the token caches; its hex prefix is the fingerprint."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def _unverified_segment(segment: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+
+
 def verify_token(
     token: str, issuers: IssuerDirectory, *, leeway: int, role: str = "subject"
 ) -> VerifiedToken:
     """Verify a subject or actor token, returning its verified claims, or raise
     :class:`InvalidRequestError` (RFC 8693 §2.2.2: an invalid token is ``invalid_request``)."""
+    return verify_token_and_key(token, issuers, leeway=leeway, role=role)[0]
+
+
+def verify_token_and_key(
+    token: str,
+    issuers: IssuerDirectory,
+    *,
+    leeway: int,
+    role: str = "subject",
+    digest: bytes | None = None,
+) -> tuple[VerifiedToken, VerificationKey]:
+    """:func:`verify_token`, also returning the issuer key that verified the token."""
     if token.count(".") != 2:
         raise _refuse(f"{role} token is not a JWS compact serialization")
+    header_segment, payload_segment, _ = token.split(".")
     try:
-        unverified_header = jwt.get_unverified_header(token)
-        # Read only to find the issuer whose keys and rules apply; trusted after decode below.
-        unverified_claims = jwt.decode(token, options={"verify_signature": False})
+        # Read only to find the issuer and key whose rules apply; jwt.decode below verifies.
+        unverified_header = _unverified_segment(header_segment)
+        unverified_claims = _unverified_segment(payload_segment)
     except Exception as exc:  # any failure to parse hostile input is a refusal
         raise _refuse(f"{role} token is malformed") from exc
+    if not isinstance(unverified_header, dict) or not isinstance(unverified_claims, dict):
+        raise _refuse(f"{role} token is malformed")
 
     alg, kid = _check_header(unverified_header)
     unverified_issuer = unverified_claims.get("iss")
@@ -186,14 +212,15 @@ def verify_token(
         if name in verified_claims and not _is_numeric_date(verified_claims[name]):
             raise _refuse(f"{role} token {name} is not a NumericDate")
     exp = verified_claims["exp"]
-    return VerifiedToken(
+    verified = VerifiedToken(
         issuer=trusted.issuer,
         subject=subject,
         claims=verified_claims,
         scopes=scopes_of(verified_claims),
         expires_at=int(exp),
-        fingerprint=token_fingerprint(token),
+        fingerprint=(digest or token_digest(token)).hex()[:16],
     )
+    return verified, key
 
 
 def jwk_algorithms(jwk: Mapping[str, Any], allowed: frozenset[str]) -> frozenset[str]:

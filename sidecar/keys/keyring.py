@@ -14,11 +14,13 @@ key's ``retires_at`` to that moment and its ``removes_at`` ``retain_after`` afte
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
+from jwt.algorithms import get_default_algorithms
+from jwt.utils import base64url_encode
 
 from sidecar.keys.material import PrivateKey
 
@@ -103,14 +105,30 @@ class Keyring:
 
 
 class TokenSigner:
-    """Signs minted tokens with a key of the keyring: RFC 9068 §2.1 header ``typ: at+jwt``."""
+    """Signs minted tokens with a key of the keyring: RFC 9068 §2.1 header ``typ: at+jwt``.
+
+    The JWS header segment of each key is encoded once, not per token; the signature is PyJWT's
+    algorithm for the key (ES256 signatures in the JWS raw ``r || s`` form)."""
 
     TYP = "at+jwt"
 
+    def __init__(self) -> None:
+        self._prepared: dict[tuple[str, str], tuple[bytes, Any]] = {}
+
+    def _prepare(self, key: SigningKey) -> tuple[bytes, Any]:
+        prepared = self._prepared.get((key.kid, key.algorithm))
+        if prepared is None:
+            header = {"alg": key.algorithm, "kid": key.kid, "typ": self.TYP}
+            segment = base64url_encode(json.dumps(header, separators=(",", ":")).encode())
+            prepared = (segment, get_default_algorithms()[key.algorithm])
+            if len(self._prepared) > 64:  # keys come and go with rotation: keep a few
+                self._prepared.clear()
+            self._prepared[(key.kid, key.algorithm)] = prepared
+        return prepared
+
     def sign(self, claims: dict[str, Any], key: SigningKey) -> str:
-        return jwt.encode(
-            claims,
-            key.private_key,
-            algorithm=key.algorithm,
-            headers={"typ": self.TYP, "kid": key.kid},
-        )
+        header_segment, algorithm = self._prepare(key)
+        payload = base64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+        signing_input = header_segment + b"." + payload
+        signature = base64url_encode(algorithm.sign(signing_input, key.private_key))
+        return (signing_input + b"." + signature).decode("ascii")

@@ -12,6 +12,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -41,6 +42,7 @@ class PolicyRow(Base):
     ttl: Mapped[int] = mapped_column(Integer)
     enabled: Mapped[bool] = mapped_column(Boolean)
     require_subject_scopes: Mapped[bool] = mapped_column(Boolean)
+    reuse_tokens: Mapped[bool] = mapped_column(Boolean, server_default=true())
     copy_claims: Mapped[str] = mapped_column(Text)  # JSON list
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[float] = mapped_column(Float)

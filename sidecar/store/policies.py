@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.config import PolicyConfig, format_validation_error
@@ -70,6 +70,7 @@ def policy_document(policy: Policy) -> dict[str, Any]:
         ttl=policy.ttl,
         enabled=policy.enabled,
         require_subject_scopes=policy.require_subject_scopes,
+        reuse_tokens=policy.reuse_tokens,
         copy_claims=list(policy.copy_claims),
     )
     return document
@@ -94,6 +95,7 @@ def _from_row(row: PolicyRow) -> Policy:
         ttl=row.ttl,
         enabled=row.enabled,
         require_subject_scopes=row.require_subject_scopes,
+        reuse_tokens=row.reuse_tokens,
         copy_claims=tuple(json.loads(row.copy_claims)),
         issuer=row.issuer,
         conditions=tuple(
@@ -119,6 +121,7 @@ def _write_row(row: PolicyRow, policy: Policy) -> None:
     row.ttl = policy.ttl
     row.enabled = policy.enabled
     row.require_subject_scopes = policy.require_subject_scopes
+    row.reuse_tokens = policy.reuse_tokens
     row.copy_claims = json.dumps(list(policy.copy_claims))
 
 
@@ -167,7 +170,33 @@ class PolicyStore:
 
     def load(self) -> PolicySet:
         with self._sessions() as session:
-            return PolicySet(_from_row(row) for row in session.scalars(select(PolicyRow)))
+            marker = self._marker(session)
+            policies = PolicySet(_from_row(row) for row in session.scalars(select(PolicyRow)))
+        policies.marker = marker
+        return policies
+
+    def load_if_changed(self, previous: PolicySet | None) -> PolicySet:
+        """``previous`` itself when the table has not changed since it was loaded (one small
+        query instead of reading and indexing every policy on each refresh), else a new set."""
+        if previous is not None and previous.marker is not None:
+            with self._sessions() as session:
+                if self._marker(session) == previous.marker:
+                    return previous
+        return self.load()
+
+    @staticmethod
+    def _marker(session: Session) -> tuple[Any, ...]:
+        # Every change writes a policy_versions row (autoincrement id); the count, versions and
+        # timestamps of the table also catch a row changed without one.
+        row = session.execute(
+            select(
+                select(func.max(PolicyVersionRow.id)).scalar_subquery(),
+                func.count(PolicyRow.id),
+                func.sum(PolicyRow.version),
+                func.max(PolicyRow.updated_at),
+            )
+        ).one()
+        return tuple(row)
 
     def all(self) -> list[StoredPolicy]:
         with self._sessions() as session:

@@ -7,8 +7,6 @@ Views do not build error bodies: a protocol error raised anywhere leaves through
 from __future__ import annotations
 
 import logging
-import time
-import traceback
 from typing import Any
 
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
@@ -16,23 +14,18 @@ from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
-from sidecar.audit import DENIED, AuditEvent
+from sidecar.audit import AuditEvent
 from sidecar.config import TOKEN_EXCHANGE_GRANT, Settings
 from sidecar.errors import (
-    InvalidRequestError,
     ProtocolError,
-    RateLimitedError,
     ServerError,
-    UnauthorizedClientError,
-    UnsupportedGrantTypeError,
 )
-from sidecar.exchange.grant import TokenResponse
-from sidecar.exchange.request import MAX_BODY_BYTES, parse_form
+from sidecar.exchange.request import MAX_BODY_BYTES
 from sidecar.metrics import KeyringCollector, Metrics
-from sidecar.ratelimit import claimed_client_id
 from sidecar.services import Services
 from sidecar.web.admin import admin_blueprint
 from sidecar.web.responses import NO_STORE, json_response
+from sidecar.web.token import TokenEndpoint, TokenRouter, error_body, log_unexpected
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +34,11 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 def protocol_error_response(error: ProtocolError) -> Response:
     """RFC 6749 §5.2 error body, with the fixed description and the no-store headers."""
-    body = {"error": error.error, "error_description": error.description}
-    return json_response(body, error.status_code, {**NO_STORE, **error.response_headers()})
-
-
-def log_unexpected(exc: BaseException) -> None:
-    # The traceback frames, not the message: a message may quote request input.
-    log.error(
-        "unexpected %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__))
+    return Response(
+        error_body(error),
+        status=error.status_code,
+        mimetype="application/json",
+        headers={**NO_STORE, **error.response_headers()},
     )
 
 
@@ -109,6 +99,12 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
             publish_ahead=settings.keys.publish_ahead,
         )
     )
+    for name, cache in (
+        ("subject_tokens", services.grant.subject_cache),
+        ("minted_tokens", services.grant.minted_cache),
+    ):
+        if cache is not None:
+            cache.stats.observe = metrics.cache_observer(name)
     metadata = server_metadata(settings)
     app = Flask("sidecar")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -132,24 +128,12 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
             metrics.exchanges.labels("denied", error).inc()
         return response
 
+    endpoint = TokenEndpoint(services, metrics)
+
     @app.post("/token")
-    def token() -> Response:
-        started = time.perf_counter()
-        event = AuditEvent(at=services.clock())
-        try:
-            result = _exchange(services, event)
-            services.audit.record(event)  # no audit record, no token
-            response = json_response(result.as_dict(), 200, NO_STORE)
-        except ProtocolError as exc:
-            response = _deny(services, event, exc)
-        except Exception as exc:
-            log_unexpected(exc)
-            response = _deny(services, event, ServerError(reason=type(exc).__name__))
-        outcome = "granted" if response.status_code == 200 else "denied"
-        error = "" if response.status_code == 200 else (event.error or "")
-        metrics.exchanges.labels(outcome, error).inc()
-        metrics.latency.observe(time.perf_counter() - started)
-        return response
+    def token() -> Any:
+        # Reached only when the router in front of Flask did not take the request.
+        return endpoint
 
     @app.get("/.well-known/jwks.json")
     def jwks() -> Response:
@@ -180,6 +164,14 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     def prometheus() -> Response:
         return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
+    admin_port = settings.admin.listen_port if settings.admin is not None else None
+    app.wsgi_app = TokenRouter(  # type: ignore[method-assign]
+        endpoint,
+        app.wsgi_app,
+        on_admin_listener=(
+            None if admin_port is None else (lambda environ: _local_port(environ) == admin_port)
+        ),
+    )
     return app
 
 
@@ -212,41 +204,3 @@ def _local_port(environ: dict[str, Any]) -> int | None:
     except OSError:
         return None
     return int(address[1]) if isinstance(address, tuple) else None
-
-
-def _deny(services: Services, event: AuditEvent, error: ProtocolError) -> Response:
-    event.decision, event.error, event.reason = DENIED, error.error, error.reason
-    # A grant refused late (its audit write failed) sent no token: record none.
-    event.scope = event.jti = event.kid = event.expires_at = None
-    services.audit.record(event)
-    return protocol_error_response(error)
-
-
-def _exchange(services: Services, event: AuditEvent) -> TokenResponse:
-    """The token endpoint: transport checks, client authentication, then the grant."""
-    if request.query_string:
-        # RFC 6749 §3.2 requires POST; parameters belong in the body, never the URL, where
-        # proxies and logs would keep a token.
-        raise InvalidRequestError(reason="parameters in the query string")
-    if request.mimetype != FORM_TYPE:
-        raise InvalidRequestError(reason="body is not application/x-www-form-urlencoded")
-    if request.content_length is None or request.content_length > MAX_BODY_BYTES:
-        raise InvalidRequestError(reason="body length missing or over size cap")
-    params = parse_form(request.get_data(cache=False))
-    authorization = request.headers.get("Authorization")
-    # Before any signature work (client assertion, subject token): shed overload cheaply.
-    retry_after = services.rate_limiter.retry_after(claimed_client_id(params, authorization))
-    if retry_after is not None:
-        raise RateLimitedError(reason="rate limit", retry_after=retry_after)
-
-    grant_type = params.single("grant_type")
-    if grant_type is None:
-        raise InvalidRequestError("A required parameter is missing.", reason="missing grant_type")
-    if grant_type != TOKEN_EXCHANGE_GRANT:
-        raise UnsupportedGrantTypeError(reason="unsupported grant_type")
-
-    client = services.authenticator.authenticate(params, authorization)
-    event.client_id = client.client_id
-    if not client.check_grant_type(grant_type):
-        raise UnauthorizedClientError(reason="client may not use token exchange")
-    return services.grant.exchange(client.client_id, params, event)

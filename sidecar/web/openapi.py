@@ -197,6 +197,11 @@ ADMIN_OPENAPI: dict[str, Any] = {
                     "ttl": {"type": "integer", "minimum": 1},
                     "enabled": {"type": "boolean"},
                     "require_subject_scopes": {"type": "boolean"},
+                    "reuse_tokens": {
+                        "type": "boolean",
+                        "default": True,
+                        "description": "False: a minted token is never handed out again.",
+                    },
                     "copy_claims": {"type": "array", "items": {"type": "string"}},
                     "version": {"type": "integer", "readOnly": True},
                 },

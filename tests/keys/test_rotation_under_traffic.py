@@ -53,6 +53,8 @@ STEP = 1.5  # fake seconds between two exchanges
 @pytest.fixture
 def config(config: dict[str, Any]) -> dict[str, Any]:
     config["tokens"] = {"algorithm": "ES256", "max_ttl": TTL, "leeway": LEEWAY}
+    # Every exchange must mint (and sign with the key of the moment), not reuse a minted token.
+    config["caches"] = {"minted_tokens": {"enabled": False}}
     config["keys"] = {
         "rotate_every": f"{int(ROTATE_EVERY)}s",
         "publish_ahead": f"{int(PUBLISH_AHEAD)}s",

@@ -3,12 +3,16 @@ the SQLAlchemy models describe."""
 
 from __future__ import annotations
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, UniqueConstraint, inspect, text
 
 from sidecar.store import migrate
+from sidecar.store.db import make_sessionmaker
 from sidecar.store.models import Base
+from sidecar.store.policies import PolicyStore
+from tests.conftest import CODE_SEARCH, FakeClock
 
 
 def test_upgrade_of_an_empty_database_reaches_head(empty_engine: Engine) -> None:
@@ -75,3 +79,87 @@ def test_alembic_autogenerate_finds_no_difference(empty_engine: Engine) -> None:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
 
     assert differences == []
+
+
+# --- migration 0003 on a database holding 0002 data ---------------------------------------------
+
+
+def migrate_to(engine: Engine, revision: str, *, down: bool = False) -> None:
+    config = migrate.alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+
+# A policy and its history as 0002 wrote them: no reuse_tokens column, none in the document.
+DOCUMENT_0002 = (
+    '{"name": "code-search", "client_id": "gateway", "audience": "https://code-search.internal/mcp",'
+    ' "scopes": ["code.read", "code.search"], "default_scopes": ["code.read"], "ttl": 90,'
+    ' "enabled": true, "require_subject_scopes": true, "copy_claims": ["email"]}'
+)
+
+
+def insert_0002_policy(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO policies (name, client_id, audience, scopes, default_scopes, ttl,"
+                " enabled, require_subject_scopes, copy_claims, version, updated_at, updated_by)"
+                " VALUES ('code-search', 'gateway', :aud, '[\"code.read\", \"code.search\"]',"
+                " '[\"code.read\"]', 90, :yes, :yes, '[\"email\"]', 1, 1700000000.0,"
+                " 'bootstrap')"
+            ),
+            {"aud": CODE_SEARCH, "yes": True},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO policy_versions (name, client_id, audience, version, action,"
+                " document, changed_at, changed_by) VALUES ('code-search', 'gateway', :aud, 1,"
+                " 'create', :doc, 1700000000.0, 'bootstrap')"
+            ),
+            {"aud": CODE_SEARCH, "doc": DOCUMENT_0002},
+        )
+
+
+def test_migration_0003_gives_existing_policies_reuse_tokens_true(empty_engine: Engine) -> None:
+    migrate_to(empty_engine, "0002")
+    insert_0002_policy(empty_engine)
+
+    migrate_to(empty_engine, "0003")
+
+    with empty_engine.connect() as connection:
+        [reuse] = connection.scalars(text("SELECT reuse_tokens FROM policies")).all()
+    assert bool(reuse) is True
+    store = PolicyStore(make_sessionmaker(empty_engine), FakeClock(1_800_000_000.0))
+    [loaded] = list(store.load())
+    assert loaded.reuse_tokens is True
+    assert (loaded.ttl, loaded.require_subject_scopes) == (90, True)  # the rest is untouched
+    # The history written before the column existed restores as reusing.
+    restored = store.rollback("code-search", 1, actor="carol")
+    assert restored.policy.reuse_tokens is True
+    assert restored.policy == loaded
+
+
+def test_migration_0003_server_default_fills_rows_written_without_the_column(
+    empty_engine: Engine,
+) -> None:
+    migrate_to(empty_engine, "0003")
+    insert_0002_policy(empty_engine)  # an INSERT that does not name reuse_tokens
+
+    with empty_engine.connect() as connection:
+        [reuse] = connection.scalars(text("SELECT reuse_tokens FROM policies")).all()
+    assert bool(reuse) is True
+
+
+def test_migration_0003_downgrades_to_0002(empty_engine: Engine) -> None:
+    migrate_to(empty_engine, "0003")
+    insert_0002_policy(empty_engine)
+
+    migrate_to(empty_engine, "0002", down=True)
+
+    assert migrate.current_revision(empty_engine) == "0002"
+    columns = {c["name"] for c in inspect(empty_engine).get_columns("policies")}
+    assert "reuse_tokens" not in columns
+    assert "require_subject_scopes" in columns
+    with empty_engine.connect() as connection:
+        assert connection.scalars(text("SELECT name FROM policies")).all() == ["code-search"]

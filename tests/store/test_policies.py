@@ -73,6 +73,7 @@ def test_loaded_policy_round_trips_every_field(store: PolicyStore) -> None:
         CODE_SEARCH,
         enabled=False,
         require_subject_scopes=True,
+        reuse_tokens=False,
         copy_claims=["email", "groups"],
     )
     store.apply([wanted], actor="alice")
@@ -86,7 +87,22 @@ def test_loaded_policy_round_trips_every_field(store: PolicyStore) -> None:
     assert loaded.ttl == 120
     assert loaded.enabled is False
     assert loaded.require_subject_scopes is True
+    assert loaded.reuse_tokens is False
     assert loaded.copy_claims == ("email", "groups")
+
+
+def test_reuse_tokens_defaults_to_true_and_a_change_of_it_is_an_update(store: PolicyStore) -> None:
+    store.apply([policy(CODE_SEARCH)], actor="alice")
+    [loaded] = list(store.load())
+    assert loaded.reuse_tokens is True
+
+    changes = store.apply([policy(CODE_SEARCH, reuse_tokens=False)], actor="bob")
+
+    [(before, after)] = changes.updated
+    assert (before.reuse_tokens, after.reuse_tokens) == (True, False)
+    [loaded] = list(store.load())
+    assert loaded.reuse_tokens is False
+    assert [v.document["reuse_tokens"] for v in store.history(loaded.name)] == [True, False]
 
 
 def test_apply_updates_a_changed_policy(store: PolicyStore) -> None:
@@ -209,3 +225,26 @@ def test_version_and_author_are_kept_on_the_policy_row(
     with engine.connect() as connection:
         row = connection.execute(text("SELECT version, updated_by, updated_at FROM policies")).one()
     assert tuple(row) == (2, "bob", clock.now)
+
+
+def test_load_if_changed_keeps_the_set_until_the_table_changes(store: PolicyStore) -> None:
+    store.apply([policy(CODE_SEARCH), policy(TICKETS, ttl=60)], actor="alice")
+    loaded = store.load()
+
+    assert store.load_if_changed(loaded) is loaded  # no change: the same object
+    assert store.load_if_changed(None) is not loaded
+
+    store.apply([policy(CODE_SEARCH), policy(TICKETS, ttl=30)], actor="alice")  # an update
+    updated = store.load_if_changed(loaded)
+    assert updated is not loaded
+    assert updated.find("gateway", TICKETS).ttl == 30  # type: ignore[union-attr]
+    assert store.load_if_changed(updated) is updated
+
+    store.apply([policy(CODE_SEARCH)], actor="alice", prune=True)  # a deletion
+    pruned = store.load_if_changed(updated)
+    assert len(pruned) == 1
+
+    store.rollback(pruned_name := updated.find("gateway", TICKETS).name, 1, actor="bob")  # type: ignore[union-attr]
+    restored = store.load_if_changed(pruned)
+    assert [p.name for p in restored if p.name == pruned_name] == [pruned_name]
+    assert restored.find("gateway", TICKETS).ttl == 60  # type: ignore[union-attr]

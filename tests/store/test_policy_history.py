@@ -4,6 +4,7 @@ rollback, and migration 0002 of a database holding 0001 data. SQLite and Postgre
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -206,6 +207,28 @@ def test_rollback_to_an_earlier_version_creates_a_new_version_with_its_content(
         (3, "rollback", "carol"),
     ]
     assert history[2].document == history[0].document
+
+
+def test_rollback_to_a_version_written_before_reuse_tokens_existed_reuses(
+    store: PolicyStore, engine: Engine
+) -> None:
+    store.apply([policy("code", ttl=45)], actor="alice")
+    # Version 1 as it was recorded before the field existed: its document does not name it.
+    with engine.begin() as connection:
+        document = connection.scalar(text("SELECT document FROM policy_versions"))
+        old = {k: v for k, v in json.loads(document).items() if k != "reuse_tokens"}
+        connection.execute(
+            text("UPDATE policy_versions SET document = :doc"), {"doc": json.dumps(old)}
+        )
+    store.apply([policy("code", ttl=30, reuse_tokens=False)], actor="bob")
+
+    restored = store.rollback("code", 1, actor="carol")
+
+    assert (restored.version, restored.policy.ttl) == (3, 45)
+    assert restored.policy.reuse_tokens is True
+    [loaded] = list(store.load())
+    assert loaded.reuse_tokens is True
+    assert [v.document.get("reuse_tokens") for v in store.history("code")] == [None, False, True]
 
 
 def test_rollback_of_a_deleted_policy_recreates_it(store: PolicyStore) -> None:
@@ -428,6 +451,7 @@ def test_migration_0002_names_existing_policies_and_their_history(
     [loaded] = list(store.load())
     assert loaded.name == name
     assert (loaded.ttl, loaded.copy_claims, loaded.conditions) == (90, ("email",), ())
+    assert loaded.reuse_tokens is True
     [old] = store.history(name)
     assert (old.version, old.action, old.changed_by) == (1, "create", "bootstrap")
 
@@ -447,6 +471,7 @@ def test_migration_0002_names_existing_policies_and_their_history(
     store.apply([policy(name, ttl=60, **tenant("acme"))], actor="alice", prune=True)
     restored = store.rollback(name, 1, actor="carol")
     assert (restored.version, restored.policy.ttl, restored.policy.conditions) == (3, 90, ())
+    assert restored.policy.reuse_tokens is True
 
 
 def test_migration_0002_cuts_a_default_name_too_long_for_its_column(empty_engine: Engine) -> None:

@@ -208,6 +208,7 @@ def test_get_returns_the_policy_document_with_its_version_as_etag(admin: AdminCl
         "ttl": 120,
         "enabled": True,
         "require_subject_scopes": False,
+        "reuse_tokens": True,
         "copy_claims": ["email"],
         "version": 1,
     }
@@ -308,6 +309,26 @@ def test_the_version_in_a_body_is_read_only(admin: AdminClient) -> None:
 
     assert (created.status_code, created.json()["version"]) == (201, 1)
     assert (updated.status_code, updated.json()["version"]) == (200, 2)
+
+
+def test_reuse_tokens_is_optional_defaults_to_true_and_round_trips(
+    admin: AdminClient, services: Services
+) -> None:
+    created = admin.create(NEW_DOCUMENT)
+    assert (created.status_code, created.json()["reuse_tokens"]) == (201, True)
+
+    updated = admin.put(NEW_POLICY, {**NEW_DOCUMENT, "reuse_tokens": False}, etag(1))
+    assert (updated.status_code, updated.json()["reuse_tokens"]) == (200, False), updated.text
+    assert admin.get(NEW_POLICY).json()["reuse_tokens"] is False
+    stored = services.policy_store.get(NEW_POLICY)
+    assert stored is not None
+    assert stored.policy.reuse_tokens is False
+
+    # Disabling keeps every other field, reuse_tokens included.
+    disabled = admin.disable(NEW_POLICY, etag(2))
+    assert (disabled.json()["enabled"], disabled.json()["reuse_tokens"]) == (False, False)
+    versions = admin.history(NEW_POLICY).json()["versions"]
+    assert [v["policy"]["reuse_tokens"] for v in versions] == [True, False, False]
 
 
 def test_update_of_an_unknown_policy_is_404(admin: AdminClient, services: Services) -> None:
@@ -501,6 +522,9 @@ MALFORMED_NEW_POLICIES: dict[str, dict[str, Any]] = {
     "ttl as a numeric string": {"json": {**NEW_DOCUMENT, "ttl": "60"}},
     "enabled as off": {"json": {**NEW_DOCUMENT, "enabled": "off"}},
     "require_subject_scopes as 1": {"json": {**NEW_DOCUMENT, "require_subject_scopes": 1}},
+    "reuse_tokens as 0": {"json": {**NEW_DOCUMENT, "reuse_tokens": 0}},
+    "reuse_tokens as a string": {"json": {**NEW_DOCUMENT, "reuse_tokens": "false"}},
+    "reuse_tokens as null": {"json": {**NEW_DOCUMENT, "reuse_tokens": None}},
     "subject as a list": {"json": {**NEW_DOCUMENT, "subject": ["groups"]}},
     "a condition with two operators": {
         "json": {**NEW_DOCUMENT, "subject": {"tenant": {"equals": "acme", "contains": "a"}}}

@@ -140,3 +140,39 @@ def test_the_documented_policy_schema_is_the_accepted_one(
     assert admin.create(accepted).status_code == 201
     assert conforms(document, "Policy", refused) != []
     assert admin.create(refused).status_code == 400
+
+
+@pytest.mark.parametrize("value", [0, 1, "false", "true", None, [False]])
+def test_reuse_tokens_must_be_a_json_boolean_in_the_schema_and_the_service(
+    server: LiveServer, document: dict[str, Any], credentials: dict[str, str], value: Any
+) -> None:
+    admin = AdminClient(server.url, credentials["ops"])
+    body = {
+        "client_id": "gateway",
+        "audience": "https://wiki.internal/mcp",
+        "scopes": ["wiki.read"],
+        "reuse_tokens": value,
+    }
+
+    assert conforms(document, "Policy", body) != []
+    assert admin.create(body).status_code == 400
+
+
+def test_reuse_tokens_is_an_optional_boolean_defaulting_to_true(
+    server: LiveServer, document: dict[str, Any], credentials: dict[str, str]
+) -> None:
+    admin = AdminClient(server.url, credentials["ops"])
+    described = document["components"]["schemas"]["Policy"]
+    body = {
+        "client_id": "gateway",
+        "audience": "https://wiki.internal/mcp",
+        "scopes": ["wiki.read"],
+    }
+
+    assert described["properties"]["reuse_tokens"]["type"] == "boolean"
+    assert described["properties"]["reuse_tokens"]["default"] is True
+    assert "reuse_tokens" not in described["required"]
+    assert conforms(document, "Policy", {**body, "reuse_tokens": False}) == []
+    created = admin.create({**body, "reuse_tokens": False})
+    assert (created.status_code, created.json()["reuse_tokens"]) == (201, False)
+    assert conforms(document, "Policy", created.json()) == []

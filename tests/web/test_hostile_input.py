@@ -1344,6 +1344,7 @@ CASES = [pytest.param(attack, id=name) for name, attack in TABLE.items()]
 
 
 def audit_rows_after(services: Services, last_id: int) -> list[AuditEventRow]:
+    assert services.audit.flush()
     with sessionmaker(services.engine)() as session:
         return list(
             session.scalars(
@@ -1353,6 +1354,7 @@ def audit_rows_after(services: Services, last_id: int) -> list[AuditEventRow]:
 
 
 def last_audit_id(services: Services) -> int:
+    assert services.audit.flush()
     with sessionmaker(services.engine)() as session:
         return int(session.scalar(select(func.coalesce(func.max(AuditEventRow.id), 0))) or 0)
 

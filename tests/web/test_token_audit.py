@@ -9,12 +9,9 @@ from typing import Any
 
 import jwt
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
 from sidecar.services import Services
-from sidecar.store.models import AuditEventRow
-from tests.conftest import CODE_SEARCH, LiveServer, TestIdP
+from tests.conftest import CODE_SEARCH, LiveServer, TestIdP, audit_rows
 from tests.web.helpers import exchange_form, post_token
 
 
@@ -22,11 +19,6 @@ from tests.web.helpers import exchange_form, post_token
 def config(config: dict[str, Any], database_url: str) -> dict[str, Any]:
     config["database_url"] = database_url
     return config
-
-
-def audit_rows(services: Services) -> list[AuditEventRow]:
-    with sessionmaker(services.engine)() as session:
-        return list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
 
 
 def test_a_grant_is_recorded_with_the_minted_jti(
@@ -109,4 +101,6 @@ def test_one_row_per_request_in_order(server: LiveServer, services: Services, id
     assert outcomes == [200, 400, 200]
     rows = audit_rows(services)
     assert [row.decision for row in rows] == ["granted", "denied", "granted"]
-    assert rows[0].jti != rows[2].jti
+    # The identical third request reused the first token (caches.minted_tokens), and says so.
+    assert rows[2].jti == rows[0].jti
+    assert (rows[0].reason, rows[2].reason) == (None, "reused a minted token")

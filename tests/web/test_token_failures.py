@@ -6,22 +6,27 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
 from sidecar.config import settings_from_mapping
 from sidecar.keys.keyring import TokenSigner
 from sidecar.services import Services
 from sidecar.store.db import make_engine
-from sidecar.store.models import AuditEventRow
 from sidecar.web.app import create_app
-from tests.conftest import CLIENT_ASSERTION_TYPE, ClientKeys, LiveServer, TestIdP, make_services
+from tests.conftest import (
+    CLIENT_ASSERTION_TYPE,
+    ClientKeys,
+    LiveServer,
+    TestIdP,
+    audit_rows,
+    make_services,
+)
 from tests.web.helpers import assert_oauth_error, exchange_form, post_token
 
 
@@ -36,11 +41,6 @@ def assert_retry_later(response: requests.Response, *never_echoed: str) -> None:
     assert_oauth_error(response, 503, "temporarily_unavailable", *never_echoed)
     assert int(response.headers["Retry-After"]) > 0
     assert "access_token" not in response.text
-
-
-def audit_rows(services: Services) -> list[AuditEventRow]:
-    with sessionmaker(services.engine)() as session:
-        return list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
 
 
 @pytest.fixture
@@ -162,31 +162,70 @@ def take_sqlite_database_away(services: Services) -> None:
     services.engine.dispose()
 
 
+def bring_sqlite_database_back(services: Services) -> None:
+    database = Path(str(services.engine.url.database))
+    database.rmdir()
+    for suffix in ("", "-wal", "-shm"):
+        part = database.with_name(database.name + suffix + ".gone")
+        if part.exists():
+            part.rename(database.with_name(database.name + suffix))
+    services.engine.dispose()
+
+
+def exchange_until_refused(server: LiveServer, idp: TestIdP) -> tuple[int, requests.Response, str]:
+    """Exchange fresh tokens until one is refused (within 10 s): (grants before it, it, its
+    subject token)."""
+    deadline = time.monotonic() + 10
+    granted = 0
+    while time.monotonic() < deadline:
+        subject = idp.token()
+        response = server.exchange(subject)
+        if response.status_code != 200:
+            return granted, response, subject
+        granted += 1
+        time.sleep(0.02)
+    raise AssertionError("grants kept being answered with the audit trail's database gone")
+
+
 def test_database_lost_while_serving_refuses_tokens_it_cannot_audit(
     server: LiveServer,
     services: Services,
     idp: TestIdP,
     captured_logs: pytest.LogCaptureFixture,
 ) -> None:
-    # Policies and keys are cached in process, so the exchange itself could go through; but a
-    # grant that cannot be recorded in the audit trail must not be answered with a token.
+    # Policies and keys are cached in process, so the exchange itself could go through; but
+    # once audit records cannot be written, grants are refused rather than answered unrecorded.
     assert server.exchange(idp.token()).status_code == 200
 
     take_sqlite_database_away(services)
     captured_logs.clear()
-    subject = idp.token()
-    response = server.exchange(subject)
+    _, response, subject = exchange_until_refused(server, idp)
 
     assert_retry_later(response, subject)
-    assert "audit record not written" in captured_logs.text
-    # The audit log shows what the client got: a denial, never the grant that was not sent.
-    exchange_lines = [
-        r.getMessage()
-        for r in captured_logs.records
-        if r.name == "sidecar.audit" and r.getMessage().startswith("exchange ")
-    ]
-    assert exchange_lines, captured_logs.text
-    assert all('"decision":"denied"' in line for line in exchange_lines), exchange_lines
+    assert "audit records not written" in captured_logs.text
+    assert not services.audit.healthy
+
+
+def test_grants_queued_when_the_database_went_away_are_written_when_it_returns(
+    server: LiveServer, services: Services, idp: TestIdP
+) -> None:
+    assert server.exchange(idp.token()).status_code == 200
+    before = len(audit_rows(services))
+
+    take_sqlite_database_away(services)
+    granted, refused, _ = exchange_until_refused(server, idp)
+    bring_sqlite_database_back(services)
+
+    deadline = time.monotonic() + 10
+    while not services.audit.healthy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert services.audit.healthy
+    rows = audit_rows(services)[before:]
+    # Every grant answered while the database was away, and the denial, reached the table.
+    assert [row.decision for row in rows][: granted + 1] == ["granted"] * granted + ["denied"]
+    assert rows[granted].error == "temporarily_unavailable"
+    assert refused.status_code == 503
+    assert server.exchange(idp.token()).status_code == 200
 
 
 def test_readyz_is_503_when_the_database_is_lost(server: LiveServer, services: Services) -> None:

@@ -5,6 +5,7 @@ bad subject or actor tokens, and bodies that are not a small, clean form."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from typing import Any
@@ -14,6 +15,8 @@ import jwt
 import pytest
 import requests
 
+from sidecar.services import Services
+from sidecar.web.app import create_app
 from tests.conftest import (
     ACCESS_TOKEN_TYPE,
     CODE_SEARCH,
@@ -408,3 +411,31 @@ def test_basic_and_a_client_assertion_at_once_is_invalid_request(
     )
     response = post_token(server, form, auth=("gateway", GATEWAY_SECRET))
     assert_oauth_error(response, 400, "invalid_request", subject, assertion)
+
+
+@pytest.mark.parametrize(
+    "length", ["9" * 5000, "99999999", "+5", " 5", "5 ", "\u0665"]
+)  # the last: ARABIC-INDIC DIGIT FIVE
+def test_a_content_length_that_is_not_a_small_decimal_is_invalid_request(
+    services: Services, length: str
+) -> None:
+    # Straight through the WSGI app: gunicorn and werkzeug refuse some of these themselves, other
+    # servers may pass them on. A 5,000-digit value must not reach int() (Python refuses to
+    # convert it, which would be a 500).
+    app = create_app(services.settings, services)
+    body = b"grant_type=x"
+    answers: list[str] = []
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/token",
+        "QUERY_STRING": "",
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "CONTENT_LENGTH": length,
+        "wsgi.input": io.BytesIO(body),
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+    }
+    payload = b"".join(app(environ, lambda status, headers, exc_info=None: answers.append(status)))
+    assert answers == ["400 Bad Request"]
+    assert json.loads(payload)["error"] == "invalid_request"

@@ -54,6 +54,7 @@ def log_lines(caplog: pytest.LogCaptureFixture, *, product_only: bool = False) -
 
 
 def audit_text(services: Services) -> str:
+    assert services.audit.flush()
     with sessionmaker(services.engine)() as session:
         rows = session.scalars(select(AuditEventRow)).all()
         columns = AuditEventRow.__table__.columns.keys()
@@ -146,6 +147,7 @@ def test_the_audit_trail_identifies_tokens_by_fingerprint_and_jti_only(
     assert response.status_code == 200, response.text
     minted = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
 
+    assert services.audit.flush()
     with sessionmaker(services.engine)() as session:
         [row] = session.scalars(select(AuditEventRow)).all()
     assert row.subject_token_sha256 == hashlib.sha256(subject.encode()).hexdigest()[:16]

@@ -1,0 +1,175 @@
+"""``POST /token`` as a bare WSGI callable, in front of the Flask app.
+
+The token endpoint is called before every upstream hop, so it skips the framework: the form body
+is read and parsed directly from the WSGI input (which also gives exact control over repeated
+parameters, see :func:`parse_form`), and the answer is a pre-built header list and one JSON body.
+Every other path, and any other method on ``/token`` (answered 405 and audited by the app), goes
+to Flask. The checks are the same ones, in the same order, as DESIGN §2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+
+from sidecar.audit import DENIED, AuditEvent
+from sidecar.config import TOKEN_EXCHANGE_GRANT
+from sidecar.errors import (
+    InvalidRequestError,
+    ProtocolError,
+    RateLimitedError,
+    ServerError,
+    UnauthorizedClientError,
+    UnsupportedGrantTypeError,
+)
+from sidecar.exchange.grant import TokenResponse
+from sidecar.exchange.request import MAX_BODY_BYTES, parse_form
+from sidecar.metrics import Metrics
+from sidecar.ratelimit import claimed_client_id
+from sidecar.services import Services
+from sidecar.web.responses import NO_STORE
+
+log = logging.getLogger("sidecar.web.app")
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# RFC 6749 §5.1: "Cache-Control: no-store" and "Pragma: no-cache" on every token response.
+_HEADERS = [("Content-Type", "application/json"), *NO_STORE.items()]
+_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+
+
+def log_unexpected(exc: BaseException) -> None:
+    # The traceback frames, not the message: a message may quote request input.
+    log.error(
+        "unexpected %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__))
+    )
+
+
+def error_body(error: ProtocolError) -> bytes:
+    """RFC 6749 §5.2 error body, with the fixed description (never request input)."""
+    body = {"error": error.error, "error_description": error.description}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class TokenEndpoint:
+    def __init__(self, services: Services, metrics: Metrics) -> None:
+        self._services = services
+        self._audit = services.audit
+        self._clock = services.clock
+        self._latency = metrics.latency
+        self._exchanges = metrics.exchanges
+        self._granted = metrics.exchanges.labels("granted", "")
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        started = time.perf_counter()
+        event = AuditEvent(at=self._clock())
+        extra: tuple[tuple[str, str], ...] = ()
+        try:
+            result = self._exchange(environ, event)
+            self._audit.record(event)  # raises (no token) when the grant cannot be recorded
+            status, body = 200, _token_body(result)
+            self._granted.inc()
+        except ProtocolError as exc:
+            status, extra, body = self._deny(event, exc)
+        except Exception as exc:
+            log_unexpected(exc)
+            status, extra, body = self._deny(event, ServerError(reason=type(exc).__name__))
+        headers = [*_HEADERS, *extra, ("Content-Length", str(len(body)))]
+        start_response(_STATUS_LINES[status], headers)
+        self._latency.observe(time.perf_counter() - started)
+        return [body]
+
+    def _deny(
+        self, event: AuditEvent, error: ProtocolError
+    ) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
+        event.decision, event.error, event.reason = DENIED, error.error, error.reason
+        # A grant refused late (its audit record could not be queued) sent no token: record none.
+        event.scope = event.jti = event.kid = event.expires_at = None
+        try:
+            self._audit.record(event)
+            self._exchanges.labels("denied", error.error).inc()
+        except Exception as exc:  # the refusal is still answered as JSON, with no-store
+            log_unexpected(exc)
+        return error.status_code, tuple(error.response_headers().items()), error_body(error)
+
+    def _exchange(self, environ: dict[str, Any], event: AuditEvent) -> TokenResponse:
+        """Transport checks, client authentication, then the grant."""
+        if environ.get("QUERY_STRING"):
+            # RFC 6749 §3.2 requires POST; parameters belong in the body, never the URL, where
+            # proxies and logs would keep a token.
+            raise InvalidRequestError(reason="parameters in the query string")
+        mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+        if mimetype != FORM_TYPE:
+            raise InvalidRequestError(reason="body is not application/x-www-form-urlencoded")
+        length = environ.get("CONTENT_LENGTH", "")
+        # (At most 7 digits before int(): a 5,000-digit value must be a 400, not a ValueError.)
+        if (
+            not length.isdigit()
+            or not length.isascii()
+            or len(length) > 7
+            or int(length) > MAX_BODY_BYTES
+        ):
+            raise InvalidRequestError(reason="body length missing or over size cap")
+        body = environ["wsgi.input"].read(int(length)) if length != "0" else b""
+        if len(body) != int(length):
+            raise InvalidRequestError(reason="body shorter than its Content-Length")
+        params = parse_form(body)
+        authorization = environ.get("HTTP_AUTHORIZATION")
+        services = self._services
+        # Before any signature work (client assertion, subject token): shed overload cheaply.
+        if services.rate_limiter.active:
+            retry_after = services.rate_limiter.retry_after(
+                claimed_client_id(params, authorization)
+            )
+            if retry_after is not None:
+                raise RateLimitedError(reason="rate limit", retry_after=retry_after)
+
+        grant_type = params.single("grant_type")
+        if grant_type is None:
+            raise InvalidRequestError(
+                "A required parameter is missing.", reason="missing grant_type"
+            )
+        if grant_type != TOKEN_EXCHANGE_GRANT:
+            raise UnsupportedGrantTypeError(reason="unsupported grant_type")
+
+        client = services.authenticator.authenticate(params, authorization)
+        event.client_id = client.client_id
+        if not client.check_grant_type(grant_type):
+            raise UnauthorizedClientError(reason="client may not use token exchange")
+        return services.grant.exchange(client.client_id, params, event)
+
+
+def _token_body(result: TokenResponse) -> bytes:
+    return json.dumps(result.as_dict(), separators=(",", ":")).encode()
+
+
+class TokenRouter:
+    """The WSGI entry point: ``POST /token`` to :class:`TokenEndpoint`, the rest to Flask. With a
+    separate admin listener, requests arriving on it always go to Flask (which answers only
+    /admin there)."""
+
+    def __init__(
+        self,
+        token: WsgiApp,
+        flask_app: WsgiApp,
+        *,
+        on_admin_listener: Callable[[dict[str, Any]], bool] | None,
+    ) -> None:
+        self._token = token
+        self._flask = flask_app
+        self._on_admin_listener = on_admin_listener
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if (
+            environ.get("PATH_INFO") == "/token"
+            and environ.get("REQUEST_METHOD") == "POST"
+            and (self._on_admin_listener is None or not self._on_admin_listener(environ))
+        ):
+            return self._token(environ, start_response)
+        return self._flask(environ, start_response)

@@ -1,0 +1,513 @@
+"""The audit trail's queue and background writer (sidecar/audit.py), against a real SQLite file.
+
+The database fails for real: its file is moved away and a directory takes its path, so SQLite
+cannot open it, and it is put back later. Events are read back with SQLAlchemy; timing-dependent
+steps poll with short deadlines instead of sleeping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sidecar.audit import BACKPRESSURE_WAIT, DENIED, GRANTED, AuditEvent, AuditTrail
+from sidecar.errors import TemporarilyUnavailableError
+from sidecar.store.db import make_engine
+from sidecar.store.migrate import upgrade
+from sidecar.store.models import AuditEventRow
+
+EVENT_FIELDS = set(AuditEvent.__dataclass_fields__)
+SLOW = 60.0  # a flush interval no test waits for: events stay queued until flush() or close()
+
+
+class AuditDatabase:
+    """A migrated SQLite file, the trails built on it, and a way to take it away for real."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.engine = make_engine(f"sqlite:///{path}")
+        upgrade(self.engine)
+        self.trails: list[AuditTrail] = []
+        self.away = False
+
+    def trail(self, **options: Any) -> AuditTrail:
+        trail = AuditTrail(self.engine, **options)
+        self.trails.append(trail)
+        return trail
+
+    def rows(self) -> list[AuditEventRow]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
+
+    def subjects(self) -> list[str | None]:
+        return [row.subject for row in self.rows()]
+
+    def take_away(self) -> None:
+        # As tests/web/test_token_failures.py: the file (and its WAL side files) disappears, a
+        # directory takes its path, and the pool forgets the connections that hold the old file.
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix)
+            if part.exists():
+                part.rename(part.with_name(part.name + ".gone"))
+        self.path.mkdir()
+        self.engine.dispose()
+        self.away = True
+
+    def bring_back(self) -> None:
+        self.path.rmdir()
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix + ".gone")
+            if part.exists():
+                part.rename(self.path.with_name(self.path.name + suffix))
+        self.engine.dispose()
+        self.away = False
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[AuditDatabase]:
+    database = AuditDatabase(tmp_path / "a.db")
+    yield database
+    if database.away:
+        database.bring_back()
+    for trail in database.trails:
+        trail.close(timeout=5)
+    database.engine.dispose()
+
+
+@pytest.fixture
+def audit_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, Any]]]:
+    """The ``exchange {json}`` lines of the sidecar.audit log so far, parsed."""
+    caplog.set_level(logging.INFO, logger="sidecar.audit")
+
+    def lines() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for record in caplog.records:
+            message = record.getMessage()
+            if record.name == "sidecar.audit" and message.startswith("exchange "):
+                found.append(json.loads(message.removeprefix("exchange ")))
+        return found
+
+    return lines
+
+
+def event(subject: str, decision: str = DENIED, **values: Any) -> AuditEvent:
+    return AuditEvent(at=time.time(), decision=decision, subject=subject, **values)
+
+
+def flushed(trail: AuditTrail, timeout: float = 5.0) -> bool:
+    """flush(), asked again every 50 ms. flush() wakes the writer once: if the writer is not
+    waiting for work at that moment (just started, or between two batches), the wake-up is lost
+    and the queue waits for the next flush_interval, a minute in the tests that use SLOW."""
+    deadline = time.monotonic() + timeout
+    while not trail.flush(0.05):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # flush() returns at once while the writer is failing
+    return True
+
+
+def writer_started(trail: AuditTrail) -> None:
+    """Start the writer with one event ("warm-up"), written, and let it go back to waiting for
+    work: a flush() or close() that follows wakes it at once."""
+    trail.record(event("warm-up"))
+    assert flushed(trail)
+    time.sleep(0.02)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=0.01)
+    grant = AuditEvent(
+        at=1_700_000_000.25,
+        decision=GRANTED,
+        client_id="gateway",
+        subject="alice@example.com",
+        subject_issuer="https://idp.test.example",
+        subject_token_sha256="0123456789abcdef",
+        actor="svc-gateway",
+        audiences=["https://code-search.internal/mcp", "https://tickets.internal/mcp"],
+        scope="code.read code.search",
+        jti="jti-1",
+        expires_at=1_700_000_120.0,
+        kid="key-1",
+    )
+    denial = AuditEvent(
+        at=1_700_000_001.5,
+        error="invalid_target",
+        reason="no policy for this audience",
+        client_id="gateway",
+        subject="bob@example.com",
+    )
+
+    trail.record(grant)
+    trail.record(denial)
+
+    assert trail.flush()
+    assert trail.pending == 0
+    first, second = db.rows()
+    assert first.id < second.id
+    assert {name: getattr(first, name) for name in EVENT_FIELDS - {"audiences"}} == {
+        "at": 1_700_000_000.25,
+        "decision": "granted",
+        "error": None,
+        "reason": None,
+        "client_id": "gateway",
+        "subject": "alice@example.com",
+        "subject_issuer": "https://idp.test.example",
+        "subject_token_sha256": "0123456789abcdef",
+        "actor": "svc-gateway",
+        "scope": "code.read code.search",
+        "jti": "jti-1",
+        "expires_at": 1_700_000_120.0,
+        "kid": "key-1",
+    }
+    assert json.loads(first.audiences or "") == grant.audiences
+    assert (second.decision, second.error, second.reason) == (
+        "denied",
+        "invalid_target",
+        "no policy for this audience",
+    )
+    assert json.loads(second.audiences or "") == []  # JSON, even when empty
+    assert second.jti is None
+    assert second.expires_at is None
+
+
+def test_long_values_are_cut_to_the_column_size_instead_of_failing_the_batch(
+    db: AuditDatabase,
+) -> None:
+    trail = db.trail(flush_interval=0.01)
+    long = "s" * 1000
+
+    trail.record(event(long, reason="r" * 300, actor="a" * 256, client_id="c" * 400))
+    trail.record(event("after"))
+
+    assert trail.flush()
+    row, after = db.rows()
+    assert row.subject == "s" * 255
+    assert row.reason == "r" * 255
+    assert row.actor == "a" * 255
+    assert row.client_id == "c" * 255
+    assert after.subject == "after"
+    assert trail.healthy
+
+
+def test_events_are_written_in_batches_all_of_them_in_order(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=0.01, batch_size=3)
+    subjects = [f"user-{n}" for n in range(10)]
+
+    for subject in subjects:
+        trail.record(event(subject))
+
+    assert trail.flush()
+    assert db.subjects() == subjects
+    assert trail.pending == 0
+    assert trail.dropped == 0
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_interval(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=SLOW, batch_size=3)
+
+    for n in range(3):
+        trail.record(event(f"user-{n}"))
+
+    # Written by the writer on its own: no flush(), and the interval is a minute.
+    assert wait_until(lambda: len(db.rows()) == 3)
+    assert trail.pending == 0
+
+
+def test_queued_events_wait_for_the_writer(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=SLOW, batch_size=100)
+
+    trail.record(event("queued"))
+
+    assert trail.pending == 1
+    assert db.rows() == []  # record() only queues: the request does not wait for the database
+    assert flushed(trail)
+    assert db.subjects() == ["queued"]
+
+
+def test_each_event_has_one_log_line_with_only_its_fields(
+    db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    trail = db.trail(flush_interval=0.01, batch_size=2)
+    events = [
+        event("alice", GRANTED, audiences=["https://a.example"], jti="j-1", kid="k"),
+        event("bob", error="invalid_grant", reason="expired"),
+        event("carol", error="invalid_target", reason="no policy"),
+    ]
+
+    for each in events:
+        trail.record(each)
+    assert trail.flush()
+
+    lines = audit_log()
+    assert [line["subject"] for line in lines] == ["alice", "bob", "carol"]
+    for line, each in zip(lines, events, strict=True):
+        assert set(line) == EVENT_FIELDS  # no more than the event: nothing else leaks in
+        assert line == {name: getattr(each, name) for name in EVENT_FIELDS}
+
+
+# --- the database fails -------------------------------------------------------------------------
+
+
+def test_flush_is_false_while_the_database_refuses_writes(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=0.01)
+    trail.record(event("before"))
+    assert trail.flush()
+
+    db.take_away()
+    trail.record(event("during"))
+    started = time.monotonic()
+
+    assert trail.flush(timeout=5) is False
+    assert time.monotonic() - started < 4  # it gives up once the writer failed, not at timeout
+    assert trail.pending == 1
+    assert not trail.healthy
+
+
+def test_while_writes_fail_grants_are_refused_and_denials_queued(
+    db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    trail = db.trail(flush_interval=0.01, batch_size=3, high_water=1)
+    trail.record(event("written", GRANTED))
+    assert trail.flush()
+
+    db.take_away()
+    # Answered before the writer noticed (it tries the database only when it has events to
+    # write): queued, and owed to the database.
+    trail.record(event("granted", GRANTED))
+    assert wait_until(lambda: not trail.healthy)
+
+    pending = trail.pending
+    with pytest.raises(TemporarilyUnavailableError):
+        trail.record(event("refused", GRANTED))
+    assert trail.pending == pending  # the refused grant queued nothing
+    started = time.monotonic()
+    for n in range(5):  # denials are still queued, and past high_water no request is held
+        trail.record(event(f"denied-{n}", error="invalid_grant"))
+    assert time.monotonic() - started < BACKPRESSURE_WAIT
+    assert trail.pending == pending + 5
+    assert not trail.healthy
+
+    db.bring_back()
+
+    assert wait_until(lambda: trail.healthy)  # the writer retries about once a second
+    assert trail.flush()
+    queued = ["granted", *(f"denied-{n}" for n in range(5))]
+    assert db.subjects() == ["written", *queued]  # each once, in order
+    assert [line["subject"] for line in audit_log()] == ["written", *queued]  # retries: no
+    trail.record(event("granted-again", GRANTED))
+    assert trail.flush()
+    assert db.subjects()[-1] == "granted-again"
+
+
+def test_max_pending_refuses_grants_and_only_logs_denials(
+    db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    trail = db.trail(flush_interval=SLOW, batch_size=100, max_pending=3)
+    writer_started(trail)
+    for n in range(3):
+        trail.record(event(f"queued-{n}"))
+    assert trail.pending == 3
+    assert not trail.healthy
+
+    with pytest.raises(TemporarilyUnavailableError):
+        trail.record(event("refused", GRANTED))
+    trail.record(event("dropped", error="invalid_grant"))
+
+    assert trail.pending == 3
+    assert trail.dropped == 1
+    assert [line["subject"] for line in audit_log()] == ["warm-up", "dropped"]  # at once
+    trail.close()
+    assert db.subjects() == ["warm-up", "queued-0", "queued-1", "queued-2"]
+    assert [line["subject"] for line in audit_log()] == [
+        "warm-up",
+        "dropped",
+        "queued-0",
+        "queued-1",
+        "queued-2",
+    ]
+
+
+# --- shutdown -------------------------------------------------------------------------------------
+
+
+def test_close_writes_everything_still_queued_and_is_idempotent(
+    db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    trail = db.trail(flush_interval=SLOW, batch_size=4)
+    writer_started(trail)
+    subjects = [f"user-{n}" for n in range(7)]
+    for subject in subjects[:3]:
+        trail.record(event(subject))
+    assert trail.pending == 3
+    for subject in subjects[3:]:  # fills one batch: the writer may start on it
+        trail.record(event(subject))
+
+    trail.close(timeout=5)
+
+    assert db.subjects() == ["warm-up", *subjects]
+    assert trail.pending == 0
+    assert trail.healthy
+    trail.close(timeout=5)  # again (atexit and the worker_exit hook both call it): a no-op
+    assert db.subjects() == ["warm-up", *subjects]
+    assert [line["subject"] for line in audit_log()] == ["warm-up", *subjects]
+
+
+def test_close_before_any_event_does_nothing(db: AuditDatabase) -> None:
+    trail = db.trail()
+    trail.close(timeout=1)
+    trail.close(timeout=1)
+    assert trail.pending == 0
+    assert db.rows() == []
+
+
+def test_close_while_the_database_is_away_leaves_every_event_in_the_log(
+    db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    trail = db.trail(flush_interval=0.01, batch_size=2)
+    trail.record(event("written"))
+    assert trail.flush()
+    db.take_away()
+    trail.record(event("first"))
+    assert wait_until(lambda: not trail.healthy)
+    for n in range(4):
+        trail.record(event(f"denied-{n}"))
+
+    trail.close(timeout=2)
+
+    logged = [line["subject"] for line in audit_log()]
+    assert trail.pending == 5  # not in the database: the database is gone
+    assert logged == ["written", "first", *(f"denied-{n}" for n in range(4))]
+
+
+# --- backpressure ---------------------------------------------------------------------------------
+
+
+def test_past_high_water_record_waits_at_most_the_backpressure_wait(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=SLOW, batch_size=100, high_water=1)
+    trail.record(event("first"))
+    # Another connection holds SQLite's write lock: the writer, woken by the second record, takes
+    # both events and waits on the lock, so it cannot catch up while the request waits.
+    blocker = sqlite3.connect(db.path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        trail.record(event("second"))  # over high_water
+        waited = time.monotonic() - started
+
+        assert BACKPRESSURE_WAIT - 0.05 <= waited < BACKPRESSURE_WAIT + 0.5
+        assert trail.pending == 2  # still to be written: the request went on, it was not refused
+        assert trail.healthy
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert flushed(trail)
+    assert db.subjects() == ["first", "second"]
+
+
+def test_backpressure_ends_when_the_writer_catches_up(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=0.005, batch_size=100, high_water=1)
+    started = time.monotonic()
+
+    for n in range(20):
+        trail.record(event(f"user-{n}"))
+
+    # Held back each time past high_water, but only until a batch is written, not the full wait.
+    assert time.monotonic() - started < 20 * BACKPRESSURE_WAIT / 2
+    assert trail.flush()
+    assert len(db.rows()) == 20
+
+
+# --- fork -----------------------------------------------------------------------------------------
+
+
+def run_in_child(child: Callable[[], bool], timeout: float = 10.0) -> int:
+    """Fork; the child runs ``child`` and exits 0 if it returned True, 1 if False, 2 if it raised.
+    The child's exit status (-1: killed, still running after ``timeout``)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 2
+        try:
+            status = 0 if child() else 1
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -1
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+@needs_fork
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a multi-threaded process
+def test_a_forked_child_starts_its_own_writer(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=SLOW, batch_size=100)
+    writer_started(trail)  # and waiting, its lock released, when the process forks
+
+    def child() -> bool:
+        db.engine.dispose(close=False)  # the parent's pooled connections stay the parent's
+        trail.record(event("child"))
+        return flushed(trail) and trail.healthy
+
+    assert run_in_child(child) == 0
+    trail.record(event("parent-after"))
+    assert flushed(trail)
+    assert db.subjects() == ["warm-up", "child", "parent-after"]
+
+
+@needs_fork
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_events_queued_before_a_fork_are_written_once(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=SLOW, batch_size=100)
+    writer_started(trail)
+    trail.record(event("queued-at-fork"))
+
+    def child() -> bool:
+        db.engine.dispose(close=False)
+        trail.record(event("child"))
+        return flushed(trail)
+
+    assert run_in_child(child) == 0
+    trail.close()
+    assert sorted(str(s) for s in db.subjects()) == ["child", "queued-at-fork", "warm-up"]
+
+
+def test_a_lone_surrogate_or_nul_in_a_claim_does_not_poison_the_writer(db: AuditDatabase) -> None:
+    # Claim values come from IdPs: JSON admits a lone surrogate, PostgreSQL refuses a NUL.
+    trail = db.trail()
+    odd = AuditEvent(at=1.0, decision="granted", subject="bad\ud800", actor="nul\x00actor")
+    trail.record(odd)
+    trail.record(AuditEvent(at=2.0, decision="granted", subject="alice"))
+    assert trail.flush(5)
+    assert trail.healthy
+    stored = [(row.subject, row.actor) for row in db.rows()]
+    assert stored == [("bad?", "nul\ufffdactor"), ("alice", None)]
+    trail.close()
