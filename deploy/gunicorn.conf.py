@@ -4,10 +4,13 @@ import os
 
 bind = ["127.0.0.1:8080"]
 workers = 2
-# Threads keep connections alive between a gateway's calls; sync workers would close each one.
-# gthread, with new connections going to the worker holding the fewest (sidecar/worker.py).
-worker_class = "sidecar.worker.BalancedThreadWorker"
-threads = 4
+# gunicorn's asyncio worker, /token answered on its event loop (sidecar/web/asgi.py), with new
+# connections going to the worker holding the fewest (sidecar/worker.py). It keeps connections
+# alive between a gateway's calls; sync workers would close each one. The thread-per-request
+# alternative, measured slower in `make bench`: "sidecar.worker.BalancedThreadWorker" (gthread,
+# with `threads`).
+worker_class = "sidecar.worker.BalancedAsgiWorker"
+threads = 4  # gthread only: the asyncio worker's pool (Flask paths) has 4 threads of its own
 keepalive = 15
 timeout = 30
 # SIGTERM: stop accepting, let in-flight requests finish for up to this long.
@@ -42,24 +45,15 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]
     """In the exiting worker, after its last request: write the queued audit events (a graceful
     shutdown loses none) and close the database connections."""
-    app = getattr(worker, "wsgi", None)
-    services = getattr(app, "extensions", {}).get("sidecar")
+    from sidecar.worker import services_of
+
+    services = services_of(worker)
     if services is not None:
         services.close()
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """On SIGTERM, mark the app draining before gunicorn's own handler runs: /readyz answers
-    503 while gunicorn lets the requests in flight finish (up to graceful_timeout) and accepts
-    no new ones."""
-    import signal
+    """SIGTERM marks the app draining (/readyz 503) before gunicorn's own handler runs."""
+    from sidecar.worker import drain_on_sigterm
 
-    services = worker.wsgi.extensions["sidecar"]
-    stop = signal.getsignal(signal.SIGTERM)
-
-    def drain(signum, frame):  # type: ignore[no-untyped-def]
-        services.draining.set()
-        if callable(stop):
-            stop(signum, frame)
-
-    signal.signal(signal.SIGTERM, drain)
+    drain_on_sigterm(worker)

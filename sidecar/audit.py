@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert
 
+from sidecar.blocking import may_block
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.store.models import AuditEventRow
 
@@ -169,6 +170,8 @@ class AuditTrail:
                 self.dropped += 1
                 log.info("exchange %s", _log_line(_values(event)))
                 return
+        if len(self._queue) >= self._high_water and not self._failing:
+            may_block()  # on the event loop: answered again on a thread, which may wait below
         self._ensure_writer()
         with self._wake:
             closed = self._closed and self._pid == os.getpid()  # close() ran meanwhile

@@ -58,7 +58,14 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
         from sidecar.web.app import create_app
 
         configure_logging()
-        return settle(create_app(self._settings))
+        app = create_app(self._settings)
+        from gunicorn.workers.gasgi import ASGIWorker
+
+        if issubclass(self.cfg.worker_class, ASGIWorker):
+            from sidecar.web.asgi import AsgiBridge
+
+            return settle(AsgiBridge(app))
+        return settle(app)
 
 
 def settle(app: Any) -> Any:

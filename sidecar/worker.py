@@ -1,6 +1,10 @@
-"""The gunicorn worker class of ``deploy/gunicorn.conf.py``: gthread, balanced across workers.
+"""The gunicorn worker classes of ``deploy/gunicorn.conf.py``, balanced across workers.
 
-gunicorn's gthread worker accepts a connection whenever its listener is readable. Every worker
+- :class:`BalancedAsgiWorker` (the default): gunicorn's asyncio worker, serving the app through
+  :class:`sidecar.web.asgi.AsgiBridge` (``/token`` answered on the event loop, no thread hand-off);
+- :class:`BalancedThreadWorker`: gunicorn's gthread worker (a thread per request in flight).
+
+Both worker kinds accept a connection whenever its listener is readable. Every worker
 waits on the same listening socket and Linux wakes the most recent waiter first, so when a gateway
 opens its connection pool at once, one worker accepts every connection and the others stay idle
 for as long as those kept-alive connections live (measured: 16 connections to 2 workers went 16
@@ -9,17 +13,26 @@ in a small table shared by the workers (memory the master maps before it forks t
 only while no other live worker holds fewer: new connections go to the least loaded worker, and a
 worker that holds the fewest always accepts, so no connection waits for a busy one.
 
-It overrides gthread internals of gunicorn 26.2 (``wait_for_and_dispatch_events``,
-``set_accept_enabled``, ``nr_conns``), hence the pinned gunicorn 26.x in pyproject.toml.
+asyncio's own accept loop takes up to 100 connections each time the listener is readable, so it
+balances even worse; the asyncio worker here accepts one connection at a time, with the same rule.
+
+They override internals of gunicorn 26.2 (gthread's ``wait_for_and_dispatch_events``,
+``set_accept_enabled``, ``nr_conns``; the asyncio worker's ``_serve`` and ``_shutdown``), hence the
+pinned gunicorn 26.x in pyproject.toml.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import multiprocessing
 import os
+import signal
+import socket
 import time
 from typing import Any
 
+from gunicorn.workers.gasgi import ASGIWorker
 from gunicorn.workers.gthread import ThreadWorker
 
 MAX_WORKERS = 256
@@ -44,6 +57,138 @@ def release_slot(pid: int) -> None:
             _pids[slot] = 0
 
 
+def claim_slot() -> int | None:
+    """A free slot of the shared table for this process; None when every slot is taken (the
+    worker then accepts like an unbalanced one)."""
+    pid = os.getpid()
+    with _claim:
+        for slot in range(MAX_WORKERS):
+            if _pids[slot] == 0:
+                _pids[slot], _connections[slot], _beats[slot] = pid, 0, time.time()
+                return slot
+    return None
+
+
+def may_accept(slot: int, mine: int, limit: int) -> bool:
+    """Publish this worker's connection count; True while no other live worker holds fewer."""
+    now = time.time()
+    _connections[slot], _beats[slot] = mine, now
+    fewest = min(
+        (
+            _connections[s]
+            for s in range(MAX_WORKERS)
+            if _pids[s] and s != slot and now - _beats[s] < STALE_AFTER
+        ),
+        default=mine,
+    )
+    return mine < limit and mine <= fewest
+
+
+def services_of(worker: Any) -> Any:
+    """The worker's Services (sidecar.services), or None before its app is loaded."""
+    app = getattr(worker, "wsgi", None) or getattr(worker, "asgi", None)
+    return getattr(app, "extensions", {}).get("sidecar")
+
+
+def drain_on_sigterm(worker: Any) -> None:
+    """On SIGTERM, mark the app draining before gunicorn's own handler runs: /readyz answers
+    503 while gunicorn lets the requests in flight finish (up to graceful_timeout) and accepts
+    no new ones."""
+    services = services_of(worker)
+    if isinstance(worker, ASGIWorker):
+        # The asyncio worker's handlers are the event loop's (loop.add_signal_handler).
+        def drain_loop() -> None:
+            services.draining.set()
+            worker.handle_exit_signal()
+
+        worker.loop.add_signal_handler(signal.SIGTERM, drain_loop)
+        return
+    stop = signal.getsignal(signal.SIGTERM)
+
+    def drain(signum: int, frame: Any) -> None:
+        services.draining.set()
+        if callable(stop):
+            stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain)
+
+
+class BalancedAsgiWorker(ASGIWorker):  # type: ignore[misc]
+    """gunicorn's asyncio worker, accepting one connection at a time, only while no other live
+    worker holds fewer (see the module docstring)."""
+
+    async def _serve(self) -> None:
+        from gunicorn.asgi.protocol import ASGIProtocol
+
+        self._protocol = ASGIProtocol
+        self._accepting = False
+        self._connecting = 0  # accepted, not yet counted in nr_conns by their protocol
+        self._slot: int | None = None
+        self._listeners: list[socket.socket] = [listener.sock for listener in self.sockets]
+        for listener in self._listeners:
+            listener.setblocking(False)
+        try:
+            while self.alive:
+                self.notify()
+                if self.ppid != os.getppid():
+                    self.log.info("Parent changed, shutting down: %s", self)
+                    break
+                if self._slot is None:
+                    # Claimed on the loop's first turn, not while the app loaded: a booting
+                    # worker must not look like the least loaded one.
+                    self._slot = claim_slot()
+                self._set_accepting(self._may_accept())
+                await asyncio.sleep(RECHECK_INTERVAL)
+        except asyncio.CancelledError:
+            pass
+        self._set_accepting(False)
+        release_slot(os.getpid())
+        await self._shutdown()  # waits for the connections in flight (graceful_timeout)
+
+    def _may_accept(self) -> bool:
+        mine = self.nr_conns + self._connecting
+        if self._slot is None:
+            return bool(mine < self.worker_connections)
+        return may_accept(self._slot, mine, self.worker_connections)
+
+    def _set_accepting(self, enabled: bool) -> None:
+        if enabled == self._accepting:
+            return
+        for listener in self._listeners:
+            if enabled:
+                self.loop.add_reader(listener.fileno(), self._accept, listener)
+            else:
+                self.loop.remove_reader(listener.fileno())
+        self._accepting = enabled
+
+    def _accept(self, listener: socket.socket) -> None:
+        if not self.alive or not self._may_accept():
+            self._set_accepting(False)  # the heartbeat loop looks again in RECHECK_INTERVAL
+            return
+        try:
+            connection, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self.log.error("accept failed: %s", exc)
+            self._set_accepting(False)
+            return
+        connection.setblocking(False)
+        self._connecting += 1
+        self.loop.create_task(self._connect(connection))
+        self._set_accepting(self._may_accept())
+
+    async def _connect(self, connection: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: self._protocol(self), sock=connection)
+        except OSError:
+            connection.close()
+        finally:
+            self._connecting -= 1
+
+
 class BalancedThreadWorker(ThreadWorker):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -54,14 +199,7 @@ class BalancedThreadWorker(ThreadWorker):  # type: ignore[misc]
         # Claimed when the loop first runs, not while the app loads: a booting worker must not
         # look like the least loaded one that the others leave connections to.
         self._claimed = True
-        pid = os.getpid()
-        with _claim:
-            for slot in range(MAX_WORKERS):
-                if _pids[slot] == 0:
-                    _pids[slot], _connections[slot], _beats[slot] = pid, 0, time.time()
-                    self.slot = slot
-                    return
-        # No free slot (more workers than MAX_WORKERS): it accepts like plain gthread.
+        self.slot = claim_slot()
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         if self.alive and not self._claimed:
@@ -72,18 +210,7 @@ class BalancedThreadWorker(ThreadWorker):  # type: ignore[misc]
             release_slot(os.getpid())
             self.slot = None
         if self.alive and self.slot is not None:
-            mine = self.nr_conns
-            now = time.time()
-            _connections[self.slot], _beats[self.slot] = mine, now
-            fewest = min(
-                (
-                    _connections[s]
-                    for s in range(MAX_WORKERS)
-                    if _pids[s] and s != self.slot and now - _beats[s] < STALE_AFTER
-                ),
-                default=mine,
-            )
-            accepting = mine < self.worker_connections and mine <= fewest
+            accepting = may_accept(self.slot, self.nr_conns, self.worker_connections)
             self.set_accept_enabled(accepting)
             if not accepting:
                 # Look again soon: another worker's count may rise past this one's at any moment,

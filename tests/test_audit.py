@@ -511,3 +511,19 @@ def test_a_lone_surrogate_or_nul_in_a_claim_does_not_poison_the_writer(db: Audit
     stored = [(row.subject, row.actor) for row in db.rows()]
     assert stored == [("bad?", "nul\ufffdactor"), ("alice", None)]
     trail.close()
+
+
+def test_on_the_event_loop_past_high_water_a_record_would_block_and_queues_nothing(
+    db: AuditDatabase,
+) -> None:
+    from sidecar.blocking import WouldBlock, on_event_loop
+
+    trail = db.trail(flush_interval=SLOW, batch_size=100, high_water=1)
+    trail.record(event("first"))
+
+    with on_event_loop(), pytest.raises(WouldBlock):
+        trail.record(event("second"))  # answered again on a thread, which may wait
+    assert trail.pending == 1
+    trail.record(event("second"))
+    assert flushed(trail)
+    assert db.subjects() == ["first", "second"]

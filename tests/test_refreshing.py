@@ -212,3 +212,27 @@ def test_concurrent_first_requests_wait_for_the_one_load_instead_of_failing() ->
 
     assert results == [42] * 5
     assert len(calls) == 1
+
+
+def test_on_the_event_loop_a_first_load_is_never_waited_for(
+    value: Refreshing[int], load: Loader
+) -> None:
+    from sidecar.blocking import WouldBlock, on_event_loop
+
+    with on_event_loop(), pytest.raises(WouldBlock):
+        value.get()
+    assert load.calls == 0  # the request is answered again on a thread, which loads
+    assert value.get() == 1
+
+
+def test_on_the_event_loop_a_stale_value_is_served_and_reloaded_in_the_background(
+    value: Refreshing[int], load: Loader, clock: FakeClock
+) -> None:
+    from sidecar.blocking import on_event_loop
+
+    value.get()
+    clock.advance(INTERVAL)
+    with on_event_loop():
+        assert value.get() == 1
+    value.join_reload()
+    assert value.get() == 2

@@ -1,5 +1,6 @@
-"""The gunicorn worker class of deploy/gunicorn.conf.py (sidecar/worker.py): gthread, with new
-connections going to the worker that holds the fewest.
+"""The gunicorn worker classes (sidecar/worker.py): new connections go to the worker that holds
+the fewest. The real server runs the default, BalancedAsgiWorker; the shared table and
+BalancedThreadWorker's accept rule are tested in probe workers.
 
 Through the real server (`sidecar serve --workers 2`): keep-alive connections opened together,
 then which worker holds each one, read from /proc (the sockets each worker process has open,
@@ -231,7 +232,7 @@ def idle_server(server: Gunicorn) -> Gunicorn:
 
 
 def test_the_default_worker_class_is_the_balanced_one(idle_server: Gunicorn) -> None:
-    assert "Using worker: sidecar.worker.BalancedThreadWorker" in idle_server.log()
+    assert "Using worker: sidecar.worker.BalancedAsgiWorker" in idle_server.log()
     assert len(children(idle_server.process.pid)) == 2
 
 

@@ -105,7 +105,9 @@ class SubjectTokenCache:
         self.entries: ExpiringCache[bytes, _Verified] = ExpiringCache(max_entries)
         self.stats = CacheStats()
 
-    def get(self, digest: bytes, now: float) -> VerifiedToken | None:
+    def get(self, digest: bytes, now: float, *, count_miss: bool = True) -> VerifiedToken | None:
+        """The verified token, or None; ``count_miss=False`` leaves a miss for the caller to
+        count (once the token was verified: see TokenExchangeGrant.verify)."""
         hit = self.entries.get(digest, now)
         if hit is not None:
             trusted = self._issuers.find_issuer(hit.token.issuer)
@@ -114,7 +116,8 @@ class SubjectTokenCache:
             if trusted is None or trusted.find_key(hit.key.kid) != hit.key:
                 self.entries.discard(digest)  # the key changed or went: verify afresh
                 hit = None
-        self.stats.count(hit is not None)
+        if hit is not None or count_miss:
+            self.stats.count(hit is not None)
         return None if hit is None else hit.token
 
     def put(self, digest: bytes, token: VerifiedToken, key: VerificationKey, now: float) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.audit import GRANTED, AuditEvent
+from sidecar.blocking import WouldBlock
 from sidecar.exchange.caches import MintedKey, MintedToken, MintedTokenCache, SubjectTokenCache
 from sidecar.exchange.claims import build_claims, check_may_act
 from sidecar.exchange.policy import Decision, PolicySet, decide
@@ -107,15 +108,26 @@ class TokenExchangeGrant:
         """A verified subject or actor token, from the cache when it was verified before; and
         the token's SHA-256."""
         digest = token_digest(token)
-        if self.subject_cache is not None:
-            cached = self.subject_cache.get(digest, now)
-            if cached is not None:
-                return cached, digest
-        verified, key = verify_token_and_key(
-            token, self._issuers, leeway=self._leeway, role=role, digest=digest
-        )
-        if self.subject_cache is not None:
-            self.subject_cache.put(digest, verified, key, now)
+        cache = self.subject_cache
+        if cache is None:
+            verified, _ = verify_token_and_key(
+                token, self._issuers, leeway=self._leeway, role=role, digest=digest
+            )
+            return verified, digest
+        cached = cache.get(digest, now, count_miss=False)
+        if cached is not None:
+            return cached, digest
+        try:
+            verified, key = verify_token_and_key(
+                token, self._issuers, leeway=self._leeway, role=role, digest=digest
+            )
+        except WouldBlock:
+            raise  # not counted: the request is answered again on a thread, which counts it
+        except Exception:
+            cache.stats.count(False)
+            raise
+        cache.stats.count(False)
+        cache.put(digest, verified, key, now)
         return verified, digest
 
     def evaluate(

@@ -18,6 +18,7 @@ from http import HTTPStatus
 from typing import Any
 
 from sidecar.audit import DENIED, AuditEvent
+from sidecar.blocking import WouldBlock
 from sidecar.config import TOKEN_EXCHANGE_GRANT
 from sidecar.errors import (
     InvalidRequestError,
@@ -37,6 +38,9 @@ from sidecar.web.responses import NO_STORE
 log = logging.getLogger("sidecar.web.app")
 
 FORM_TYPE = "application/x-www-form-urlencoded"
+# Set by the ASGI bridge (never from a request header: those are HTTP_*) on a request it answers
+# again on a thread after the attempt on the event loop raised WouldBlock.
+RETRIED_ON_THREAD = "sidecar.retried_on_thread"
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 # RFC 6749 §5.1: "Cache-Control: no-store" and "Pragma: no-cache" on every token response.
@@ -77,6 +81,8 @@ class TokenEndpoint:
             self._granted.inc()
         except ProtocolError as exc:
             status, extra, body = self._deny(event, exc)
+        except WouldBlock:
+            raise  # nothing sent or recorded: the bridge answers the request again on a thread
         except Exception as exc:
             log_unexpected(exc)
             status, extra, body = self._deny(event, ServerError(reason=type(exc).__name__))
@@ -123,7 +129,8 @@ class TokenEndpoint:
         authorization = environ.get("HTTP_AUTHORIZATION")
         services = self._services
         # Before any signature work (client assertion, subject token): shed overload cheaply.
-        if services.rate_limiter.active:
+        # (An attempt on the event loop that had to wait was counted already; see blocking.py.)
+        if services.rate_limiter.active and not environ.get(RETRIED_ON_THREAD):
             retry_after = services.rate_limiter.retry_after(
                 claimed_client_id(params, authorization)
             )
