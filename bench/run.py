@@ -8,7 +8,8 @@ duration, and stop:
 
 - the baseline (bench/baseline_app.py, gunicorn, 2 sync workers);
 - the uncached path: `sidecar serve` with both caches disabled, under gunicorn
-  (deploy/gunicorn.conf.py) and under granian (skipped, with a note, when granian is missing);
+  (deploy/gunicorn.conf.py, its asyncio worker), under gunicorn with the gthread worker, and under
+  granian (skipped, with a note, when granian is missing);
 - the cached path: `sidecar serve` with the default caches, under gunicorn and granian, first
   primed by passes that send every token once until every worker holds every token in both
   caches, so that what is measured is the steady state of gateways sending the same tokens again.
@@ -19,7 +20,7 @@ hit rates of the measured runs (from ``sidecar_cache_lookups_total`` on /metrics
 after them); ``--json FILE`` writes everything.
 
     python -m bench.run [--duration 10] [--connections 1,16,64] [--json results.json]
-                        [--servers baseline,gunicorn,granian] [--paths uncached,cached]
+                        [--servers baseline,gunicorn,gthread,granian] [--paths uncached,cached]
 """
 
 from __future__ import annotations
@@ -430,7 +431,10 @@ def report(results: dict[str, Any]) -> str:
     ]
     if service_servers:
         under = " and ".join(
-            "gunicorn (deploy/gunicorn.conf.py)" if name == "gunicorn" else name
+            {
+                "gunicorn": "gunicorn (deploy/gunicorn.conf.py: the asyncio worker)",
+                "gthread": "gthread (the same, with the gthread worker)",
+            }.get(name, name)
             for name in service_servers
         )
         lines.append(

@@ -34,7 +34,16 @@ SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidec
 _DROPPED_ENV = ("SIDECAR_CONFIG", "PROMETHEUS_MULTIPROC_DIR", "SIDECAR_ACCESS_LOG")
 # Python processes below a master that are not workers (multiprocessing's own helpers).
 _HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
-SERVICE_SERVERS = ("gunicorn", "granian")
+# gunicorn: deploy/gunicorn.conf.py as it is (the asyncio worker); gthread: the same settings with
+# gunicorn's thread-per-request worker (sidecar.worker.BalancedThreadWorker), for comparison.
+SERVICE_SERVERS = ("gunicorn", "gthread", "granian")
+GTHREAD_CONFIG = """\
+# deploy/gunicorn.conf.py, with the gthread worker (written by bench/servers.py)
+import runpy
+
+globals().update(runpy.run_path({default!r}))
+worker_class = "sidecar.worker.BalancedThreadWorker"
+"""
 CACHES = ("subject_tokens", "minted_tokens")
 _CACHE_LOOKUP = re.compile(
     r'^sidecar_cache_lookups_total\{(?=[^}]*cache="(\w+)")(?=[^}]*result="(\w+)")[^}]*\}'
@@ -303,8 +312,15 @@ def start_service(
     path = "cached" if cached else "uncached"
     command = [
         *SIDECAR, "--config", str(config),
-        "serve", "--server", server, "--bind", f"{HOST}:{port}", "--workers", str(workers),
+        "serve", "--bind", f"{HOST}:{port}", "--workers", str(workers),
     ]  # fmt: skip
+    if server == "gthread":
+        gthread_config = fixtures.directory / "gunicorn-gthread.conf.py"
+        default = REPO_ROOT / "deploy" / "gunicorn.conf.py"
+        gthread_config.write_text(GTHREAD_CONFIG.format(default=str(default)))
+        command += ["--server", "gunicorn", "--gunicorn-config", str(gthread_config)]
+    else:
+        command += ["--server", server]
     service = Server(
         f"{server} ({path})",
         command,

@@ -24,9 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import jwt
-
 from sidecar.errors import InvalidRequestError
+from sidecar.exchange import jws
 
 # Header parameters that point at or embed key material, or change how the token is processed.
 # RFC 8725 §3.10 warns against following them; we refuse the token instead of ignoring them.
@@ -155,7 +154,7 @@ def verify_token_and_key(
         raise _refuse(f"{role} token is not a JWS compact serialization")
     header_segment, payload_segment, _ = token.split(".")
     try:
-        # Read only to find the issuer and key whose rules apply; jwt.decode below verifies.
+        # Read only to find the issuer and key whose rules apply; jws.decode below verifies.
         unverified_header = _unverified_segment(header_segment)
         unverified_claims = _unverified_segment(payload_segment)
     except Exception as exc:  # any failure to parse hostile input is a refusal
@@ -179,7 +178,7 @@ def verify_token_and_key(
         raise _refuse(f"{role} token alg does not fit the key")
 
     try:
-        verified_claims = jwt.decode(
+        verified_claims = jws.decode(  # PyJWT's decoder: see sidecar/exchange/jws.py
             token,
             key.key,
             algorithms=[alg],  # exactly the one algorithm checked above
