@@ -10,7 +10,7 @@ duration, and stop:
 - the uncached path: `sidecar serve` with both caches disabled, under gunicorn
   (deploy/gunicorn.conf.py, its asyncio worker), under gunicorn with the gthread worker, and under
   granian (skipped, with a note, when granian is missing);
-- the cached path: `sidecar serve` with the default caches, under gunicorn and granian, first
+- the cached path: `sidecar serve` with the default caches, under the same three servers, first
   primed by passes that send every token once until every worker holds every token in both
   caches, so that what is measured is the steady state of gateways sending the same tokens again.
 
