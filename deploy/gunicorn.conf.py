@@ -27,6 +27,8 @@ errorlog = "-"
 # reload or stop the server; a sidecar is managed by its orchestrator, not through it.
 control_socket_disable = True
 loglevel = "info"
+# uvloop (a dependency) runs the asyncio worker's event loop; "asyncio" picks the standard one.
+asgi_loop = "auto"
 # The C parser (gunicorn_h1c, installed with gunicorn[fast]) when it is there.
 http_parser = "auto"
 

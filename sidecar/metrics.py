@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -19,6 +19,25 @@ from prometheus_client.registry import Collector
 from sidecar.keys.keyring import Keyring
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# In multiprocess mode every increment asks the kernel for the process id (os.getpid, a system
+# call), to notice a fork and move to the new process's own file: five times per token request.
+# The id is kept here instead, and refreshed in a forked child before it runs anything else.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def _process_id() -> int:
+    return _pid
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+if getattr(values.ValueClass, "_multiprocess", False):
+    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
 
 
 class KeyringCollector(Collector):

@@ -45,7 +45,11 @@ STALE_AFTER = 2.0
 _pids = multiprocessing.RawArray("i", MAX_WORKERS)
 _connections = multiprocessing.RawArray("i", MAX_WORKERS)
 _beats = multiprocessing.RawArray("d", MAX_WORKERS)  # when the worker's loop last came round
+_used = multiprocessing.RawValue("i", 0)  # slots below this index have been claimed at some time
 _claim = multiprocessing.Lock()
+# The asyncio worker tells the master it is alive (a file's mtime: a syscall) this often, not on
+# every turn of its accept loop; gunicorn's timeout (30 s) is far longer.
+HEARTBEAT_INTERVAL = 1.0
 
 
 def release_slot(pid: int) -> None:
@@ -65,6 +69,7 @@ def claim_slot() -> int | None:
         for slot in range(MAX_WORKERS):
             if _pids[slot] == 0:
                 _pids[slot], _connections[slot], _beats[slot] = pid, 0, time.time()
+                _used.value = max(_used.value, slot + 1)
                 return slot
     return None
 
@@ -76,7 +81,7 @@ def may_accept(slot: int, mine: int, limit: int) -> bool:
     fewest = min(
         (
             _connections[s]
-            for s in range(MAX_WORKERS)
+            for s in range(_used.value)
             if _pids[s] and s != slot and now - _beats[s] < STALE_AFTER
         ),
         default=mine,
@@ -117,8 +122,46 @@ class BalancedAsgiWorker(ASGIWorker):  # type: ignore[misc]
     """gunicorn's asyncio worker, accepting one connection at a time, only while no other live
     worker holds fewer (see the module docstring)."""
 
+    # uvloop runs a signal's handler only while its loop runs: a signal that arrives while the
+    # worker boots (its app loading, before the loop starts) would be lost, and a SIGTERM then
+    # waits for the orchestrator's SIGKILL. From the start of the worker process until its loop
+    # runs, these signals are recorded here instead, and raised again once it does.
+    _BOOT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+    def init_process(self) -> None:
+        self._during_boot: list[int] = []
+        self._loop_handlers: dict[int, Any] = {}
+        self._hold_signals()  # the master's handlers, inherited, would drop them
+        super().init_process()
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        self._hold_signals()
+
+    def run(self) -> None:
+        self._hold_signals()  # post_worker_init set a loop handler (SIGTERM: drain first)
+        super().run()
+
+    def _hold_signals(self) -> None:
+        for sig in self._BOOT_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler != self._record_boot_signal:
+                self._loop_handlers[sig] = handler
+                signal.signal(sig, self._record_boot_signal)
+
+    def _record_boot_signal(self, signum: int, frame: Any) -> None:
+        self._during_boot.append(signum)
+
+    def _replay_boot_signals(self) -> None:
+        for sig, handler in self._loop_handlers.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(self._during_boot):
+            os.kill(os.getpid(), signum)  # now the running loop's handlers see it
+
     async def _serve(self) -> None:
         from gunicorn.asgi.protocol import ASGIProtocol
+
+        self._replay_boot_signals()
 
         self._protocol = ASGIProtocol
         self._accepting = False
@@ -127,9 +170,13 @@ class BalancedAsgiWorker(ASGIWorker):  # type: ignore[misc]
         self._listeners: list[socket.socket] = [listener.sock for listener in self.sockets]
         for listener in self._listeners:
             listener.setblocking(False)
+        told_master = 0.0
         try:
             while self.alive:
-                self.notify()
+                now = time.monotonic()
+                if now - told_master >= HEARTBEAT_INTERVAL:
+                    self.notify()
+                    told_master = now
                 if self.ppid != os.getppid():
                     self.log.info("Parent changed, shutting down: %s", self)
                     break

@@ -19,7 +19,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sidecar.audit import BACKPRESSURE_WAIT, DENIED, GRANTED, AuditEvent, AuditTrail
+from sidecar.audit import (
+    BACKPRESSURE_WAIT,
+    DENIED,
+    GRANTED,
+    ROWS_PER_INSERT,
+    AuditEvent,
+    AuditTrail,
+)
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.store.db import make_engine
 from sidecar.store.migrate import upgrade
@@ -190,6 +197,51 @@ def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None
     assert json.loads(second.audiences or "") == []  # JSON, even when empty
     assert second.jti is None
     assert second.expires_at is None
+
+
+def test_a_batch_of_many_multi_row_inserts_writes_every_field_of_every_event(
+    database_url: str,
+) -> None:
+    # Two full multi-row INSERTs and a shorter last one, on SQLite (parameters by position) and
+    # PostgreSQL (by name): each value must land in its own row and column.
+    engine = make_engine(database_url)
+    upgrade(engine)
+    trail = AuditTrail(engine, flush_interval=SLOW, batch_size=1000)
+    count = 2 * ROWS_PER_INSERT + 7
+    events = [
+        AuditEvent(
+            at=1_700_000_000.0 + n,
+            decision=GRANTED if n % 2 else DENIED,
+            error=None if n % 2 else "invalid_target",
+            reason=f"reason-{n}",
+            client_id=f"client-{n}",
+            subject=f"user-{n}" if n % 3 else "üser-ñ",
+            subject_issuer=f"https://idp-{n}.example",
+            subject_token_sha256=f"{n:016x}",
+            actor=None if n % 5 else f"actor-{n}",
+            audiences=[f"https://up-{n}.example", "https://shared.example"],
+            scope=f"s{n}.read",
+            jti=f"jti-{n}",
+            expires_at=1_700_000_120.0 + n if n % 2 else None,
+            kid=f"kid-{n % 4}",
+        )
+        for n in range(count)
+    ]
+    try:
+        for item in events:
+            trail.record(item)
+        assert flushed(trail)
+        with Session(engine) as session:
+            rows = list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
+    finally:
+        trail.close(timeout=5)
+        engine.dispose()
+
+    assert len(rows) == count
+    for row, item in zip(rows, events, strict=True):
+        stored = {name: getattr(row, name) for name in EVENT_FIELDS - {"audiences"}}
+        assert stored == {name: getattr(item, name) for name in EVENT_FIELDS - {"audiences"}}
+        assert json.loads(row.audiences or "") == item.audiences
 
 
 def test_long_values_are_cut_to_the_column_size_instead_of_failing_the_batch(

@@ -83,8 +83,11 @@ def wait_until_ready(server: Gunicorn) -> None:
     pytest.fail(f"sidecar serve not ready after {START_TIMEOUT}s:\n{server.log()}")
 
 
-def start_gunicorn(directory: Path, *extra: str, access_log: bool = True) -> Gunicorn:
-    """`sidecar serve --workers 2` on a SQLite database file that does not exist yet."""
+def start_gunicorn(
+    directory: Path, *extra: str, access_log: bool = True, wait: bool = True
+) -> Gunicorn:
+    """`sidecar serve --workers 2` on a SQLite database file that does not exist yet; ready to
+    answer, unless ``wait`` is False."""
     idp = TestIdP(directory)
     database_url = f"sqlite:///{directory / 'never-migrated.db'}"
     config: dict[str, Any] = base_config(idp, ClientKeys(), database_url)
@@ -107,6 +110,8 @@ def start_gunicorn(directory: Path, *extra: str, access_log: bool = True) -> Gun
             start_new_session=True,  # kill() takes the workers too (granian's outlive a master)
         )
     server = Gunicorn(process, f"http://127.0.0.1:{port}", database_url, idp, output)
+    if not wait:
+        return server
     try:
         wait_until_ready(server)
     except BaseException:
@@ -243,6 +248,25 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
         assert time.monotonic() - started < 10
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{server.url}/healthz", timeout=2)
+    finally:
+        server.kill()
+
+
+def test_sigterm_while_the_workers_boot_stops_the_server(tmp_path: Path) -> None:
+    # uvloop runs a signal handler only while its loop runs: a SIGTERM that arrives while a
+    # worker still loads the app must not be lost (the orchestrator would wait to SIGKILL it).
+    server = start_gunicorn(tmp_path, wait=False)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while server.log().count("Booting worker with pid") < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.01)
+        started = time.monotonic()
+        status = server.stop()
+
+        assert status == 0, server.log()
+        assert time.monotonic() - started < 10
+        assert server.log().count("Worker exiting") == 2, server.log()
     finally:
         server.kill()
 
