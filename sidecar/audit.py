@@ -88,7 +88,7 @@ class AuditEvent:
 _FIELDS = tuple(f.name for f in fields(AuditEvent))
 
 
-@lru_cache(maxsize=4 * ROWS_PER_INSERT)
+@lru_cache(maxsize=32)
 def _insert_sql(dialect: Dialect, count: int) -> tuple[str, tuple[tuple[str, int, str], ...], bool]:
     """``INSERT INTO audit_events (...) VALUES (...), (...), ...`` for ``count`` rows, compiled
     once per database dialect and row count: the SQL text, then each parameter (its name, its
@@ -341,8 +341,13 @@ class AuditTrail:
                     self._yield()
             try:
                 with self._engine.begin() as connection:
-                    for start in range(0, len(rows), ROWS_PER_INSERT):
-                        _insert(connection, rows[start : start + ROWS_PER_INSERT])
+                    start = 0
+                    while start < len(rows):
+                        # 64 rows at a time, the rest in 32, 16, ...: a few statements to build
+                        # and keep (each an SQL text of up to 64 rows), not one per row count.
+                        count = min(ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
+                        _insert(connection, rows[start : start + count])
+                        start += count
                         self._yield()
             except Exception as exc:
                 with self._wake:

@@ -710,3 +710,36 @@ def test_check_config_reports_a_missing_jwks_file(tmp_path: Path) -> None:
 
     assert "trusted_issuers[0].jwks_file" in one_line_error(result)
     assert result.returncode == 2
+
+
+# --- serve: the preparation runs in a child process ------------------------------------------
+
+CHILD_STEP = """
+import sys
+from sidecar.cli import _in_child_process, fail
+
+def step(settings):
+    import xml.dom.minidom  # stands for what preparing imports and builds
+    if settings == "fail":
+        fail("the database is away")
+
+_in_child_process(step, sys.argv[1])
+print("parent goes on;", "xml.dom.minidom" in sys.modules)
+"""
+
+
+def test_serve_prepares_in_a_child_and_keeps_none_of_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD_STEP, "ok"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "parent goes on; False"
+
+
+def test_a_failed_preparation_stops_serve_with_its_message_and_code() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD_STEP, "fail"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "sidecar: error: the database is away" in done.stderr
+    assert "parent goes on" not in done.stdout

@@ -7,7 +7,10 @@ non-zero with a one-line reason on failure, and prints JSON with ``--json`` wher
 from __future__ import annotations
 
 import datetime
+import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -134,10 +137,27 @@ def serve(
     from sidecar.server import serve as run_server
     from sidecar.server import serve_granian
 
-    # prepare() migrates an embedded SQLite database itself and checks the schema otherwise.
-    services = services_of(ctx, needs_schema=False)
-    if missing := services.settings.missing_files():
+    settings = settings_of(ctx)
+    _in_child_process(_prepare_to_serve, settings)
+    if server_name == "granian":
+        if gunicorn_config is not None:
+            fail("--gunicorn-config applies to --server gunicorn only", 2)
+        if settings.admin is not None and settings.admin.listen:
+            fail("admin.listen (a separate admin listener) needs --server gunicorn", 2)
+        config_path = Path(str(ctx.find_root().params["config"])).resolve()
+        serve_granian(config_path, bind=bind, workers=workers)
+        return
+    run_server(settings, bind=bind, workers=workers, config_file=gunicorn_config)
+
+
+def _prepare_to_serve(settings: Settings) -> None:
+    """The checks and preparation before serving: files, database (prepare() migrates an
+    embedded SQLite database itself and checks the schema otherwise), signing keys."""
+    from sidecar.services import Services
+
+    if missing := settings.missing_files():
         fail("invalid configuration: " + "; ".join(missing), 2)
+    services = Services(settings)
     try:
         services.prepare()
     except (KeyDecryptionError, KeyDirectoryError) as exc:
@@ -146,15 +166,32 @@ def serve(
         fail(f"cannot start: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     finally:
         services.engine.dispose()
-    if server_name == "granian":
-        if gunicorn_config is not None:
-            fail("--gunicorn-config applies to --server gunicorn only", 2)
-        if services.settings.admin is not None and services.settings.admin.listen:
-            fail("admin.listen (a separate admin listener) needs --server gunicorn", 2)
-        config_path = Path(str(ctx.find_root().params["config"])).resolve()
-        serve_granian(config_path, bind=bind, workers=workers)
-        return
-    run_server(services.settings, bind=bind, workers=workers, config_file=gunicorn_config)
+
+
+def _in_child_process(step: Callable[[Settings], None], settings: Settings) -> None:
+    """Run ``step`` in a forked child and exit as it did if it failed. The server's master forks
+    every worker: what the step builds (its services, the migration tooling it imports) would
+    otherwise stay in the master, and be copied into the memory of every worker."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            step(settings)
+            code = 0
+        except SystemExit as exc:  # fail() printed why
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(code if code > 0 else 1)
 
 
 @main.group()
