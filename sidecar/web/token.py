@@ -100,6 +100,10 @@ class TokenEndpoint:
         try:
             self._audit.record(event)
             self._exchanges.labels("denied", error.error).inc()
+        except WouldBlock:
+            # On the event loop past the audit high-water mark: the bridge answers the request
+            # again on a thread, where the refusal waits for the writer and is recorded.
+            raise
         except Exception as exc:  # the refusal is still answered as JSON, with no-store
             log_unexpected(exc)
         return error.status_code, tuple(error.response_headers().items()), error_body(error)

@@ -6,17 +6,24 @@ test that starts `sidecar serve` (the default worker class)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
+from sidecar.audit import AuditTrail
 from sidecar.blocking import WouldBlock, may_block
 from sidecar.exchange.request import MAX_BODY_BYTES
+from sidecar.services import Services
+from sidecar.web.app import create_app
 from sidecar.web.asgi import AsgiBridge, wsgi_environ
 from sidecar.web.token import RETRIED_ON_THREAD
+from tests.conftest import GATEWAY_SECRET, audit_rows
+from tests.web.helpers import exchange_form
 
 FORM = b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token=x"
 
@@ -213,3 +220,27 @@ def test_lifespan_startup_and_shutdown_complete() -> None:
 
     asyncio.run(AsgiBridge(Recorder())({"type": "lifespan"}, receive, send))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_a_refusal_past_the_audit_high_water_mark_is_answered_on_a_thread_and_recorded(
+    services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every record past high_water=0 would wait for the writer: on the loop, WouldBlock.
+    services.audit = AuditTrail(services.engine, flush_interval=0.01, high_water=0)
+    bridge = AsgiBridge(create_app(services.settings, services))
+    form = urlencode(exchange_form("not-a-jwt")).encode()
+    credentials = base64.b64encode(f"gateway:{GATEWAY_SECRET}".encode())
+    headers = [
+        (b"content-type", b"application/x-www-form-urlencoded"),
+        (b"authorization", b"Basic " + credentials),
+        (b"content-length", str(len(form)).encode()),
+    ]
+
+    status, _, body = serve(bridge, scope(headers=headers), [form])
+
+    assert (status, json.loads(body)["error"]) == (400, "invalid_request")
+    rows = audit_rows(services)
+    assert [(row.decision, row.error, row.client_id) for row in rows] == [
+        ("denied", "invalid_request", "gateway")
+    ]
+    assert "WouldBlock" not in caplog.text
