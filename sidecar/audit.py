@@ -3,8 +3,14 @@
 Never a token or a secret: a subject token appears as a short SHA-256 prefix, a minted token as its
 ``jti``. Each event is written to the database and to the ``sidecar.audit`` log as one JSON line.
 
-Off the hot path: ``record`` only queues the event; one background thread per process writes the
-queue in batches (one transaction each) every ``flush_interval`` or sooner when a batch fills.
+Off the hot path: ``record`` logs the event and queues its row (built there, a few microseconds);
+one background thread per process writes the queue in batches (one transaction each) every
+``flush_interval`` or sooner when a batch fills. The writer runs no per-event Python: the
+requests' threads (under the asyncio worker, the event loop) and the writer share one GIL, and
+each time a request released it (an RS256 verification, an ES256 signature) a writer with
+Python left to run took it, so the request then waited for it. Measured in-process on the
+uncached path, 10,000 exchanges: 380 us of CPU per exchange with the rows and log lines built
+by the writer, against 187 us with no audit at all.
 Nothing is lost on a graceful shutdown: ``close`` (called when a gunicorn worker exits, and at
 interpreter exit) writes what is queued. Fail closed: while the database refuses writes, or while
 ``max_pending`` events wait, a *grant* is refused with 503 instead of answered unrecorded; the
@@ -24,6 +30,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, bindparam, insert
@@ -36,10 +43,7 @@ log = logging.getLogger("sidecar.audit")
 
 GRANTED, DENIED = "granted", "denied"
 FLUSH_INTERVAL = 0.05  # seconds a queued event waits at most before its batch is written
-# The writer shares the GIL with the request threads: it builds rows in slices of this many events
-# and sleeps this long after each slice and after each INSERT, so a request is never held up for
-# a whole batch (measured with make bench: p99 at one connection 4 ms unsliced, 1.6 ms sliced).
-SLICE = 16
+# The writer sleeps this long after each INSERT, so a request is never held up for a whole batch.
 YIELD = 0.0002
 BATCH_SIZE = 500
 MAX_PENDING = 10_000
@@ -86,32 +90,43 @@ class AuditEvent:
 
 
 _FIELDS = tuple(f.name for f in fields(AuditEvent))
+Row = tuple[Any, ...]  # an event's columns, in _FIELDS order
 
 
 @lru_cache(maxsize=32)
-def _insert_sql(dialect: Dialect, count: int) -> tuple[str, tuple[tuple[str, int, str], ...], bool]:
+def _insert_sql(
+    dialect: Dialect, count: int
+) -> tuple[str, tuple[tuple[str, int, int], ...], bool, bool]:
     """``INSERT INTO audit_events (...) VALUES (...), (...), ...`` for ``count`` rows, compiled
-    once per database dialect and row count: the SQL text, then each parameter (its name, its
-    row, its column) in the order the SQL takes them, and whether the driver takes them by
-    position (a tuple) or by name (a dict)."""
+    once per database dialect and row count: the SQL text; each parameter (its name, its row,
+    its column) in the order the SQL takes them; whether the driver takes them by position (a
+    tuple) or by name (a dict); and whether that order is simply the rows one after the other."""
     statement = insert(AuditEventRow).values(
         [{name: bindparam(f"{name}_{row}") for name in _FIELDS} for row in range(count)]
     )
     compiled = statement.compile(dialect=dialect)
-    where = {f"{name}_{row}": (row, name) for row in range(count) for name in _FIELDS}
+    where = {
+        f"{name}_{row}": (row, column)
+        for row in range(count)
+        for column, name in enumerate(_FIELDS)
+    }
     names = compiled.positiontup if compiled.positional else list(where)
     if names is None or sorted(names) != sorted(where):  # every parameter, exactly once
         raise RuntimeError(f"unexpected parameters in the compiled audit INSERT: {names}")
-    return str(compiled), tuple((key, *where[key]) for key in names), compiled.positional
+    parameters = tuple((key, *where[key]) for key in names)
+    row_major = compiled.positional and list(names) == list(where)
+    return str(compiled), parameters, compiled.positional, row_major
 
 
-def _insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
+def _insert(connection: Connection, rows: list[Row]) -> None:
     """The rows in one multi-row INSERT, on the driver directly."""
-    sql, parameters, positional = _insert_sql(connection.dialect, len(rows))
-    if positional:
-        connection.exec_driver_sql(sql, tuple(rows[row][name] for _, row, name in parameters))
+    sql, parameters, positional, row_major = _insert_sql(connection.dialect, len(rows))
+    if row_major:
+        connection.exec_driver_sql(sql, tuple(chain.from_iterable(rows)))
+    elif positional:
+        connection.exec_driver_sql(sql, tuple(rows[row][column] for _, row, column in parameters))
     else:
-        connection.exec_driver_sql(sql, {key: rows[row][name] for key, row, name in parameters})
+        connection.exec_driver_sql(sql, {key: rows[row][column] for key, row, column in parameters})
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per event
@@ -142,23 +157,27 @@ def _storable(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
 
 
+_AUDIENCES = _FIELDS.index("audiences")  # stored as its JSON text
+# Columns holding a str or None, and those cut to their column size.
 _TEXT = tuple(
-    name for name in _FIELDS if name not in ("at", "expires_at", "audiences")
-)  # str or None; `audiences` is stored as its JSON text
+    column for column, name in enumerate(_FIELDS) if name not in ("at", "expires_at", "audiences")
+)
+_CUT = tuple(_FIELDS.index(name) for name in _TRUNCATED)
 
 
-def _row(values: dict[str, Any]) -> dict[str, Any]:
-    row = values.copy()
-    row["audiences"] = _encode(values["audiences"])  # ASCII: the encoder escapes the rest
-    for name in _TEXT:
-        value = row[name]
+def _row(values: dict[str, Any]) -> Row:
+    """The event's row, its columns in ``_FIELDS`` order, as every database stores it."""
+    row = list(values.values())
+    row[_AUDIENCES] = _encode(row[_AUDIENCES])  # ASCII: the encoder escapes the rest
+    for column in _TEXT:
+        value = row[column]
         if value is not None and (not value.isascii() or "\x00" in value):
-            row[name] = _storable(value)
-    for name in _TRUNCATED:
-        value = row[name]
+            row[column] = _storable(value)
+    for column in _CUT:
+        value = row[column]
         if value is not None and len(value) > 255:
-            row[name] = value[:255]
-    return row
+            row[column] = value[:255]
+    return tuple(row)
 
 
 class AuditTrail:
@@ -183,8 +202,8 @@ class AuditTrail:
         """A fresh, empty trail with no writer: at construction, and in a forked child (whose
         copy of the parent's queue is the parent's to write, and whose locks may have been
         copied while held)."""
-        self._queue: deque[AuditEvent] = deque()
-        self._retry: list[dict[str, Any]] = []  # rows logged already, not yet in the database
+        self._queue: deque[Row] = deque()
+        self._retry: list[Row] = []  # rows not yet in the database
         lock = threading.Lock()
         self._wake = threading.Condition(lock)  # the writer waits for events or close()
         self._idle = threading.Condition(lock)  # flush() waits for the writer to catch up
@@ -223,10 +242,12 @@ class AuditTrail:
         if len(self._queue) >= self._high_water and not self._failing:
             may_block()  # on the event loop: answered again on a thread, which may wait below
         self._ensure_writer()
+        values = _values(event)
+        row = _row(values)
         with self._wake:
             closed = self._closed and self._pid == os.getpid()  # close() ran meanwhile
             if not closed:
-                self._queue.append(event)
+                self._queue.append(row)
                 if len(self._queue) >= self._batch_size:
                     self._wake.notify()
                 if len(self._queue) > self._high_water and not self._failing:
@@ -234,6 +255,8 @@ class AuditTrail:
                     self._idle.wait(BACKPRESSURE_WAIT)
         if closed:
             self._after_close(event)
+        else:
+            _log_event(_log_line(values))
 
     def _after_close(self, event: AuditEvent) -> None:
         # After close() (the process is exiting) nothing writes the queue any more: a grant is
@@ -272,9 +295,7 @@ class AuditTrail:
         if writer_stopped and (self._queue or self._retry):  # one last attempt, here
             self._write_pending()
         if self._queue or self._retry:
-            # Not in the database: at least every one of them is in the log.
-            for event in self._queue:
-                _log_event(_log_line(_values(event)))
+            # Not in the database, but every one of them is in the log (record() logged it).
             log.error(
                 "audit trail closed with %d event(s) not written to the database (they are in "
                 "the sidecar.audit log)",
@@ -333,12 +354,7 @@ class AuditTrail:
                 self._writing = True
                 rows, self._retry = self._retry, []
                 self._in_flight = len(rows) + len(taken)
-            for index, event in enumerate(taken, 1):
-                values = _values(event)
-                _log_event(_log_line(values))
-                rows.append(_row(values))
-                if index % SLICE == 0:
-                    self._yield()
+            rows += taken
             try:
                 with self._engine.begin() as connection:
                     start = 0
