@@ -8,13 +8,14 @@ import logging
 import os
 import runpy
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from sidecar import REPO_ROOT
+from sidecar import REPO_ROOT, auditlog
 from sidecar.config import Settings
 
 DEFAULT_GUNICORN_CONFIG = REPO_ROOT / "deploy" / "gunicorn.conf.py"
@@ -76,12 +77,14 @@ def settle(app: Any) -> Any:
     return app  # the master
 
 
+LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging() -> None:
-    """The service's own log lines (audit, key and issuer events) on stderr, beside gunicorn's."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    """The service's own log lines (audit, key and issuer events) on stderr, beside gunicorn's;
+    the audit lines through the handler that the audit writer feeds a batch at a time."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    auditlog.install(sys.stderr, logging.Formatter(LOG_FORMAT))
 
 
 def _share_metrics() -> None:

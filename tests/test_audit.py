@@ -6,9 +6,11 @@ steps poll with short deadlines instead of sleeping."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from sidecar import auditlog
 from sidecar.audit import (
     BACKPRESSURE_WAIT,
     DENIED,
@@ -27,7 +30,9 @@ from sidecar.audit import (
     AuditEvent,
     AuditTrail,
 )
+from sidecar.auditlog import AUDIT_LOGGER
 from sidecar.errors import TemporarilyUnavailableError
+from sidecar.server import LOG_FORMAT
 from sidecar.store.db import make_engine
 from sidecar.store.migrate import upgrade
 from sidecar.store.models import AuditEventRow
@@ -317,6 +322,109 @@ def test_each_event_has_one_log_line_with_only_its_fields(
     for line, each in zip(lines, events, strict=True):
         assert set(line) == EVENT_FIELDS  # no more than the event: nothing else leaks in
         assert line == {name: getattr(each, name) for name in EVENT_FIELDS}
+
+
+class CountingStream(io.StringIO):
+    """A text stream that counts its write() calls."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def batched_log() -> Iterator[CountingStream]:
+    """The sidecar.audit logger routed to a stream through the batching handler, as `sidecar
+    serve` sets it up (sidecar.server.configure_logging), and restored afterwards."""
+    logger = logging.getLogger(AUDIT_LOGGER)
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    stream = CountingStream()
+    auditlog.install(stream, logging.Formatter(LOG_FORMAT))
+    yield stream
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level = saved[1], saved[2]
+
+
+def batching_only() -> None:
+    """Detach pytest's capture handlers, which pytest attaches to every non-propagating logger
+    when a test starts (any other handler turns the batching off, rightly)."""
+    logger = logging.getLogger(AUDIT_LOGGER)
+    logger.handlers[:] = [h for h in logger.handlers if isinstance(h, auditlog.AuditLogHandler)]
+
+
+def test_batched_log_lines_are_written_by_the_writer_in_one_write(
+    db: AuditDatabase, batched_log: CountingStream
+) -> None:
+    batching_only()
+    trail = db.trail(flush_interval=SLOW)
+    subjects = [f"user-{n}" for n in range(5)]
+    for subject in subjects:
+        trail.record(event(subject, GRANTED, jti=f"j-{subject}"))
+
+    assert batched_log.getvalue() == ""  # the request only queued its line
+    assert trail.flush()
+
+    assert batched_log.writes == 1
+    lines = batched_log.getvalue().splitlines()
+    assert len(lines) == len(subjects)
+    pattern = re.compile(
+        rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} \[{os.getpid()}\] INFO "
+        r"sidecar\.audit: exchange (\{.*\})$"
+    )
+    parsed = []
+    for line in lines:
+        match = pattern.match(line)
+        assert match is not None, line
+        parsed.append(json.loads(match.group(1)))
+    assert [each["subject"] for each in parsed] == subjects
+    assert all(set(each) == EVENT_FIELDS for each in parsed)
+    assert db.subjects() == subjects
+
+
+def test_batched_log_lines_queued_at_close_are_written(
+    db: AuditDatabase, batched_log: CountingStream
+) -> None:
+    batching_only()
+    trail = db.trail(flush_interval=SLOW)
+    trail.record(event("last"))
+    trail.close()
+    assert '"subject":"last"' in batched_log.getvalue()
+    assert db.subjects() == ["last"]
+
+
+def test_batched_log_lines_are_logged_while_the_database_refuses_writes(
+    db: AuditDatabase, batched_log: CountingStream
+) -> None:
+    batching_only()
+    trail = db.trail(flush_interval=0.01)
+    trail.record(event("before"))
+    assert trail.flush()
+    db.take_away()
+
+    trail.record(event("while-away", error="invalid_target", reason="no policy"))
+    deadline = time.monotonic() + 5
+    while '"subject":"while-away"' not in batched_log.getvalue():
+        assert time.monotonic() < deadline, "the line was not logged"
+        time.sleep(0.01)
+
+    db.bring_back()
+    assert flushed(trail)
+    assert db.subjects() == ["before", "while-away"]
+    assert batched_log.getvalue().count('"subject":"while-away"') == 1  # not again on retry
+
+
+def test_beside_another_handler_each_event_is_logged_when_recorded(
+    db: AuditDatabase, batched_log: CountingStream, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    # pytest's capture handler sits beside the batching one: every handler gets every line,
+    # through the logging module.
+    assert auditlog.batch_handler(logging.getLogger(AUDIT_LOGGER)) is None
+    trail = db.trail(flush_interval=SLOW)
+    trail.record(event("at-once"))
+    assert [line["subject"] for line in audit_log()] == ["at-once"]
+    assert '"subject":"at-once"' in batched_log.getvalue()
 
 
 # --- the database fails -------------------------------------------------------------------------
