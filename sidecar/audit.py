@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing.util
 import os
+import sqlite3
 import threading
 import time
 import weakref
@@ -46,8 +47,6 @@ log = logging.getLogger("sidecar.audit")
 
 GRANTED, DENIED = "granted", "denied"
 FLUSH_INTERVAL = 0.05  # seconds a queued event waits at most before its batch is written
-# The writer sleeps this long after each INSERT, so a request is never held up for a whole batch.
-YIELD = 0.0002
 BATCH_SIZE = 500
 MAX_PENDING = 10_000
 # Past this many queued events, a request waits (up to BACKPRESSURE_WAIT) for the writer to catch
@@ -61,6 +60,7 @@ _TRUNCATED = ("reason", "subject", "actor", "client_id")
 # round trip, and for SQLite one step outside the GIL) instead of one per row. 64 rows of 15
 # columns stay under the 999 parameters of the oldest SQLite builds.
 ROWS_PER_INSERT = 64
+MAX_ROWS_PER_INSERT = 1024  # SQLite 3.32+: a batch in one statement
 _TRAILS: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
 
 
@@ -121,8 +121,37 @@ def _insert_sql(
     return str(compiled), parameters, compiled.positional, row_major
 
 
+@lru_cache(maxsize=8)
+def _repeated_values(dialect: Dialect) -> tuple[str, str] | None:
+    """For a driver taking ``?`` parameters in row order (SQLite): the one-row INSERT cut into
+    its head (up to ``VALUES``) and its group of parameters, so that the text for any number of
+    rows is the group repeated, with no compilation per row count. None for other drivers."""
+    sql, _, _, row_major = _insert_sql(dialect, 1)
+    head, values, group = sql.rpartition(" VALUES ")
+    if dialect.paramstyle != "qmark" or not row_major or not values:
+        return None
+    if group != "(" + ", ".join("?" * len(_FIELDS)) + ")":
+        return None
+    return head + values, group
+
+
+def rows_per_insert(dialect: Dialect) -> int:
+    """How many rows one INSERT takes: a whole batch on SQLite 3.32+ (32,766 parameters), so a
+    batch is one statement (one step outside the GIL, and the write lock shared by the workers
+    held that long); 64 elsewhere."""
+    if _repeated_values(dialect) is not None and sqlite3.sqlite_version_info >= (3, 32):
+        return min(MAX_ROWS_PER_INSERT, 32_766 // len(_FIELDS))
+    return ROWS_PER_INSERT
+
+
 def _insert(connection: Connection, rows: list[Row]) -> None:
     """The rows in one multi-row INSERT, on the driver directly."""
+    repeated = _repeated_values(connection.dialect)
+    if repeated is not None:
+        head, group = repeated
+        sql = head + ", ".join([group] * len(rows))
+        connection.exec_driver_sql(sql, tuple(chain.from_iterable(rows)))
+        return
     sql, parameters, positional, row_major = _insert_sql(connection.dialect, len(rows))
     if row_major:
         connection.exec_driver_sql(sql, tuple(chain.from_iterable(rows)))
@@ -360,11 +389,6 @@ class AuditTrail:
             if not self._write_pending():
                 time.sleep(RETRY_AFTER_FAILURE)
 
-    def _yield(self) -> None:
-        # Falling behind (the requests would soon wait at HIGH_WATER): catch up instead.
-        if len(self._queue) < self._high_water // 4:
-            time.sleep(YIELD)
-
     def _write_pending(self) -> bool:
         """Write the retried rows and the queue, a batch at a time; False on a failed write."""
         while True:
@@ -384,14 +408,17 @@ class AuditTrail:
             rows += taken
             try:
                 with self._engine.begin() as connection:
+                    most = rows_per_insert(connection.dialect)
                     start = 0
                     while start < len(rows):
-                        # 64 rows at a time, the rest in 32, 16, ...: a few statements to build
-                        # and keep (each an SQL text of up to 64 rows), not one per row count.
-                        count = min(ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
+                        # SQLite: the whole batch at once. Elsewhere 64 rows at a time, the
+                        # rest in 32, 16, ...: a few statements to build and keep (each an SQL
+                        # text of up to 64 rows), not one per row count.
+                        count = len(rows) - start
+                        if count > most or most == ROWS_PER_INSERT:
+                            count = min(most, 1 << (count.bit_length() - 1))
                         _insert(connection, rows[start : start + count])
                         start += count
-                        self._yield()
             except Exception as exc:
                 with self._wake:
                     self._retry = rows + self._retry

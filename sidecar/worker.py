@@ -159,11 +159,11 @@ class BalancedAsgiWorker(ASGIWorker):  # type: ignore[misc]
             os.kill(os.getpid(), signum)  # now the running loop's handlers see it
 
     async def _serve(self) -> None:
-        from gunicorn.asgi.protocol import ASGIProtocol
+        from sidecar.web.fastpath import FastTokenProtocol
 
         self._replay_boot_signals()
 
-        self._protocol = ASGIProtocol
+        self._protocol = FastTokenProtocol
         self._accepting = False
         self._connecting = 0  # accepted, not yet counted in nr_conns by their protocol
         self._slot: int | None = None

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.event import listen as event_listen
 from sqlalchemy.orm import Session
 
 from sidecar import auditlog
@@ -26,6 +27,7 @@ from sidecar.audit import (
     BACKPRESSURE_WAIT,
     DENIED,
     GRANTED,
+    MAX_ROWS_PER_INSERT,
     ROWS_PER_INSERT,
     AuditEvent,
     AuditTrail,
@@ -204,15 +206,34 @@ def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None
     assert second.expires_at is None
 
 
+def test_a_batch_is_one_insert_on_sqlite(db: AuditDatabase) -> None:
+    # One statement: one step outside the GIL, and SQLite's write lock (shared by the workers)
+    # held only that long.
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO audit_events"):
+            statements.append(statement)
+
+    event_listen(db.engine, "before_cursor_execute", seen)
+    trail = db.trail(flush_interval=SLOW, batch_size=500)
+    for n in range(500):
+        trail.record(event(f"user-{n}"))
+    assert flushed(trail)
+    assert len(statements) == 1
+    assert len(db.rows()) == 500
+
+
 def test_a_batch_of_many_multi_row_inserts_writes_every_field_of_every_event(
     database_url: str,
 ) -> None:
-    # Two full multi-row INSERTs and a shorter last one, on SQLite (parameters by position) and
-    # PostgreSQL (by name): each value must land in its own row and column.
+    # Full multi-row INSERTs and shorter last ones, on SQLite (parameters by position, up to
+    # MAX_ROWS_PER_INSERT rows a statement) and PostgreSQL (by name, ROWS_PER_INSERT rows): each
+    # value must land in its own row and column.
     engine = make_engine(database_url)
     upgrade(engine)
-    trail = AuditTrail(engine, flush_interval=SLOW, batch_size=1000)
-    count = 2 * ROWS_PER_INSERT + 7
+    trail = AuditTrail(engine, flush_interval=SLOW, batch_size=2 * MAX_ROWS_PER_INSERT)
+    count = MAX_ROWS_PER_INSERT + 2 * ROWS_PER_INSERT + 7
     events = [
         AuditEvent(
             at=1_700_000_000.0 + n,

@@ -48,6 +48,15 @@ _SERVER_ERROR: Response = (
     ],
     error_body(ServerError()),
 )
+_SERVER_ERROR_WSGI = (
+    "500 Internal Server Error",
+    [
+        ("Content-Type", "application/json"),
+        *NO_STORE.items(),
+        ("Content-Length", str(len(_SERVER_ERROR[2]))),
+    ],
+    _SERVER_ERROR[2],
+)
 
 
 class AsgiBridge:
@@ -102,6 +111,22 @@ class AsgiBridge:
             return _SERVER_ERROR
 
     def _call(self, environ: dict[str, Any]) -> Response:
+        try:
+            status, headers, payload = self.run_app(environ)
+        except WouldBlock:
+            raise
+        except Exception as exc:  # the apps answer their own errors: this is a last resort
+            log_unexpected(exc)
+            return _SERVER_ERROR
+        return (
+            int(status[:3]),
+            [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers],
+            payload,
+        )
+
+    def run_app(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        """The WSGI app's answer: its status line, headers and whole body. Raises WouldBlock as
+        the app does; any other exception of the app comes back as a bare 500."""
         started: list[Any] = []
 
         def start_response(
@@ -124,13 +149,9 @@ class AsgiBridge:
             raise
         except Exception as exc:  # the apps answer their own errors: this is a last resort
             log_unexpected(exc)
-            return _SERVER_ERROR
+            return _SERVER_ERROR_WSGI
         status, headers = started
-        return (
-            int(status[:3]),
-            [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers],
-            payload,
-        )
+        return status, headers, payload
 
 
 def _no_write(data: bytes) -> None:
