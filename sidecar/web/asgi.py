@@ -48,7 +48,7 @@ _SERVER_ERROR: Response = (
     ],
     error_body(ServerError()),
 )
-_SERVER_ERROR_WSGI = (
+SERVER_ERROR_WSGI = (
     "500 Internal Server Error",
     [
         ("Content-Type", "application/json"),
@@ -149,7 +149,7 @@ class AsgiBridge:
             raise
         except Exception as exc:  # the apps answer their own errors: this is a last resort
             log_unexpected(exc)
-            return _SERVER_ERROR_WSGI
+            return SERVER_ERROR_WSGI
         status, headers = started
         return status, headers, payload
 

@@ -36,7 +36,8 @@ from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.asgi.protocol import ASGIProtocol
 
 from sidecar.blocking import WouldBlock, on_event_loop
-from sidecar.web.asgi import AsgiBridge
+from sidecar.web.asgi import SERVER_ERROR_WSGI, AsgiBridge
+from sidecar.web.token import log_unexpected
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
             and _default_hook(self.cfg, "post_request")
         )
         self._last_active = 0.0
+        # Never more than gunicorn itself would take (its limit_request_* settings; 0: none).
+        self._max_headers = min(MAX_HEADERS, self.cfg.limit_request_fields or MAX_HEADERS)
+        self._max_field = min(MAX_HEAD_BYTES, self.cfg.limit_request_field_size or MAX_HEAD_BYTES)
         if self._fast:
             sockname = transport.get_extra_info("sockname") or ("", None)
             peername = transport.get_extra_info("peername") or ("", 0)
@@ -137,17 +141,26 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
                 status, headers, payload = bridge.run_app(environ)
         except WouldBlock:
             return -1  # gunicorn's path answers it again, on a thread
-        self._respond(status, headers, payload)
+        except Exception as exc:  # the app ran: never handed to gunicorn to run again
+            log_unexpected(exc)
+            status, headers, payload = SERVER_ERROR_WSGI
+        try:
+            self._respond(status, headers, payload)
+        except Exception as exc:  # the answer may be half written: end the connection
+            log_unexpected(exc)
+            self._close_transport()
         return body_end
 
     def _environ(self, head: bytes) -> dict[str, Any] | None:
         """The WSGI environ of the header block, or None when it is not of the fast shape."""
         lines = head.split(b"\r\n")
-        if len(lines) > MAX_HEADERS:
+        if len(lines) > self._max_headers:
             return None
         environ = self._base_environ.copy()
         seen: set[bytes] = set()
         for line in lines:
+            if len(line) > self._max_field:
+                return None
             match = _HEADER.fullmatch(line)
             if match is None:
                 return None

@@ -29,6 +29,8 @@ class Classifier:
     """Just what FastTokenProtocol._environ reads of its connection."""
 
     _base_environ: ClassVar[dict[str, Any]] = {"REQUEST_METHOD": "POST", "PATH_INFO": "/token"}
+    _max_headers = MAX_HEADERS
+    _max_field = 8190  # gunicorn's default limit_request_field_size
 
     def environ(self, head: bytes) -> dict[str, Any] | None:
         return FastTokenProtocol._environ(self, head)  # type: ignore[arg-type]
