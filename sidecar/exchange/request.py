@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from sidecar.config import SCOPE_TOKEN
@@ -79,11 +80,24 @@ def _form_decode(text: str) -> str:
     """``+`` is a space, ``%XX`` a byte; the bytes must be UTF-8 (UnicodeDecodeError if not).
     Most values (tokens) need no decoding at all."""
     if "%" in text:
-        decoded = unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
-        if _has_control_characters(decoded):
-            raise InvalidRequestError(reason="control character in a parameter")
-        return decoded
+        if len(text) <= _MEMO_CHARS:
+            return _percent_decode_memo(text)
+        return _percent_decode(text)
     return text.replace("+", " ") if "+" in text else text
+
+
+def _percent_decode(text: str) -> str:
+    decoded = unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
+    if _has_control_characters(decoded):
+        raise InvalidRequestError(reason="control character in a parameter")
+    return decoded
+
+
+# The short percent-encoded values repeat on every request of a gateway (the grant type, the
+# token types, its audiences and scopes): decoded once each, not per request. A value that
+# fails raises every time (lru_cache keeps no exceptions); long values (tokens) are never kept.
+_MEMO_CHARS = 256
+_percent_decode_memo = lru_cache(maxsize=1024)(_percent_decode)
 
 
 def _parse_pair(part: str) -> tuple[str, str]:

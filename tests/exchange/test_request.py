@@ -166,6 +166,23 @@ def test_invalid_percent_encoded_utf8_is_refused(encoded: str) -> None:
     assert caught.value.error == "invalid_request"
 
 
+@pytest.mark.parametrize("encoded", ["a%00b", "%C3%28"])
+def test_a_refused_short_value_is_refused_again_every_time(encoded: str) -> None:
+    # Short percent-encoded values are decoded once and remembered; refusals never are.
+    for _ in range(3):
+        with pytest.raises(InvalidRequestError):
+            parse_form(f"scope={encoded}".encode())
+
+
+def test_short_and_long_percent_encoded_values_decode_alike() -> None:
+    short = "https%3A%2F%2Fup.example%2Fmcp"
+    long = short + "%2F" + "x" * 400
+    for _ in range(2):  # the second time from memory, for the short one
+        params = parse_form(f"audience={short}&resource={long}".encode())
+        assert params.single("audience") == "https://up.example/mcp"
+        assert params.single("resource") == "https://up.example/mcp/" + "x" * 400
+
+
 # --- parse_token_exchange -----------------------------------------------------------------------
 
 
