@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Dialect, Engine, bindparam, insert
 
@@ -56,6 +56,7 @@ BACKPRESSURE_WAIT = 0.5
 RETRY_AFTER_FAILURE = 1.0  # seconds between write attempts while the database refuses them
 # Column limits: a long `sub` from an IdP must not turn a batch into a failed insert.
 _TRUNCATED = ("reason", "subject", "actor", "client_id")
+MAX_TEXT = 255
 # Rows go to the database in multi-row INSERTs of up to this many rows: one statement (one
 # round trip, and for SQLite one step outside the GIL) instead of one per row. 64 rows of 15
 # columns stay under the 999 parameters of the oldest SQLite builds.
@@ -64,7 +65,11 @@ MAX_ROWS_PER_INSERT = 1024  # SQLite 3.38+: a batch in one statement (see _json_
 _TRAILS: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
 
 
+_PID = [os.getpid()]  # this process's id, kept at fork: os.getpid() is a system call
+
+
 def _after_fork_in_child() -> None:
+    _PID[0] = os.getpid()
     for trail in list(_TRAILS):
         trail._reset()
 
@@ -124,8 +129,9 @@ def _insert_sql(
 @lru_cache(maxsize=8)
 def _json_insert_sql(dialect: Dialect) -> str | None:
     """On SQLite 3.38+ (JSON built in): one INSERT for any number of rows, which come as one
-    parameter, a JSON array of the rows (each an array of the columns in ``_FIELDS`` order).
-    None on other databases.
+    parameter, a JSON array of the events' JSON objects (their ``sidecar.audit`` log lines: one
+    encoding per event serves both). Column sizes are enforced here (``substr``) as ``_row``
+    does for other databases. None on other databases.
 
     Why: a batch must be one statement (one step outside the GIL, and SQLite's write lock, which
     the workers share, held only that long), and a multi-row ``VALUES`` text per row count would
@@ -135,11 +141,15 @@ def _json_insert_sql(dialect: Dialect) -> str | None:
         return None
     sql, _, positional, row_major = _insert_sql(dialect, 1)
     head, values, _ = sql.rpartition(" VALUES ")
-    if not (positional and row_major and values):
+    if not (positional and row_major and values):  # row_major: the columns in _FIELDS order
         return None
-    columns = ", ".join(f"json_extract(value, '$[{index}]')" for index in range(len(_FIELDS)))
-    # Built from SQLAlchemy's own text and column positions: no input reaches it.
-    return f"{head} SELECT {columns} FROM json_each(?) ORDER BY key"  # noqa: S608
+    columns = []
+    for name in _FIELDS:
+        # An array (audiences) comes back as its JSON text, escapes kept: what _row stores.
+        column = f"json_extract(value, '$.{name}')"
+        columns.append(f"substr({column}, 1, {MAX_TEXT})" if name in _TRUNCATED else column)
+    # Built from SQLAlchemy's own text and the field names: no input reaches it.
+    return f"{head} SELECT {', '.join(columns)} FROM json_each(?) ORDER BY key"  # noqa: S608
 
 
 def rows_per_insert(dialect: Dialect) -> int:
@@ -147,23 +157,24 @@ def rows_per_insert(dialect: Dialect) -> int:
     return MAX_ROWS_PER_INSERT if _json_insert_sql(dialect) is not None else ROWS_PER_INSERT
 
 
-def _insert(connection: Connection, queued: list[Row | str]) -> None:
-    """The rows in one multi-row INSERT, on the driver directly. For the JSON INSERT (SQLite)
-    each row comes as its JSON text already (see AuditTrail.record)."""
+def _insert(connection: Connection, rows: list[Row] | list[str]) -> None:
+    """The rows in one multi-row INSERT, on the driver directly: on SQLite (see
+    :func:`_json_insert_sql`) the events' JSON texts, elsewhere their column tuples."""
     json_sql = _json_insert_sql(connection.dialect)
     if json_sql is not None:
         # Exact: floats go through repr() and back, strings through JSON escapes (ASCII).
-        texts = [row if isinstance(row, str) else _encode(row) for row in queued]
-        connection.exec_driver_sql(json_sql, ("[" + ",".join(texts) + "]",))
+        connection.exec_driver_sql(json_sql, ("[" + ",".join(cast(list[str], rows)) + "]",))
         return
-    rows = [tuple(json.loads(row)) if isinstance(row, str) else row for row in queued]
-    sql, parameters, positional, row_major = _insert_sql(connection.dialect, len(rows))
+    tuples = cast(list[Row], rows)
+    sql, parameters, positional, row_major = _insert_sql(connection.dialect, len(tuples))
     if row_major:
-        connection.exec_driver_sql(sql, tuple(chain.from_iterable(rows)))
+        connection.exec_driver_sql(sql, tuple(chain.from_iterable(tuples)))
     elif positional:
-        connection.exec_driver_sql(sql, tuple(rows[row][column] for _, row, column in parameters))
+        connection.exec_driver_sql(sql, tuple(tuples[row][column] for _, row, column in parameters))
     else:
-        connection.exec_driver_sql(sql, {key: rows[row][column] for key, row, column in parameters})
+        connection.exec_driver_sql(
+            sql, {key: tuples[row][column] for key, row, column in parameters}
+        )
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per event
@@ -208,25 +219,29 @@ def _storable(text: str) -> str:
 
 
 _AUDIENCES = _FIELDS.index("audiences")  # stored as its JSON text
-# Columns holding a str or None, and those cut to their column size.
-_TEXT = tuple(
-    column for column, name in enumerate(_FIELDS) if name not in ("at", "expires_at", "audiences")
-)
+# Fields holding a str or None, and the columns cut to their size.
+_TEXT = tuple(name for name in _FIELDS if name not in ("at", "expires_at", "audiences"))
 _CUT = tuple(_FIELDS.index(name) for name in _TRUNCATED)
 
 
+def _make_storable(values: dict[str, Any]) -> dict[str, Any]:
+    """The event's values with every text as any database stores it (in place): the log line
+    and the row then hold the same text."""
+    for name in _TEXT:
+        value = values[name]
+        if value is not None and (not value.isascii() or "\x00" in value):
+            values[name] = _storable(value)
+    return values
+
+
 def _row(values: dict[str, Any]) -> Row:
-    """The event's row, its columns in ``_FIELDS`` order, as every database stores it."""
+    """The event's row (from storable values), its columns in ``_FIELDS`` order."""
     row = list(values.values())
     row[_AUDIENCES] = _encode(row[_AUDIENCES])  # ASCII: the encoder escapes the rest
-    for column in _TEXT:
-        value = row[column]
-        if value is not None and (not value.isascii() or "\x00" in value):
-            row[column] = _storable(value)
     for column in _CUT:
         value = row[column]
-        if value is not None and len(value) > 255:
-            row[column] = value[:255]
+        if value is not None and len(value) > MAX_TEXT:
+            row[column] = value[:MAX_TEXT]
     return tuple(row)
 
 
@@ -241,8 +256,9 @@ class AuditTrail:
         high_water: int = HIGH_WATER,
     ) -> None:
         self._engine = engine
-        # On SQLite the request encodes its row as JSON (a few microseconds), so that the
-        # writer never holds the GIL for a whole batch's encoding (1.4 ms for 500 rows).
+        # On SQLite the request's JSON log line is its row (encoded on the request, a few
+        # microseconds), so that the writer never holds the GIL to encode a whole batch
+        # (1.4 ms for 500 rows).
         self._json_rows = _json_insert_sql(engine.dialect) is not None
         self._flush_interval = flush_interval
         self._batch_size = batch_size
@@ -255,8 +271,8 @@ class AuditTrail:
         """A fresh, empty trail with no writer: at construction, and in a forked child (whose
         copy of the parent's queue is the parent's to write, and whose locks may have been
         copied while held)."""
-        self._queue: deque[Row | str] = deque()  # str: a row's JSON text (SQLite)
-        self._retry: list[Row | str] = []  # rows not yet in the database
+        self._queue: deque[Any] = deque()  # rows: JSON texts (SQLite) or column tuples
+        self._retry: list[Any] = []  # rows not yet in the database
         self._lines: list[str] = []  # log lines for the batching handler, not yet written
         lock = threading.Lock()
         self._wake = threading.Condition(lock)  # the writer waits for events or close()
@@ -283,7 +299,7 @@ class AuditTrail:
     def record(self, event: AuditEvent) -> None:
         """Queue the event; raises TemporarilyUnavailableError, queueing nothing, for a *grant*
         that could not be recorded. A denial is always at least logged."""
-        if self._closed and self._pid == os.getpid():
+        if self._closed and self._pid == _PID[0]:
             self._after_close(event)
             return
         if not self.healthy:
@@ -296,14 +312,13 @@ class AuditTrail:
         if len(self._queue) >= self._high_water and not self._failing:
             may_block()  # on the event loop: answered again on a thread, which may wait below
         self._ensure_writer()
-        values = _values(event)
-        row: Row | str = _row(values)
-        if self._json_rows:
-            row = _encode(row)
+        values = _make_storable(_values(event))
         line = _log_line(values)
+        # SQLite: the log line is the row too (one encoding); elsewhere the column tuple.
+        row: Row | str = line if self._json_rows else _row(values)
         batched = batch_handler(log) is not None
         with self._wake:
-            closed = self._closed and self._pid == os.getpid()  # close() ran meanwhile
+            closed = self._closed and self._pid == _PID[0]  # close() ran meanwhile
             if not closed:
                 self._queue.append(row)
                 if batched:
@@ -343,7 +358,7 @@ class AuditTrail:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued and stop the writer (a graceful shutdown loses nothing)."""
-        if self._closed or self._pid != os.getpid():
+        if self._closed or self._pid != _PID[0]:
             return
         self.flush(timeout)
         with self._wake:
@@ -367,13 +382,13 @@ class AuditTrail:
             )
 
     def _ensure_writer(self) -> None:
-        if self._thread is not None and self._pid == os.getpid():
+        if self._thread is not None and self._pid == _PID[0]:
             return
         with self._wake:
-            if self._thread is not None and self._pid == os.getpid():
+            if self._thread is not None and self._pid == _PID[0]:
                 return
             # A forked child has the parent's queue but not its thread: it starts its own.
-            self._pid = os.getpid()
+            self._pid = _PID[0]
             self._closed = False
             self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
             self._thread.start()
