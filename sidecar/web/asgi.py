@@ -65,6 +65,7 @@ class AsgiBridge:
     def __init__(self, wsgi_app: WsgiApp, *, threads: int = THREADS) -> None:
         self._app = wsgi_app
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+        self._retry_on_thread: set[Any] = set()  # client addresses: see tried_on_loop()
         # The worker hooks (deploy/gunicorn.conf.py) find the services here, as on a Flask app.
         self.extensions: dict[str, Any] = getattr(wsgi_app, "extensions", {})
 
@@ -82,6 +83,7 @@ class AsgiBridge:
             and scope["path"] == "/token"
             and scope.get("root_path", "") == ""
             and _ASSERTION not in body
+            and not self._tried_on_loop(scope)
         ):
             response = self._inline(scope, body)
         else:
@@ -92,6 +94,24 @@ class AsgiBridge:
         status, headers, payload = response
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+    def tried_on_loop(self, client: Any) -> None:
+        """The fast path (sidecar.web.fastpath) tried this client connection's next request on
+        the loop and it would have waited: it goes straight to a thread, its rate-limit token
+        taken already."""
+        self._retry_on_thread.add(client)
+
+    def forget(self, client: Any) -> None:
+        self._retry_on_thread.discard(client)
+
+    def _tried_on_loop(self, scope: dict[str, Any]) -> bool:
+        if not self._retry_on_thread:
+            return False
+        client = tuple(scope.get("client") or ())
+        if client in self._retry_on_thread:
+            self._retry_on_thread.discard(client)
+            return True
+        return False
 
     def _inline(self, scope: dict[str, Any], body: bytes) -> Response | None:
         """The answer computed on the loop; None when it would have to wait on I/O."""

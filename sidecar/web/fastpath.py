@@ -69,8 +69,11 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
             and not self.log.access_log_enabled
             and _default_hook(self.cfg, "pre_request")
             and _default_hook(self.cfg, "post_request")
+            and not getattr(self.cfg, "root_path", "")
         )
         self._last_active = 0.0
+        peer = transport.get_extra_info("peername")
+        self._client = tuple(peer[:2]) if isinstance(peer, tuple) else ()  # as the ASGI scope
         # Never more than gunicorn itself would take (its limit_request_* settings; 0: none).
         self._max_headers = min(MAX_HEADERS, self.cfg.limit_request_fields or MAX_HEADERS)
         self._max_field = min(MAX_HEAD_BYTES, self.cfg.limit_request_field_size or MAX_HEAD_BYTES)
@@ -104,13 +107,21 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
                     if end < 0:
                         break
                     start = end
-            except Exception:  # a bug here must not take the connection's bytes with it
-                log.exception("fast path failed; the request goes to gunicorn's parser")
+            except Exception as exc:  # a bug before the app ran: gunicorn's parser takes it
+                log_unexpected(exc)
             if start == len(data) or self._closed:
                 return
             data = data[start:]
             self._fast = False  # gunicorn's parser now holds this connection's state
+            # Its own loop manages the idle timer from now on; this one must not close the
+            # connection under a request gunicorn is serving.
+            self._cancel_keepalive_timer()
         super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(self.app, AsgiBridge):
+            self.app.forget(self._client)
+        super().connection_lost(exc)
 
     def _answer(self, data: bytes, start: int) -> int:
         """Answer the request at ``data[start:]`` if it is a complete one of the fast path's
@@ -140,7 +151,10 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
             with on_event_loop():
                 status, headers, payload = bridge.run_app(environ)
         except WouldBlock:
-            return -1  # gunicorn's path answers it again, on a thread
+            # gunicorn's path answers it again, straight on a thread (its rate-limit token was
+            # taken here, and is not taken again).
+            bridge.tried_on_loop(self._client)
+            return -1
         except Exception as exc:  # the app ran: never handed to gunicorn to run again
             log_unexpected(exc)
             status, headers, payload = SERVER_ERROR_WSGI
@@ -159,7 +173,7 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
         environ = self._base_environ.copy()
         seen: set[bytes] = set()
         for line in lines:
-            if len(line) > self._max_field:
+            if len(line) + 2 > self._max_field:  # with its CRLF, as gunicorn counts
                 return None
             match = _HEADER.fullmatch(line)
             if match is None:
@@ -199,7 +213,7 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
         if worker.nr >= worker.max_requests:
             self.log.info("Autorestarting worker after current request.")
             worker.alive = False
-        keep = worker.alive
+        keep = worker.alive and self.cfg.keepalive > 0  # keepalive = 0: one request each
         parts = [f"HTTP/1.1 {status}\r\n"]
         parts += [f"{name}: {value}\r\n" for name, value in headers]
         if not any(name.lower() == "content-length" for name, _ in headers):

@@ -127,6 +127,31 @@ def test_a_client_assertion_is_never_tried_on_the_event_loop(loop_thread: str) -
     assert app.calls[0][0][RETRIED_ON_THREAD] is True
 
 
+def test_a_request_the_fast_path_tried_goes_straight_to_a_thread_once(loop_thread: str) -> None:
+    # The fast path (sidecar/web/fastpath.py) tried it on the loop and it would have waited: not
+    # tried on the loop a second time (its rate-limit token is not taken twice).
+    app = Recorder()
+    bridge = AsgiBridge(app)
+    bridge.tried_on_loop(("127.0.0.1", 50000))
+    serve(bridge, scope(), [FORM])
+    serve(bridge, scope(), [FORM])  # the next request of that connection: the loop again
+
+    (first, _, first_thread), (second, _, second_thread) = app.calls
+    assert first_thread != loop_thread
+    assert first[RETRIED_ON_THREAD] is True
+    assert second_thread == loop_thread
+    assert RETRIED_ON_THREAD not in second
+
+
+def test_a_closed_connection_is_forgotten(loop_thread: str) -> None:
+    app = Recorder()
+    bridge = AsgiBridge(app)
+    bridge.tried_on_loop(("127.0.0.1", 50000))
+    bridge.forget(("127.0.0.1", 50000))
+    serve(bridge, scope(), [FORM])
+    assert app.calls[0][2] == loop_thread
+
+
 def test_an_exchange_that_would_wait_is_answered_again_on_a_thread(loop_thread: str) -> None:
     app = Recorder(lambda environ: may_block())
     status, _, _ = serve(AsgiBridge(app), scope(), [FORM])
