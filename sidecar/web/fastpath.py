@@ -19,7 +19,8 @@ The shape, checked strictly (anything outside it is gunicorn's to parse, accept 
   up to the first that is not of this shape, which goes to gunicorn with all that follows);
 - the body names no ``client_assertion`` (those go to a thread: they may wait on the database).
 
-A connection keeps to gunicorn's path once a read has gone there (its parser may hold state).
+A read that went to gunicorn's parser keeps the connection on gunicorn's path until gunicorn has
+answered and reset its parser; the next read may then take the fast path again.
 Nothing here runs gunicorn's ``pre_request``/``post_request`` hooks or its access log: the fast
 path is off when either hook is set or the access log is on.
 """
@@ -60,7 +61,7 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._fast = (
+        self._fast_allowed = (
             isinstance(self.app, AsgiBridge)
             and self._callback_parser is not None
             and self._h2c_buffer is None
@@ -71,6 +72,7 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
             and _default_hook(self.cfg, "post_request")
             and not getattr(self.cfg, "root_path", "")
         )
+        self._fast = self._fast_allowed
         self._last_active = 0.0
         peer = transport.get_extra_info("peername")
         self._client = tuple(peer[:2]) if isinstance(peer, tuple) else ()  # as the ASGI scope
@@ -236,6 +238,22 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
         self._last_active = worker.loop.time()
         if self._keepalive_handle is None:
             self._arm_keepalive_timer()
+
+    def _arm_keepalive_timer(self) -> None:
+        super()._arm_keepalive_timer()
+        # gunicorn's loop calls this last, once it has answered a request, reset its parser and
+        # cleared the request: nothing of the connection is left in its state (bytes that came
+        # while it served the request are gone: gunicorn 26 does not keep them), so the
+        # connection's next read may be the fast path's again.
+        if (
+            self._fast_allowed
+            and not self._fast
+            and not self._closed
+            and self._current_request is None
+            and not self._request_ready.is_set()
+        ):
+            self._fast = True
+            self._last_active = self.worker.loop.time()
 
     def _keepalive_timeout(self) -> None:
         idle = self.worker.loop.time() - self._last_active

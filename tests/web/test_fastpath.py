@@ -282,10 +282,27 @@ def test_requests_of_other_shapes_are_answered_the_same(
     assert status == 200, body
     assert_no_store(headers)
     assert not connection.answered_by_fast_path
-    # The connection stays usable (now on gunicorn's path).
+    # Once gunicorn has answered it, the connection's next request is the fast path's again.
     connection.send(request(form(served), f"Authorization: {BASIC}"))
     assert connection.response()[0] == 200
-    assert not connection.answered_by_fast_path
+    assert connection.answered_by_fast_path
+
+
+def test_a_first_exchange_that_waits_then_the_fast_path(tmp_path: Path) -> None:
+    # A worker's first exchange waits for its first load of policies and keys: it is answered
+    # on a thread through gunicorn's path; the same connection's next one takes the fast path.
+    server = start_gunicorn(tmp_path, access_log=False)
+    connection = Connection(server)
+    try:
+        answered_by = []
+        for _ in range(2):
+            connection.send(request(form(server), f"Authorization: {BASIC}"))
+            assert connection.response()[0] == 200
+            answered_by.append(connection.answered_by_fast_path)
+        assert answered_by == [False, True]
+    finally:
+        connection.close()
+        server.kill()
 
 
 def test_pipelined_requests_are_answered_in_order(served: Gunicorn, connection: Connection) -> None:
