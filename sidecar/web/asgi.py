@@ -38,25 +38,32 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Response = tuple[int, list[tuple[bytes, bytes]], bytes]
 THREADS = 4  # the pool's threads, per worker
 # A form naming a client assertion: never tried on the loop. A bytes search on the raw body; a
-# false match (the name inside another name) only sends the request to the pool.
-_ASSERTION = b"client_assertion"
-_SERVER_ERROR: Response = (
-    500,
-    [
-        (b"content-type", b"application/json"),
-        *((k.lower().encode(), v.encode()) for k, v in NO_STORE.items()),
-    ],
-    error_body(ServerError()),
-)
-SERVER_ERROR_WSGI = (
+# false match (the name inside another name) only sends the request to the pool; a
+# percent-encoded name slips past it, and the jti store refuses to write on the loop.
+ASSERTION_MARK = b"client_assertion"
+WsgiResponse = tuple[str, list[tuple[str, str]], bytes]
+_SERVER_ERROR_BODY = error_body(ServerError())
+_SERVER_ERROR_WSGI: WsgiResponse = (
     "500 Internal Server Error",
     [
         ("Content-Type", "application/json"),
         *NO_STORE.items(),
-        ("Content-Length", str(len(_SERVER_ERROR[2]))),
+        ("Content-Length", str(len(_SERVER_ERROR_BODY))),
     ],
-    _SERVER_ERROR[2],
+    _SERVER_ERROR_BODY,
 )
+
+
+def _asgi_response(answer: WsgiResponse) -> Response:
+    status, headers, payload = answer
+    return (
+        int(status[:3]),
+        [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers],
+        payload,
+    )
+
+
+_SERVER_ERROR = _asgi_response(_SERVER_ERROR_WSGI)
 
 
 class AsgiBridge:
@@ -82,7 +89,7 @@ class AsgiBridge:
             scope["method"] == "POST"
             and scope["path"] == "/token"
             and scope.get("root_path", "") == ""
-            and _ASSERTION not in body
+            and ASSERTION_MARK not in body
             and not self._tried_on_loop(scope)
         ):
             response = self._inline(scope, body)
@@ -131,22 +138,11 @@ class AsgiBridge:
             return _SERVER_ERROR
 
     def _call(self, environ: dict[str, Any]) -> Response:
-        try:
-            status, headers, payload = self.run_app(environ)
-        except WouldBlock:
-            raise
-        except Exception as exc:  # the apps answer their own errors: this is a last resort
-            log_unexpected(exc)
-            return _SERVER_ERROR
-        return (
-            int(status[:3]),
-            [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers],
-            payload,
-        )
+        return _asgi_response(self.run_app(environ))
 
-    def run_app(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+    def run_app(self, environ: dict[str, Any]) -> WsgiResponse:
         """The WSGI app's answer: its status line, headers and whole body. Raises WouldBlock as
-        the app does; any other exception of the app comes back as a bare 500."""
+        the app does, and nothing else: any other failure comes back as a bare 500."""
         started: list[Any] = []
 
         def start_response(
@@ -165,12 +161,12 @@ class AsgiBridge:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
+            status, headers = started  # ValueError if the app never started a response
         except WouldBlock:
             raise
         except Exception as exc:  # the apps answer their own errors: this is a last resort
             log_unexpected(exc)
-            return SERVER_ERROR_WSGI
-        status, headers = started
+            return _SERVER_ERROR_WSGI
         return status, headers, payload
 
 

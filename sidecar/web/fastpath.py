@@ -37,7 +37,7 @@ from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.asgi.protocol import ASGIProtocol
 
 from sidecar.blocking import WouldBlock, on_event_loop
-from sidecar.web.asgi import SERVER_ERROR_WSGI, AsgiBridge
+from sidecar.web.asgi import ASSERTION_MARK, AsgiBridge
 from sidecar.web.token import log_unexpected
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ MAX_HEAD_BYTES = 8192
 _HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _REFUSED = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-settings"))
 _SINGLE = frozenset((b"content-length", b"content-type", b"authorization", b"host"))
-_ASSERTION = b"client_assertion"
 
 
 def _default_hook(cfg: Any, name: str) -> bool:
@@ -145,7 +144,7 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
         if body_end > len(data):
             return -1  # the rest of the body is still on its way: gunicorn waits for it
         body = data[end + 4 : body_end]
-        if _ASSERTION in body:
+        if ASSERTION_MARK in body:
             return -1
         environ["wsgi.input"] = io.BytesIO(body)
         bridge: AsgiBridge = self.app
@@ -157,9 +156,7 @@ class FastTokenProtocol(ASGIProtocol):  # type: ignore[misc]
             # taken here, and is not taken again).
             bridge.tried_on_loop(self._client)
             return -1
-        except Exception as exc:  # the app ran: never handed to gunicorn to run again
-            log_unexpected(exc)
-            status, headers, payload = SERVER_ERROR_WSGI
+        # (run_app raises nothing else: once the app ran, the request is answered here.)
         try:
             self._respond(status, headers, payload)
         except Exception as exc:  # the answer may be half written: end the connection

@@ -176,6 +176,17 @@ def test_an_unexpected_exception_is_a_bare_server_error() -> None:
     assert headers[b"cache-control"] == b"no-store"
 
 
+def test_an_app_that_never_starts_a_response_is_a_bare_server_error() -> None:
+    def silent(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return [b"no status"]
+
+    status, headers, body = serve(AsgiBridge(silent), scope(), [FORM])
+
+    assert status == 500
+    assert json.loads(body)["error"] == "server_error"
+    assert headers[b"content-length"] == str(len(body)).encode()
+
+
 def test_would_block_leaving_the_app_on_a_thread_is_not_retried_for_ever() -> None:
     def always(environ: dict[str, Any]) -> None:
         raise WouldBlock
