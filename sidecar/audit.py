@@ -17,20 +17,30 @@ Nothing is lost on a graceful shutdown: ``close`` (called when a gunicorn worker
 interpreter exit) writes what is queued. Fail closed: while the database refuses writes, or while
 ``max_pending`` events wait, a *grant* is refused with 503 instead of answered unrecorded; the
 queued events are retried until they are written.
+
+Nothing a client sends is kept verbatim beyond a short bound: a subject token pasted into
+``audience`` or ``scope`` by mistake, or a password in a ``resource`` URI's userinfo, would
+otherwise sit in the log and the table for as long as they are kept, readable by everyone who
+may read the audit trail. :func:`redact_value` (and :func:`redact_words` for the space-separated
+scope and reason) runs once per event in :func:`_make_storable`, which both the log line and the
+row come from, so the two always hold the same, redacted text.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import multiprocessing.util
 import os
+import re
 import sqlite3
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from itertools import chain
@@ -39,7 +49,6 @@ from typing import Any, cast
 from sqlalchemy import Connection, Dialect, Engine, bindparam, insert
 
 from sidecar.auditlog import batch_handler
-from sidecar.blocking import may_block
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.store.models import AuditEventRow
 
@@ -56,7 +65,9 @@ BACKPRESSURE_WAIT = 0.5
 RETRY_AFTER_FAILURE = 1.0  # seconds between write attempts while the database refuses them
 # Column limits: a long `sub` from an IdP must not turn a batch into a failed insert.
 _TRUNCATED = ("reason", "subject", "actor", "client_id")
-MAX_TEXT = 255
+MAX_TEXT = 255  # also the bound of each value from a request (an audience, a scope token)
+MAX_SCOPE_TEXT = 1024  # the whole scope string (a Text column: the bound is ours)
+MAX_AUDIENCES = 16  # the request parser allows 8 targets; the audit keeps its own bound
 # Rows go to the database in multi-row INSERTs of up to this many rows: one statement (one
 # round trip, and for SQLite one step outside the GIL) instead of one per row. 64 rows of 15
 # columns stay under the 999 parameters of the oldest SQLite builds.
@@ -218,20 +229,135 @@ def _storable(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
 
 
+# Three to five base64url segments: a JWS (3) or JWE (5) compact serialization.
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]{2,}(?:\.[A-Za-z0-9_-]*){2,4}")
+# One inside a longer value ("https://host/x?token=eyJ...", "Bearer eyJ..."): a JOSE header is
+# a JSON object, so its base64url begins "eyJ" ('{"').
+_EMBEDDED_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){2,4}")
+_JSON_START = ("ey", "ew")  # base64url of '{' followed by '"', ' ' or a line break / tab
+_MIN_HEADER = 15  # characters of the shortest JOSE header, {"alg":"x"}, in base64url
+_MAX_LABEL = 63  # a DNS label: a longer dot-separated segment is no host name
+_PLAIN = _MAX_LABEL + 2  # no value this short or shorter is a JWT unless it starts "ey"/"ew"
+
+
+def fingerprint(text: str) -> str:
+    """What stands for a token in the audit trail: the short SHA-256 prefix of
+    ``subject_token_sha256``, marked as such."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return "sha256:" + digest[:16]
+
+
+def _looks_like_jwt(text: str) -> bool:
+    # Three dotted segments alone would also match every host name ("api.example.com"), which
+    # the audit must keep readable: a JWT is told apart by its JSON header or its length.
+    if text.startswith("eyJ"):
+        return True
+    json_start = text.startswith(_JSON_START)
+    if not json_start and len(text) <= _PLAIN:
+        return False
+    if text.count(".") < 2 or _JWT_SHAPE.fullmatch(text) is None:
+        return False
+    segments = text.split(".")
+    if json_start and len(segments[0]) >= _MIN_HEADER:
+        return True
+    return max(len(segment) for segment in segments) > _MAX_LABEL
+
+
+def _drop_userinfo(text: str) -> str:
+    """Every ``//userinfo@`` cut out, found by hand rather than by a URI parser, which refuses
+    (or reads differently) the malformed values an attacker sends. The authority ends at the
+    first ``/``, ``?`` or ``#`` (RFC 3986 §3.2); a backslash does not end it here, so that text
+    a browser would read as a password is dropped too."""
+    start = text.find("//")
+    while start != -1:
+        start += 2
+        end = len(text)
+        for stop in "/?#":
+            found = text.find(stop, start, end)
+            if found != -1:
+                end = found
+        at = text.rfind("@", start, end)
+        if at != -1:
+            text = text[:start] + text[at + 1 :]
+            end = start + (end - at - 1)
+        start = text.find("//", end)
+    return text
+
+
+def redact_value(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` as the audit may keep it: a JWT as its :func:`fingerprint` (also one inside the
+    value), a URI without its userinfo, at most ``limit`` characters. Never raises."""
+    if (
+        len(text) <= _PLAIN
+        and "@" not in text
+        and "eyJ" not in text
+        and not text.startswith(_JSON_START)
+    ):
+        return text  # the common case: a host name, a URI, a client id, a scope token
+    if _looks_like_jwt(text):
+        return fingerprint(text)
+    if "@" in text:
+        text = _drop_userinfo(text)
+    if "eyJ" in text:
+        text = _EMBEDDED_JWT.sub(lambda match: fingerprint(match[0]), text)
+    return text[:limit]
+
+
+def redact_words(text: str, limit: int = MAX_TEXT) -> str:
+    """A space-separated text (a scope, a reason that quotes requested scopes or a parameter's
+    name) with each word as :func:`redact_value` keeps it, at most ``limit`` characters."""
+    if (
+        len(text) <= _PLAIN
+        and "@" not in text
+        and " ey" not in text
+        and " ew" not in text
+        and not text.startswith(_JSON_START)
+    ):
+        return text  # no word in it can be a JWT or carry userinfo
+    return " ".join([redact_value(word) for word in text.split(" ")])[:limit]
+
+
+def _redact_audiences(audiences: list[str]) -> list[str]:
+    return [redact_value(audience) for audience in audiences[:MAX_AUDIENCES]]
+
+
 _AUDIENCES = _FIELDS.index("audiences")  # stored as its JSON text
 # Fields holding a str or None, and the columns cut to their size.
 _TEXT = tuple(name for name in _FIELDS if name not in ("at", "expires_at", "audiences"))
 _CUT = tuple(_FIELDS.index(name) for name in _TRUNCATED)
+# Fields that may hold what a client sent, and how each is redacted. audiences: the request's
+# targets, recorded before any check. scope: a granted scope is the requested one when the
+# policy allows it. reason: quotes refused scope tokens and repeated parameters' names.
+# client_id, subject, actor: set only once authenticated or verified, but a client's or an
+# IdP's own values are bounded all the same. The other fields are the sidecar's own (error,
+# jti, kid, the fingerprint) or a configured trusted issuer (subject_issuer).
+_REDACTED: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("reason", redact_words),
+    ("client_id", redact_value),
+    ("subject", redact_value),
+    ("actor", redact_value),
+    ("scope", lambda text: redact_words(text, MAX_SCOPE_TEXT)),
+)
 
 
 def _make_storable(values: dict[str, Any]) -> dict[str, Any]:
-    """The event's values with every text as any database stores it (in place): the log line
-    and the row then hold the same text."""
+    """The event's values (in place) with what came from the request redacted, and every text
+    as any database stores it: the log line and the row then hold the same text."""
     for name in _TEXT:
         value = values[name]
         if value is not None and (not value.isascii() or "\x00" in value):
             values[name] = _storable(value)
+    for name, redact in _REDACTED:
+        value = values[name]
+        if value is not None:
+            values[name] = redact(value)
+    if values["audiences"]:
+        values["audiences"] = _redact_audiences(values["audiences"])  # a copy: not the event's
     return values
+
+
+def _storable_values(event: AuditEvent) -> dict[str, Any]:
+    return _make_storable(_values(event))
 
 
 def _row(values: dict[str, Any]) -> Row:
@@ -307,12 +433,10 @@ class AuditTrail:
                 raise TemporarilyUnavailableError(reason="audit trail unavailable")
             if self.pending >= self._max_pending:
                 self.dropped += 1
-                _log_event(_log_line(_values(event)))
+                _log_event(_log_line(_storable_values(event)))
                 return
-        if len(self._queue) >= self._high_water and not self._failing:
-            may_block()  # on the event loop: answered again on a thread, which may wait below
         self._ensure_writer()
-        values = _make_storable(_values(event))
+        values = _storable_values(event)
         line = _log_line(values)
         # SQLite: the log line is the row too (one encoding); elsewhere the column tuple.
         row: Row | str = line if self._json_rows else _row(values)
@@ -338,7 +462,7 @@ class AuditTrail:
         # refused, a denial is only logged.
         if event.decision == GRANTED:
             raise TemporarilyUnavailableError(reason="audit trail closed")
-        _log_event(_log_line(_values(event)))
+        _log_event(_log_line(_storable_values(event)))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event queued so far is written; False if that took over ``timeout``

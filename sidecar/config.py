@@ -397,6 +397,26 @@ class CachesConfig(_Strict):
     )
 
 
+class ServerConfig(_Strict):
+    """``sidecar serve``: the HTTP server and its limits on hostile or idle clients."""
+
+    # granian (HTTP/1.1 framing in Rust, by hyper), or gunicorn (its gthread worker).
+    kind: Literal["granian", "gunicorn"] = "granian"
+    workers: int = Field(2, ge=1, le=64)
+    # Python threads per worker that run the app; the connections wait in the server, not in
+    # Python threads.
+    threads: int = Field(2, ge=1, le=64)
+    # A request head must arrive within this long, and an idle kept-alive connection is closed
+    # after it (granian: one timer for both; gunicorn: its keepalive).
+    keepalive: Duration = Field(15.0, gt=0, le=600)
+    # Connections one worker holds at most; past it new ones wait in the kernel's backlog, and
+    # the idle ones held are closed after ``keepalive``.
+    max_connections: int = Field(4096, ge=16, le=1_000_000)
+    backlog: int = Field(4096, ge=128, le=65535)
+    # SIGTERM: stop accepting, let requests in flight finish for up to this long.
+    graceful_timeout: Duration = Field(20.0, gt=0, le=600)
+
+
 class Settings(_Strict):
     issuer: str
     database_url: str = "sqlite:///var/sidecar.db"
@@ -412,6 +432,7 @@ class Settings(_Strict):
     caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.
     rate_limit: RateLimitConfig | None = None
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     # Where the config file lives; relative jwks_file paths resolve against it. Not a YAML key.
     config_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -642,13 +663,21 @@ def settings_from_mapping(
     return settings
 
 
-def load_settings(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
-    """Read, substitute and validate the configuration file at ``path``."""
+def load_settings(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    config_dir: Path | None = None,
+) -> Settings:
+    """Read, substitute and validate the configuration file at ``path``; relative paths in it
+    resolve against ``config_dir`` (default: the file's own directory)."""
     config_path = Path(path)
     data = read_yaml(config_path)
     if "config_dir" in data:
         raise ConfigError("config_dir: unknown key")
-    return settings_from_mapping(data, env=env, config_dir=config_path.resolve().parent)
+    return settings_from_mapping(
+        data, env=env, config_dir=config_dir or config_path.resolve().parent
+    )
 
 
 def load_policies_file(path: Path, settings: Settings) -> list[PolicyConfig]:

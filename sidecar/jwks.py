@@ -19,7 +19,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt import PyJWK
 
-from sidecar.blocking import may_block
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.exchange.subject import VerificationKey, jwk_algorithms
 
@@ -221,7 +220,6 @@ class JwksSource:
     def find_key(self, kid: str) -> VerificationKey | None:
         now = self._clock()
         if self._keys is None:
-            may_block()  # the first fetch (or a retry of it): waited for
             self._refresh(wait=True)
         elif now - self._loaded_at >= self._rules.refresh_interval:
             self._refresh_in_background()
@@ -235,8 +233,6 @@ class JwksSource:
         key = keys.get(kid)
         if key is None and not self._fixed:
             # A refresh under way may be bringing this kid: wait for it rather than refetch.
-            if self._refresher is not None and self._refresher.is_alive():
-                may_block()
             self.join_refresh()
             key = (self._keys or {}).get(kid)
         if (
@@ -245,7 +241,6 @@ class JwksSource:
             and now - self._attempted_at >= self._rules.min_refetch_interval
         ):
             # An unknown kid may mean the issuer rotated: refetch, at most once per interval.
-            may_block()
             self._refresh(wait=True)
             keys = self._keys or {}
             key = keys.get(kid)

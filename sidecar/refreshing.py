@@ -1,11 +1,19 @@
 """A value loaded from the database and kept in process for a bounded time.
 
-Every worker re-reads at most once per ``interval``, so a change reaches every worker of every
-replica within ``interval`` (plus one load) with no per-request query. One request refreshes at a
-time; the others keep the previous value. On the event loop (see :mod:`sidecar.blocking`) the
-request does not wait for that load either: a thread of its own reloads the value. If a refresh
-fails, the previous value is kept (the database being down must not take signing keys or
-policies away); with no value at all the request is refused with 503.
+The bound is a promise to security teams: no decision is made on a copy older than ``interval``
+seconds, counted from the start of the load that produced it (a change committed after that
+start is the one a copy may miss). So:
+
+- a timer in each worker (:meth:`Refreshing.start`) reloads the value every ``interval / 2``, so
+  that requests normally find a fresh copy and never wait;
+- a request that finds the copy past the bound (the timer was late, the process was stopped, the
+  database was slow) reloads it before deciding, waiting for a load another thread has under way
+  rather than starting its own;
+- when that load fails, the request is refused with ``503 temporarily_unavailable``: a policy
+  disabled, or a key retired, while the database was unreachable must not keep granting (fail
+  closed). After a failure, loads are retried at most every ``RETRY_AFTER_FAILURE`` seconds;
+- :meth:`invalidate` (a PostgreSQL ``NOTIFY``, an admin change in this process) makes the next
+  use reload.
 """
 
 from __future__ import annotations
@@ -15,13 +23,14 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from sidecar.blocking import may_block, on_event_loop_thread
 from sidecar.errors import TemporarilyUnavailableError
 
 T = TypeVar("T")
-# After a failed load, the next attempt waits this long (seconds); requests meanwhile use the
-# previous value, or get a 503 at once when there is none.
+# After a failed load, requests are refused at once for this long (seconds) instead of each
+# retrying against a database that just failed.
 RETRY_AFTER_FAILURE = 1.0
+# A request waits at most this long (seconds) for a load under way.
+LOAD_WAIT = 5.0
 log = logging.getLogger(__name__)
 
 
@@ -29,88 +38,98 @@ class Refreshing(Generic[T]):
     def __init__(
         self, name: str, load: Callable[[], T], interval: float, clock: Callable[[], float]
     ) -> None:
-        self._name = name
+        self.name = name
         self._load = load
-        self._interval = interval
+        self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
         self._value: T | None = None
-        self._loaded_at = float("-inf")
+        self._loaded_at = float("-inf")  # when the load that produced the value started
         self._failed_at = float("-inf")
         self._generation = 0
-        self._reloader: threading.Thread | None = None
+        self._timer: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self.on_load: Callable[[T], None] | None = None
 
     @property
     def current(self) -> T | None:
         """The value held now (None before the first load), without loading."""
         return self._value
 
-    def invalidate(self) -> None:
-        # A load already under way read the old state: the generation makes it not count as
-        # fresh, so the next get() loads again.
-        self._generation += 1
-        self._loaded_at = self._failed_at = float("-inf")
+    def age(self) -> float:
+        """Seconds since the start of the load that produced the value held (inf: none)."""
+        return self._clock() - self._loaded_at
 
-    def refresh(self) -> T:
-        """Load now (waiting for a refresh in progress); raises on failure."""
-        with self._lock:
-            value = self._load()
-            self._value, self._loaded_at = value, self._clock()
-            return value
+    def invalidate(self) -> None:
+        # A load already under way may have read the old state: the generation makes it not
+        # count as fresh, so the next get() loads again.
+        self._generation += 1
+        self._loaded_at = float("-inf")
+        self._failed_at = float("-inf")
 
     def get(self) -> T:
-        now = self._clock()
         value = self._value
-        if value is not None and now - self._loaded_at < self._interval:
+        if value is not None and self._clock() - self._loaded_at < self.interval:
             return value
-        if now - self._failed_at < RETRY_AFTER_FAILURE:
-            # A load failed a moment ago: do not retry on every request.
-            return self._available(value)
-        if value is not None:
-            if not self._lock.acquire(False):
-                return value  # another thread is loading it: never wait for that
-            if on_event_loop_thread():
-                # The event loop never waits for the database: the stale value serves every
-                # request while a thread of its own reloads it.
-                self._reloader = threading.Thread(
-                    target=self._reload, args=(now,), name=f"refresh-{self._name}", daemon=True
-                )
-                self._reloader.start()
-                return value
-            self._reload(now)  # on a request thread: this one request reloads (releases)
-            return self._available(self._value)
-        # Nothing held yet: the request waits (bounded) for the first load.
-        may_block()
-        if not self._lock.acquire(timeout=5):
-            return self._available(self._value)
-        if self._value is None:
-            self._reload(now)  # releases the lock
-        else:
-            self._lock.release()  # another thread loaded it while this one waited
-        return self._available(self._value)
+        return self._load_for_request()
 
-    def join_reload(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) for a reload started by :meth:`get`, if one is under way."""
-        reloader = self._reloader
-        if reloader is not None:
-            reloader.join(timeout)
+    def refresh(self) -> T:
+        """Load now, waiting for a load under way; raises on failure."""
+        with self._lock:
+            return self._load_locked()
 
-    def _reload(self, started: float) -> None:
-        """Load, with the lock held by the caller; releases it."""
+    def start(self) -> None:
+        """Reload every ``interval / 2`` on a daemon thread of this process (call after fork)."""
+        if self._timer is not None and self._timer.is_alive():
+            return
+        self._stopped.clear()
+        self._timer = threading.Thread(target=self._run, name=f"refresh-{self.name}", daemon=True)
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        timer = self._timer
+        if timer is not None and timer is not threading.current_thread():
+            timer.join(LOAD_WAIT)
+
+    def _run(self) -> None:
+        period = max(0.05, self.interval / 2)
+        while not self._stopped.wait(period):
+            try:
+                self.refresh()
+            except Exception as exc:
+                self._failed_at = self._clock()
+                log.warning("%s refresh failed: %s", self.name, type(exc).__name__)
+
+    def _load_for_request(self) -> T:
+        started = self._clock()
+        if started - self._failed_at < RETRY_AFTER_FAILURE:
+            raise TemporarilyUnavailableError(reason=f"{self.name} unavailable")
+        if not self._lock.acquire(timeout=LOAD_WAIT):
+            raise TemporarilyUnavailableError(reason=f"{self.name} unavailable")
         try:
-            if self._value is not None and self._clock() - self._loaded_at < self._interval:
-                return  # loaded meanwhile (refresh())
-            generation = self._generation
-            value = self._load()
-            self._value = value
-            self._loaded_at = self._clock() if generation == self._generation else float("-inf")
+            value = self._value
+            if value is not None and self._clock() - self._loaded_at < self.interval:
+                return value  # another thread loaded it while this one waited
+            return self._load_locked()
+        except TemporarilyUnavailableError:
+            raise
         except Exception as exc:
             self._failed_at = started
-            log.warning("%s refresh failed: %s", self._name, type(exc).__name__)
+            log.warning("%s refresh failed: %s", self.name, type(exc).__name__)
+            raise TemporarilyUnavailableError(reason=f"{self.name} unavailable") from exc
         finally:
             self._lock.release()
 
-    def _available(self, value: T | None) -> T:
-        if value is None:
-            raise TemporarilyUnavailableError(reason=f"{self._name} unavailable")
+    def _load_locked(self) -> T:
+        generation = self._generation
+        started = self._clock()
+        value = self._load()
+        self._value = value
+        if generation == self._generation:
+            self._loaded_at = started
+            self._failed_at = float("-inf")
+        if self.on_load is not None:
+            self.on_load(value)
         return value
+

@@ -135,8 +135,17 @@ class Services:
                 "policy table was empty: applied %d policies from the config", len(changes.created)
             )
 
+    def start_background(self) -> None:
+        """In a serving worker, after the fork: reload the policies and the keyring on timers,
+        so that requests find them fresh (see :mod:`sidecar.refreshing`)."""
+        self.policies.start()
+        self.keyring.start()
+
     def close(self) -> None:
-        """Graceful shutdown: write the queued audit events, then release the connections."""
+        """Graceful shutdown: stop the timers, write the queued audit events, then release the
+        connections. Safe to call twice."""
+        self.policies.stop()
+        self.keyring.stop()
         self.audit.close()
         self.engine.dispose()
 

@@ -363,3 +363,26 @@ def captured_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Every log record of the service at DEBUG and above."""
     caplog.set_level(logging.DEBUG)
     return caplog
+
+
+# --- no process outlives the run --------------------------------------------------------------
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a server a test started is still alive (and kill it)."""
+    from tests.launcher import still_running
+    from tests.loopback import kill_tree
+
+    alive = still_running()
+    if not alive:
+        return
+    for process in alive:
+        kill_tree(process)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            "ERROR: processes started by tests were still running at the end of the session "
+            f"(killed): {[' '.join(map(str, p.args))[:120] for p in alive]}",
+            red=True,
+        )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

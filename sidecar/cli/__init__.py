@@ -112,42 +112,41 @@ def check_config(ctx: click.Context) -> None:
 @click.option("--bind", help="HOST:PORT to listen on (default 127.0.0.1:8080).")
 @click.option("--workers", type=click.IntRange(1, 64), help="Number of worker processes.")
 @click.option(
-    "--gunicorn-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="gunicorn settings file (default deploy/gunicorn.conf.py).",
-)
-@click.option(
     "--server",
     "server_name",
-    type=click.Choice(["gunicorn", "granian"]),
-    default="gunicorn",
-    show_default=True,
-    help="HTTP server: gunicorn (deploy/gunicorn.conf.py), or granian (needs the "
-    "`granian` extra; no separate admin listener, no draining /readyz).",
+    type=click.Choice(["granian", "gunicorn"]),
+    help="HTTP server (default: server.kind in the configuration, granian).",
+)
+@click.option(
+    "--gunicorn-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="gunicorn settings file, with --server gunicorn.",
 )
 @click.pass_context
 def serve(
     ctx: click.Context,
     bind: str | None,
     workers: int | None,
+    server_name: str | None,
     gunicorn_config: Path | None,
-    server_name: str,
 ) -> None:
-    """Serve the token endpoint under gunicorn (or granian)."""
-    from sidecar.server import serve as run_server
-    from sidecar.server import serve_granian
-
+    """Serve the token endpoint (granian by default, or gunicorn)."""
     settings = settings_of(ctx)
+    config_path = Path(str(ctx.find_root().params["config"])).resolve()
+    kind = server_name or settings.server.kind
+    if gunicorn_config is not None and kind != "gunicorn":
+        fail("--gunicorn-config applies to the gunicorn server only", 2)
     _in_child_process(_prepare_to_serve, settings)
-    if server_name == "granian":
-        if gunicorn_config is not None:
-            fail("--gunicorn-config applies to --server gunicorn only", 2)
-        if settings.admin is not None and settings.admin.listen:
-            fail("admin.listen (a separate admin listener) needs --server gunicorn", 2)
-        config_path = Path(str(ctx.find_root().params["config"])).resolve()
-        serve_granian(config_path, bind=bind, workers=workers)
+    if kind == "gunicorn":
+        from sidecar.serving.gunicorn import serve_gunicorn
+
+        serve_gunicorn(
+            config_path, settings, bind=bind, workers=workers, server_config=gunicorn_config
+        )
         return
-    run_server(settings, bind=bind, workers=workers, config_file=gunicorn_config)
+    from sidecar.serving.granian import serve_granian
+
+    serve_granian(config_path, settings, bind=bind, workers=workers)
 
 
 def _prepare_to_serve(settings: Settings) -> None:

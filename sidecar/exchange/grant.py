@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.audit import GRANTED, AuditEvent
-from sidecar.blocking import WouldBlock
 from sidecar.exchange.caches import MintedKey, MintedToken, MintedTokenCache, SubjectTokenCache
 from sidecar.exchange.claims import build_claims, check_may_act
 from sidecar.exchange.policy import Decision, PolicySet, decide
@@ -121,8 +120,6 @@ class TokenExchangeGrant:
             verified, key = verify_token_and_key(
                 token, self._issuers, leeway=self._leeway, role=role, digest=digest
             )
-        except WouldBlock:
-            raise  # not counted: the request is answered again on a thread, which counts it
         except Exception:
             cache.stats.count(False)
             raise

@@ -10,7 +10,6 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sidecar.blocking import may_block
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.store.models import ClientAssertionJtiRow
 
@@ -27,9 +26,6 @@ class JtiStore:
         """Record ``jti``; False if this client already used it (a replay)."""
         if not jti or len(jti) > MAX_JTI_CHARS:
             return False
-        # A database write: never on the event loop (the bridge sends assertions to a thread by
-        # a bytes search of the body, which a percent-encoded parameter name slips past).
-        may_block()
         try:
             with self._sessions() as session, session.begin():
                 session.add(

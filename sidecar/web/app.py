@@ -7,6 +7,7 @@ Views do not build error bodies: a protocol error raised anywhere leaves through
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
@@ -87,8 +88,14 @@ def server_metadata(settings: Settings) -> dict[str, Any]:
     return dict(metadata)
 
 
-def create_app(settings: Settings, services: Services | None = None) -> Flask:
-    """The application factory; ``services`` lets tests pass their own clock, fetcher or engine."""
+def create_app(
+    settings: Settings, services: Services | None = None, *, listener: str = "any"
+) -> Flask:
+    """The application factory; ``services`` lets tests pass their own clock, fetcher or engine.
+
+    ``listener`` says which listener the app serves when ``admin.listen`` gives the admin API a
+    listener of its own: ``"gateway"`` (everything but /admin), ``"admin"`` (only /admin), or
+    ``"any"`` (a server that binds both in one process: told apart by the local port)."""
     services = services or Services(settings)
     metrics = Metrics()
     metrics.add_collector(
@@ -112,7 +119,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
 
     if settings.admin is not None:
         app.register_blueprint(admin_blueprint(services, settings.admin))
-        _separate_admin_listener(app, settings.admin.listen_port)
+        _separate_admin_listener(app, settings.admin.listen_port, listener)
 
     app.register_error_handler(ProtocolError, protocol_error_response)
     app.register_error_handler(Exception, unexpected_error_response)
@@ -169,22 +176,32 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
         endpoint,
         app.wsgi_app,
         on_admin_listener=(
-            None if admin_port is None else (lambda environ: _local_port(environ) == admin_port)
+            None if admin_port is None else _admin_listener_test(admin_port, listener)
         ),
     )
     return app
 
 
-def _separate_admin_listener(app: Flask, admin_port: int | None) -> None:
+def _admin_listener_test(admin_port: int, listener: str) -> Callable[[dict[str, Any]], bool]:
+    if listener == "admin":
+        return lambda environ: True
+    if listener == "gateway":
+        return lambda environ: False
+    return lambda environ: _local_port(environ) == admin_port
+
+
+def _separate_admin_listener(app: Flask, admin_port: int | None, listener: str) -> None:
     """With ``admin.listen``, /admin answers only on that listener, and that listener answers
     nothing else: the gateway's network path cannot reach the admin API. The listener is known
-    from the socket the request arrived on, not from the Host header."""
+    from the server (a listener of its own) or from the socket the request arrived on, never
+    from the Host header."""
     if admin_port is None:
         return
+    on_admin = _admin_listener_test(admin_port, listener)
 
     @app.before_request
     def route_by_listener() -> Response | None:
-        on_admin_listener = _local_port(request.environ) == admin_port
+        on_admin_listener = on_admin(request.environ)
         if request.path.startswith("/admin/") != on_admin_listener:
             return json_response(
                 {"error": "not_found", "error_description": "Not found."}, 404, NO_STORE

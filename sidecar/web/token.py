@@ -18,9 +18,9 @@ from http import HTTPStatus
 from typing import Any
 
 from sidecar.audit import DENIED, AuditEvent
-from sidecar.blocking import WouldBlock
 from sidecar.config import TOKEN_EXCHANGE_GRANT
 from sidecar.errors import (
+    InvalidClientError,
     InvalidRequestError,
     ProtocolError,
     RateLimitedError,
@@ -38,9 +38,6 @@ from sidecar.web.responses import NO_STORE
 log = logging.getLogger("sidecar.web.app")
 
 FORM_TYPE = "application/x-www-form-urlencoded"
-# Set by the ASGI bridge (never from a request header: those are HTTP_*) on a request it answers
-# again on a thread after the attempt on the event loop raised WouldBlock.
-RETRIED_ON_THREAD = "sidecar.retried_on_thread"
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 # RFC 6749 §5.1: "Cache-Control: no-store" and "Pragma: no-cache" on every token response.
@@ -81,8 +78,6 @@ class TokenEndpoint:
             self._granted.inc()
         except ProtocolError as exc:
             status, extra, body = self._deny(event, exc)
-        except WouldBlock:
-            raise  # nothing sent or recorded: the bridge answers the request again on a thread
         except Exception as exc:
             log_unexpected(exc)
             status, extra, body = self._deny(event, ServerError(reason=type(exc).__name__))
@@ -100,10 +95,6 @@ class TokenEndpoint:
         try:
             self._audit.record(event)
             self._exchanges.labels("denied", error.error).inc()
-        except WouldBlock:
-            # On the event loop past the audit high-water mark: the bridge answers the request
-            # again on a thread, where the refusal waits for the writer and is recorded.
-            raise
         except Exception as exc:  # the refusal is still answered as JSON, with no-store
             log_unexpected(exc)
         return error.status_code, tuple(error.response_headers().items()), error_body(error)
@@ -132,14 +123,12 @@ class TokenEndpoint:
         params = parse_form(body)
         authorization = environ.get("HTTP_AUTHORIZATION")
         services = self._services
-        # Before any signature work (client assertion, subject token): shed overload cheaply.
-        # (An attempt on the event loop that had to wait was counted already; see blocking.py.)
-        if services.rate_limiter.active and not environ.get(RETRIED_ON_THREAD):
-            retry_after = services.rate_limiter.retry_after(
-                claimed_client_id(params, authorization)
-            )
-            if retry_after is not None:
-                raise RateLimitedError(reason="rate limit", retry_after=retry_after)
+        limiter = services.rate_limiter
+        claimed = claimed_client_id(params, authorization) if limiter.active else None
+        # Before any signature work (client assertion, subject token): shed overload cheaply. A
+        # peek only: the claim is unauthenticated, so it must not spend the client's budget.
+        if limiter.active and (retry_after := limiter.peek(claimed)) is not None:
+            raise RateLimitedError(reason="rate limit", retry_after=retry_after)
 
         grant_type = params.single("grant_type")
         if grant_type is None:
@@ -149,8 +138,23 @@ class TokenEndpoint:
         if grant_type != TOKEN_EXCHANGE_GRANT:
             raise UnsupportedGrantTypeError(reason="unsupported grant_type")
 
-        client = services.authenticator.authenticate(params, authorization)
+        try:
+            client = services.authenticator.authenticate(params, authorization)
+        except InvalidClientError as exc:
+            # Counted per peer, never against the claimed client: a wrong secret must not lock
+            # the real client out. Over budget, a failure is answered 429 rather than 401.
+            if limiter.active:
+                peer = environ.get("REMOTE_ADDR") or ""
+                if (retry_after := limiter.take_failure(peer, claimed)) is not None:
+                    raise RateLimitedError(
+                        reason=f"rate limit of failed authentication: {exc.reason}",
+                        retry_after=retry_after,
+                    ) from None
+            raise
         event.client_id = client.client_id
+        # Charged only now that the client is proven, and before the grant's signature work.
+        if limiter.active and (retry_after := limiter.take(client.client_id)) is not None:
+            raise RateLimitedError(reason="rate limit", retry_after=retry_after)
         if not client.check_grant_type(grant_type):
             raise UnauthorizedClientError(reason="client may not use token exchange")
         return services.grant.exchange(client.client_id, params, event)

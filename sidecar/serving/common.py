@@ -1,0 +1,92 @@
+"""What every server of ``sidecar serve`` shares: logging, the metrics directory, and the app
+each worker builds from the validated configuration."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sidecar import auditlog
+from sidecar.config import Settings, load_settings
+
+# The same name as sidecar.metrics.MULTIPROCESS_ENV; not imported from there because
+# prometheus_client must not be imported in the master before this variable is set.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Set for the workers: the validated copy of the configuration, and the directory relative paths
+# in it resolve against (the original file's).
+SNAPSHOT_ENV = "SIDECAR_CONFIG_SNAPSHOT"
+CONFIG_DIR_ENV = "SIDECAR_CONFIG_DIR"
+LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    """The service's own log lines (audit, key and issuer events) on stderr, beside the
+    server's; the audit lines through the handler that the audit writer feeds a batch at a
+    time."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    auditlog.install(sys.stderr, logging.Formatter(LOG_FORMAT))
+
+
+def share_metrics() -> None:
+    """Workers share their metrics through one directory (prometheus_client multiprocess mode);
+    it is set before any worker imports prometheus_client."""
+    if not os.environ.get(MULTIPROCESS_ENV):
+        metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        atexit.register(_remove_in_master, metrics_dir, os.getpid())
+        os.environ[MULTIPROCESS_ENV] = metrics_dir
+
+
+def _remove_in_master(path: str, master_pid: int) -> None:
+    # Forked processes inherit atexit handlers: only the process that made it removes it.
+    if os.getpid() == master_pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the workers' app ------------------------------------------------------------------------
+
+
+def worker_settings() -> Settings:
+    """The validated configuration, in a worker."""
+    return load_settings(
+        Path(os.environ[SNAPSHOT_ENV]), config_dir=Path(os.environ[CONFIG_DIR_ENV])
+    )
+
+
+def build_app(settings: Settings, listener: str) -> Any:
+    """The WSGI app of one worker; its services are closed (the audit queue written) when the
+    worker exits."""
+    from multiprocessing.util import Finalize
+
+    from sidecar.web.app import create_app
+
+    configure_logging()
+    app = create_app(settings, listener=listener)
+    services = app.extensions["sidecar"]
+    services.start_background()
+    # A granian worker is a multiprocessing child whose target returns after a graceful stop:
+    # multiprocessing runs its finalizers then, not atexit's.
+    Finalize(None, services.close, exitpriority=10)
+    return app
+
+
+def gateway_app() -> Any:
+    """granian's factory for the gateway's listener (``/token``, well-known, health)."""
+    return build_app(worker_settings(), "gateway")
+
+
+def admin_app() -> Any:
+    """granian's factory for ``admin.listen``."""
+    return build_app(worker_settings(), "admin")
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"sidecar: error: bind address {bind!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)

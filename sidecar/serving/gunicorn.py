@@ -1,0 +1,98 @@
+"""``sidecar serve --server gunicorn``: the app under gunicorn's gthread worker (a thread per
+request in flight), configured by ``gunicorn_conf.py`` beside this module or ``--gunicorn-config``.
+
+gunicorn binds every listener itself (the gateway's and ``admin.listen``) and answers ``SIGHUP``
+by re-running :meth:`SidecarServer.load_config` in the master, which reads and validates the
+configuration file again: a valid one replaces the workers, an invalid one is logged and the
+previous configuration stays.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import runpy
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from sidecar.config import ConfigError, Settings, load_settings
+from sidecar.serving.common import build_app, share_metrics
+
+DEFAULT_CONFIG = Path(__file__).with_name("gunicorn_conf.py")
+log = logging.getLogger("sidecar.serving")
+
+
+class SidecarServer(BaseApplication):  # type: ignore[misc]
+    def __init__(
+        self,
+        config_path: Path,
+        settings: Settings,
+        server_config: Path | None,
+        overrides: dict[str, Any],
+    ) -> None:
+        self._config_path = config_path
+        self._settings = settings
+        self._server_config = server_config or DEFAULT_CONFIG
+        self._overrides = overrides
+        self._loaded_once = False
+        super().__init__()
+
+    def load_config(self) -> None:
+        if self._loaded_once:  # SIGHUP: the configuration file again, validated first
+            try:
+                self._settings = load_settings(self._config_path)
+            except (ConfigError, OSError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.error("SIGHUP: configuration refused, the previous one stays: %s", reason)
+            else:
+                log.info("SIGHUP: configuration validated; replacing the workers")
+        self._loaded_once = True
+        server = self._settings.server
+        values: dict[str, Any] = {
+            "threads": server.threads,
+            "keepalive": int(server.keepalive),
+            "backlog": server.backlog,
+            "worker_connections": server.max_connections,
+            "graceful_timeout": int(server.graceful_timeout),
+            "workers": server.workers,
+        }
+        values.update(runpy.run_path(str(self._server_config)))
+        values.update({k: v for k, v in self._overrides.items() if v is not None})
+        for name, value in values.items():
+            if name in self.cfg.settings:
+                self.cfg.set(name, value)
+        admin = self._settings.admin
+        if admin is not None and admin.listen:
+            port = admin.listen.rsplit(":", 1)[1]
+            if any(
+                b.rsplit(":", 1)[-1] == port for b in self.cfg.bind if not b.startswith("unix:")
+            ):
+                raise SystemExit(
+                    f"sidecar: error: admin.listen port {port} is also a gateway listener's port"
+                )
+            self.cfg.set("bind", [*self.cfg.bind, admin.listen])
+
+    def load(self) -> Any:
+        # Runs in each worker (no preload): every worker owns its database pool and caches.
+        app = build_app(self._settings, listener="any")
+        gc.freeze()
+        return app
+
+
+def serve_gunicorn(
+    config_path: Path,
+    settings: Settings,
+    *,
+    bind: str | None,
+    workers: int | None,
+    server_config: Path | None,
+) -> None:
+    share_metrics()
+    SidecarServer(
+        config_path,
+        settings,
+        server_config,
+        {"bind": [bind] if bind else None, "workers": workers},
+    ).run()
