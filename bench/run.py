@@ -7,10 +7,9 @@ policies; then, one server at a time, start, drive at 1, 16 and 64 connections f
 duration, and stop:
 
 - the baseline (bench/baseline_app.py, gunicorn, 2 sync workers);
-- the uncached path: `sidecar serve` with both caches disabled, under gunicorn
-  (deploy/gunicorn.conf.py, its asyncio worker), under gunicorn with the gthread worker, and under
-  granian (skipped, with a note, when granian is missing);
-- the cached path: `sidecar serve` with the default caches, under the same three servers, first
+- the uncached path: `sidecar serve` with both caches disabled, under granian (the default
+  server) and gunicorn (its gthread worker, the supported alternative);
+- the cached path: `sidecar serve` with the default caches, under the same two servers, first
   primed by passes that send every token once until every worker holds every token in both
   caches, so that what is measured is the steady state of gateways sending the same tokens again.
 
@@ -20,7 +19,7 @@ hit rates of the measured runs (from ``sidecar_cache_lookups_total`` on /metrics
 after them); ``--json FILE`` writes everything.
 
     python -m bench.run [--duration 10] [--connections 1,16,64] [--json results.json]
-                        [--servers baseline,gunicorn,gthread,granian] [--paths uncached,cached]
+                        [--servers baseline,granian,gunicorn] [--paths uncached,cached]
 """
 
 from __future__ import annotations
@@ -291,9 +290,6 @@ def add_ratios(results: dict[str, Any]) -> None:
 
 def benchmark(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     skipped: dict[str, str] = {}
-    if "granian" in args.servers and (reason := servers.granian_missing()) is not None:
-        skipped["granian"] = reason
-        print(f"note: skipping granian: {reason}", flush=True)
     plan = variants(args, skipped)
     if not plan:
         raise RuntimeError("nothing to measure: " + "; ".join(skipped.values()))
@@ -432,8 +428,8 @@ def report(results: dict[str, Any]) -> str:
     if service_servers:
         under = " and ".join(
             {
-                "gunicorn": "gunicorn (deploy/gunicorn.conf.py: the asyncio worker)",
-                "gthread": "gthread (the same, with the gthread worker)",
+                "granian": "granian (the default server)",
+                "gunicorn": "gunicorn (its gthread worker, the supported alternative)",
             }.get(name, name)
             for name in service_servers
         )

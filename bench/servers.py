@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import importlib
 import os
 import re
 import signal
@@ -34,16 +33,9 @@ SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidec
 _DROPPED_ENV = ("SIDECAR_CONFIG", "PROMETHEUS_MULTIPROC_DIR", "SIDECAR_ACCESS_LOG")
 # Python processes below a master that are not workers (multiprocessing's own helpers).
 _HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
-# gunicorn: deploy/gunicorn.conf.py as it is (the asyncio worker); gthread: the same settings with
-# gunicorn's thread-per-request worker (sidecar.worker.BalancedThreadWorker), for comparison.
-SERVICE_SERVERS = ("gunicorn", "gthread", "granian")
-GTHREAD_CONFIG = """\
-# deploy/gunicorn.conf.py, with the gthread worker (written by bench/servers.py)
-import runpy
-
-globals().update(runpy.run_path({default!r}))
-worker_class = "sidecar.worker.BalancedThreadWorker"
-"""
+# granian: the default server of `sidecar serve`; gunicorn: the supported alternative (its
+# gthread worker, sidecar/serving/gunicorn_conf.py), with the product's default settings.
+SERVICE_SERVERS = ("granian", "gunicorn")
 CACHES = ("subject_tokens", "minted_tokens")
 _CACHE_LOOKUP = re.compile(
     r'^sidecar_cache_lookups_total\{(?=[^}]*cache="(\w+)")(?=[^}]*result="(\w+)")[^}]*\}'
@@ -290,21 +282,12 @@ def start_baseline(fixtures: Fixtures, workers: int) -> Server:
     return server
 
 
-def granian_missing() -> str | None:
-    """Why ``sidecar serve --server granian`` cannot run here (granian is an optional extra),
-    or None when it can."""
-    try:
-        importlib.import_module("granian")
-    except ImportError as exc:
-        return f"granian is not installed in {sys.prefix} ({exc}); pip install granian to add it"
-    return None
-
-
 def start_service(
-    fixtures: Fixtures, workers: int, *, server: str = "gunicorn", cached: bool = True
+    fixtures: Fixtures, workers: int, *, server: str = "granian", cached: bool = True
 ) -> Server:
-    """`sidecar serve`, as a user would run it: under gunicorn with deploy/gunicorn.conf.py's
-    settings, or under granian; with the caches as configured by default, or both disabled."""
+    """`sidecar serve`, as a user would run it: under granian (the default) or gunicorn, with
+    the server settings as shipped; with the caches as configured by default, or both
+    disabled."""
     if server not in SERVICE_SERVERS:
         raise ValueError(f"unknown server {server!r}")
     port = free_port()
@@ -314,13 +297,7 @@ def start_service(
         *SIDECAR, "--config", str(config),
         "serve", "--bind", f"{HOST}:{port}", "--workers", str(workers),
     ]  # fmt: skip
-    if server == "gthread":
-        gthread_config = fixtures.directory / "gunicorn-gthread.conf.py"
-        default = REPO_ROOT / "deploy" / "gunicorn.conf.py"
-        gthread_config.write_text(GTHREAD_CONFIG.format(default=str(default)))
-        command += ["--server", "gunicorn", "--gunicorn-config", str(gthread_config)]
-    else:
-        command += ["--server", server]
+    command += ["--server", server]
     service = Server(
         f"{server} ({path})",
         command,

@@ -289,13 +289,14 @@ def redact_value(text: str, limit: int = MAX_TEXT) -> str:
     value), a URI without its userinfo, at most ``limit`` characters. Never raises."""
     if (
         len(text) <= _PLAIN
-        and "@" not in text
+        and len(text) <= limit
+        and ("@" not in text or "//" not in text)
         and "eyJ" not in text
         and not text.startswith(_JSON_START)
     ):
-        return text  # the common case: a host name, a URI, a client id, a scope token
+        return text  # the common case: a host name, a URI, an e-mail address, a scope token
     if _looks_like_jwt(text):
-        return fingerprint(text)
+        return fingerprint(text)[:limit]
     if "@" in text:
         text = _drop_userinfo(text)
     if "eyJ" in text:
@@ -308,7 +309,8 @@ def redact_words(text: str, limit: int = MAX_TEXT) -> str:
     name) with each word as :func:`redact_value` keeps it, at most ``limit`` characters."""
     if (
         len(text) <= _PLAIN
-        and "@" not in text
+        and len(text) <= limit
+        and ("@" not in text or "//" not in text)
         and " ey" not in text
         and " ew" not in text
         and not text.startswith(_JSON_START)
@@ -318,6 +320,14 @@ def redact_words(text: str, limit: int = MAX_TEXT) -> str:
 
 
 def _redact_audiences(audiences: list[str]) -> list[str]:
+    """The audiences redacted, in a new list (the event's own is left as it is); the same list
+    when none needs it, the usual case."""
+    if len(audiences) <= MAX_AUDIENCES:
+        for audience in audiences:
+            if len(audience) > _PLAIN or "ey" in audience or "ew" in audience or "@" in audience:
+                break
+        else:
+            return audiences
     return [redact_value(audience) for audience in audiences[:MAX_AUDIENCES]]
 
 
@@ -326,11 +336,12 @@ _AUDIENCES = _FIELDS.index("audiences")  # stored as its JSON text
 _TEXT = tuple(name for name in _FIELDS if name not in ("at", "expires_at", "audiences"))
 _CUT = tuple(_FIELDS.index(name) for name in _TRUNCATED)
 # Fields that may hold what a client sent, and how each is redacted. audiences: the request's
-# targets, recorded before any check. scope: a granted scope is the requested one when the
-# policy allows it. reason: quotes refused scope tokens and repeated parameters' names.
-# client_id, subject, actor: set only once authenticated or verified, but a client's or an
-# IdP's own values are bounded all the same. The other fields are the sidecar's own (error,
-# jti, kid, the fingerprint) or a configured trusted issuer (subject_issuer).
+# targets, recorded before any check. reason: quotes the requested scope tokens a policy refused
+# and the name of a repeated form parameter. scope (only on a grant, within what the policy
+# allows), client_id (only once authenticated), subject and actor (only from a verified token):
+# bounded all the same, since a client's or an IdP's values are no more trusted for the audit.
+# The other fields are the sidecar's own (error, jti, kid, the fingerprint) or a configured
+# trusted issuer (subject_issuer).
 _REDACTED: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("reason", redact_words),
     ("client_id", redact_value),
@@ -349,10 +360,13 @@ def _make_storable(values: dict[str, Any]) -> dict[str, Any]:
             values[name] = _storable(value)
     for name, redact in _REDACTED:
         value = values[name]
-        if value is not None:
+        # (The checks of redact_value's first line, loosened: no call for the usual values.)
+        if value is not None and (
+            len(value) > _PLAIN or "ey" in value or "ew" in value or "@" in value
+        ):
             values[name] = redact(value)
     if values["audiences"]:
-        values["audiences"] = _redact_audiences(values["audiences"])  # a copy: not the event's
+        values["audiences"] = _redact_audiences(values["audiences"])
     return values
 
 

@@ -314,6 +314,16 @@ class PolicyConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _name_not_a_subresource(self) -> PolicyConfig:
+        # The admin API addresses /admin/policies/NAME/history and NAME/disable. Servers that
+        # decode %2F before the app sees the path (granian) cannot tell "a%2Fhistory" from the
+        # history of "a": no name may end like a sub-resource, so both read the same way.
+        name = self.name or default_policy_name(self.client_id, self.audience)
+        if name.endswith(("/history", "/disable")):
+            raise ValueError("a policy name must not end with /history or /disable")
+        return self
+
+    @model_validator(mode="after")
     def _name_fits(self) -> PolicyConfig:
         # The name column holds 255 characters; PostgreSQL refuses a longer value outright.
         if self.name is None and len(default_policy_name(self.client_id, self.audience)) > 255:

@@ -57,7 +57,7 @@ class RateLimiter:
         self._unknown: _Bucket | None = None
         # Keyed by (peer, per_second, burst): a peer has one bucket per limit it was charged at.
         self._peers: OrderedDict[tuple[str, float, int], _Bucket] = OrderedDict()
-        self._max_peers = max_peers
+        self._max_peers = max(1, max_peers)
         self._lock = threading.Lock()
 
     @property

@@ -79,10 +79,14 @@ class Served:
             self.kill()
 
     def kill(self) -> None:
-        """Every process of the server's group, whatever state it is in."""
+        """Every process of the server's group, whatever state it is in; returns once the
+        group is gone (workers orphaned by the kill are reaped by init a moment later)."""
         kill_tree(self.process)
         if self.process.poll() is None:
             self.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -148,16 +152,14 @@ def start_serve(
     return served
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def still_running() -> list[subprocess.Popen[bytes]]:
-    """Started processes (or their process groups) still alive."""
-    alive = []
-    for process in STARTED:
-        if process.poll() is None:
-            alive.append(process)
-            continue
-        try:
-            os.killpg(process.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            continue
-        alive.append(process)
-    return alive
+    """Started processes (or members of their process groups) still alive."""
+    return [p for p in STARTED if p.poll() is None or _group_alive(p.pid)]

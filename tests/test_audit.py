@@ -6,6 +6,8 @@ steps poll with short deadlines instead of sleeping."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import logging
@@ -17,7 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.event import listen as event_listen
 from sqlalchemy.orm import Session
@@ -28,13 +33,19 @@ from sidecar.audit import (
     DENIED,
     GRANTED,
     MAX_ROWS_PER_INSERT,
+    MAX_SCOPE_TEXT,
+    MAX_TEXT,
     ROWS_PER_INSERT,
     AuditEvent,
     AuditTrail,
+    fingerprint,
+    redact_value,
+    redact_words,
 )
 from sidecar.auditlog import AUDIT_LOGGER
 from sidecar.errors import TemporarilyUnavailableError
-from sidecar.server import LOG_FORMAT
+from sidecar.exchange.subject import token_fingerprint
+from sidecar.serving.common import LOG_FORMAT
 from sidecar.store.db import make_engine
 from sidecar.store.migrate import upgrade
 from sidecar.store.models import AuditEventRow
@@ -362,7 +373,7 @@ class CountingStream(io.StringIO):
 @pytest.fixture
 def batched_log() -> Iterator[CountingStream]:
     """The sidecar.audit logger routed to a stream through the batching handler, as `sidecar
-    serve` sets it up (sidecar.server.configure_logging), and restored afterwards."""
+    serve` sets it up (sidecar.serving.common.configure_logging), and restored afterwards."""
     logger = logging.getLogger(AUDIT_LOGGER)
     saved = (list(logger.handlers), logger.propagate, logger.level)
     stream = CountingStream()
@@ -708,3 +719,213 @@ def test_on_the_event_loop_past_high_water_a_record_would_block_and_queues_nothi
     trail.record(event("second"))
     assert flushed(trail)
     assert db.subjects() == ["first", "second"]
+
+
+# --- redaction ------------------------------------------------------------------------------------
+
+JWT_KEY = "k" * 32  # HS256: a JWT of realistic shape without a key pair
+
+
+def a_jwt(**claims: Any) -> str:
+    payload = {"iss": "https://idp.test.example", "sub": "alice", "scope": "code.read", **claims}
+    return jwt.encode(payload, JWT_KEY, algorithm="HS256")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def sha256_prefix(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+JWT_SHAPES = {
+    "JWS": a_jwt(),
+    "JWE (five segments)": ".".join(
+        [b64url(b'{"alg":"RSA-OAEP","enc":"A256GCM"}'), "x" * 342, "y" * 16, "z" * 200, "t" * 22]
+    ),
+    "header with a space": ".".join([b64url(b'{ "alg": "HS256" }'), b64url(b"{}"), "s" * 43]),
+    "header with a newline": ".".join([b64url(b'{\n"alg":"HS256"}'), b64url(b"{}"), "s" * 43]),
+    "no JSON header, long segments": ".".join(["A" * 20, "B" * 64, "C" * 43]),
+    "starts with eyJ, no dots": "eyJhbGciOiJIUzI1NiJ9",
+    "unsigned (empty signature)": a_jwt().rpartition(".")[0] + ".",
+}
+
+
+@pytest.mark.parametrize("token", JWT_SHAPES.values(), ids=JWT_SHAPES.keys())
+def test_a_jwt_is_kept_only_as_its_sha256_prefix(token: str) -> None:
+    marker = redact_value(token)
+    assert marker == "sha256:" + sha256_prefix(token)
+    assert redact_words(f"code.read {token} code.search") == f"code.read {marker} code.search"
+
+
+def test_the_marker_uses_the_prefix_of_subject_token_sha256() -> None:
+    token = a_jwt()
+    assert redact_value(token) == fingerprint(token) == "sha256:" + token_fingerprint(token)
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["Bearer {}", "https://api.example.com/x?access_token={}&y=1", "a,{},b", "x {} y"],
+)
+def test_a_jwt_inside_a_value_is_replaced_by_its_sha256_prefix(template: str) -> None:
+    token = a_jwt()
+    redacted = redact_value(template.format(token))
+    assert redacted == template.format("sha256:" + sha256_prefix(token))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "gateway",
+        "api.example.com",
+        "eyes.example.com",  # begins like a JSON header, but a host name
+        "a.b.c.d.e",
+        "https://code-search.internal/mcp",
+        "https://api.example.com/v1/users/@alice",  # an @ in the path is no userinfo
+        "alice@example.com",
+        "mailto:alice@example.com",
+        "code.read",
+        "x" * 63 + ".y" * 3,  # a DNS label can be 63 characters long
+        "urn:ietf:params:oauth:token-type:access_token",
+    ],
+)
+def test_ordinary_values_are_kept_as_they_are(value: str) -> None:
+    assert redact_value(value) == value
+    assert redact_words(f"{value} {value}") == f"{value} {value}"
+
+
+@pytest.mark.parametrize(
+    "value", ["gateway", "https://code-search.internal/mcp", "alice@example.com", "code.read"]
+)
+def test_a_common_value_is_returned_without_a_copy(value: str) -> None:
+    # The cheap path taken on every /token request: the same object back, no scan beyond `in`.
+    value = "".join(value)  # not an interned literal
+    assert redact_value(value) is value
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("https://user:s3cret@host/x", "https://host/x"),
+        ("https://user:s3cret@host", "https://host"),
+        ("https://user:s3cret@host?q=1#f", "https://host?q=1#f"),
+        ("https://:s3cret@host/x", "https://host/x"),
+        ("https://user@host/x", "https://host/x"),
+        ("//user:s3cret@host/x", "//host/x"),  # scheme-relative
+        ("HTTPS://USER:S3CRET@HOST/X", "HTTPS://HOST/X"),
+        ("https://user:s3c@ret@host/x", "https://host/x"),  # the last @ ends the userinfo
+        ("https://user:s3c ret@host/x", "https://host/x"),  # not a valid URI: dropped anyway
+        ("https://user:s3cret\\@host/x", "https://host/x"),  # a backslash does not hide it
+        ("https://user:s3cret@[::1", "https://[::1"),  # urlsplit would raise here
+        ("x https://a:s3cret@h/ and ftp://b:s3cret@g/", "x https://h/ and ftp://g/"),
+        ("https://a:s3cret@h//b:s3cret@g/x", "https://h//g/x"),
+        ("\ud800://u:s3cret@h/x", "\ud800://h/x"),  # a lone surrogate: no encoding attempted
+    ],
+)
+def test_userinfo_is_dropped_from_uris(value: str, kept: str) -> None:
+    assert redact_value(value) == kept
+
+
+def test_long_values_are_cut_to_a_short_bound() -> None:
+    assert MAX_TEXT == 255
+    assert redact_value("a" * 10_000) == "a" * MAX_TEXT
+    assert redact_value("https://u:s3cret@" + "h" * 10_000) == "https://" + "h" * (MAX_TEXT - 8)
+    assert redact_value("a" * 10_000, limit=16) == "a" * 16
+
+
+def test_a_scope_is_bounded_word_by_word_and_in_total() -> None:
+    scope = " ".join(["s" * 10_000, "code.read"])
+    assert redact_words(scope, MAX_SCOPE_TEXT) == "s" * MAX_TEXT + " code.read"
+    many = " ".join(f"scope.{n:04d}" for n in range(1_000))
+    assert redact_words(many, MAX_SCOPE_TEXT) == many[:MAX_SCOPE_TEXT]
+    assert redact_words("", MAX_SCOPE_TEXT) == ""
+
+
+@given(
+    prefix=st.text(max_size=40),
+    rest=st.text(max_size=40),
+    other=st.text(max_size=300),
+    limit=st.integers(min_value=23, max_value=MAX_TEXT),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_text_is_redacted_without_raising_and_within_the_bound(
+    prefix: str, rest: str, other: str, limit: int
+) -> None:
+    assume("s3cret" not in prefix + rest)
+    value = f"{prefix}https://user:s3cret@{rest}"
+    for text in (value, other, f"{other} {value}"):
+        redacted = redact_value(text, limit)
+        assert len(redacted) <= limit
+        assert len(redact_words(text, limit)) <= limit
+    assert "s3cret" not in redact_value(value, limit)
+    assert "s3cret" not in redact_words(f"{other} {value}", MAX_SCOPE_TEXT)
+
+
+def test_request_input_is_redacted_alike_in_the_row_and_the_log_line(
+    db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    token = a_jwt()
+    marker = "sha256:" + sha256_prefix(token)
+    audiences = [token, "https://user:s3cret@host/x", "a" * 10_000, "https://host/ok"]
+    trail = db.trail(flush_interval=0.01)
+    denial = AuditEvent(
+        at=1.0,
+        error="invalid_scope",
+        reason=f"scope not allowed by the policy: {token}",
+        client_id="c" * 400,
+        subject=token,
+        actor="https://svc:s3cret@actor/",
+        audiences=audiences,
+        scope=f"code.read {token}",
+    )
+    trail.record(denial)
+    assert trail.flush()
+
+    [row] = db.rows()
+    [line] = audit_log()
+    stored = {name: getattr(row, name) for name in EVENT_FIELDS - {"audiences"}}
+    stored["audiences"] = json.loads(row.audiences or "")
+    assert stored == line  # the log line and the row hold the same text
+    assert line["audiences"] == [marker, "https://host/x", "a" * MAX_TEXT, "https://host/ok"]
+    assert line["reason"] == f"scope not allowed by the policy: {marker}"
+    assert line["scope"] == f"code.read {marker}"
+    assert (line["subject"], line["actor"]) == (marker, "https://actor/")
+    assert line["client_id"] == "c" * MAX_TEXT
+    text = json.dumps(line) + repr([getattr(row, name) for name in EVENT_FIELDS])
+    assert token not in text
+    assert token.split(".")[1] not in text  # not even the payload segment
+    assert "s3cret" not in text
+    assert denial.audiences is audiences  # the event is left alone
+    assert audiences[0] == token
+
+
+def test_many_audiences_are_bounded_in_number(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=0.01)
+    trail.record(event("alice", audiences=[f"https://a{n}.example" for n in range(100)]))
+    assert trail.flush()
+    [row] = db.rows()
+    assert json.loads(row.audiences or "") == [f"https://a{n}.example" for n in range(16)]
+
+
+def test_events_only_logged_are_redacted_too(
+    db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
+) -> None:
+    # A denial dropped while the queue is full, and one recorded after close(), go only to the
+    # log: through the same redaction.
+    token = a_jwt()
+    marker = "sha256:" + sha256_prefix(token)
+    trail = db.trail(flush_interval=SLOW, batch_size=100, max_pending=1)
+    writer_started(trail)
+    trail.record(event("queued"))
+    trail.record(event("dropped", audiences=[token], reason=f"repeated parameter {token}"))
+    assert trail.dropped == 1
+    trail.close()
+    trail.record(event("after-close", audiences=["https://u:s3cret@host/x"], scope=token))
+
+    lines = {line["subject"]: line for line in audit_log()}
+    assert lines["dropped"]["audiences"] == [marker]
+    assert lines["dropped"]["reason"] == f"repeated parameter {marker}"
+    assert lines["after-close"]["audiences"] == ["https://host/x"]
+    assert lines["after-close"]["scope"] == marker
+    assert db.subjects() == ["warm-up", "queued"]

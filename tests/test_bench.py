@@ -38,7 +38,7 @@ SMOKE_ARGS = [
 SERVICE_VARIANTS = [
     (path, server)
     for path in ("uncached", "cached")
-    for server in ("gunicorn", "gthread", "granian")
+    for server in ("granian", "gunicorn")
 ]
 VARIANTS = [("baseline", None), *((server, path) for path, server in SERVICE_VARIANTS)]
 
@@ -97,7 +97,7 @@ def test_smoke_run_reports_peak_rss_of_each_worker(
     assert all(peak > 0 for peak in peaks)
 
 
-@pytest.mark.parametrize("server", ["gunicorn", "gthread", "granian"])
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
 def test_smoke_run_uncached_path_never_looks_up_a_cache(smoke: dict[str, Any], server: str) -> None:
     uncached = measured(smoke, server, "uncached")
     assert "priming" not in uncached
@@ -105,7 +105,7 @@ def test_smoke_run_uncached_path_never_looks_up_a_cache(smoke: dict[str, Any], s
         assert uncached["cache_lookups"][cache] == {"hits": 0, "misses": 0, "hit_rate": None}
 
 
-@pytest.mark.parametrize("server", ["gunicorn", "gthread", "granian"])
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
 def test_smoke_run_cached_path_is_primed_and_hits_its_caches(
     smoke: dict[str, Any], server: str
 ) -> None:
@@ -134,12 +134,7 @@ def test_smoke_run_reports_the_machine_configuration_and_tables(smoke: dict[str,
     assert smoke["other_processes_cpu_share"] >= 0
     assert smoke["configuration"]["policies"] == 6
     assert smoke["paths"] == ["uncached", "cached"]
-    assert set(smoke["servers"]) | set(smoke["skipped"]) == {
-        "baseline",
-        "gunicorn",
-        "gthread",
-        "granian",
-    }
+    assert set(smoke["servers"]) | set(smoke["skipped"]) == {"baseline", "granian", "gunicorn"}
     table = smoke["stdout"]
     for expected in (
         "req/s",
@@ -176,16 +171,14 @@ def test_servers_and_paths_options_choose_the_variants() -> None:
     assert run.variants(args, skipped={}) == [("baseline", None), ("granian", "cached")]
     assert run.variants(args, skipped={"granian": "missing"}) == [("baseline", None)]
     every = run.parse_args([])
-    assert every.servers == ["baseline", "gunicorn", "gthread", "granian"]
+    assert every.servers == ["baseline", "granian", "gunicorn"]
     assert every.paths == ["uncached", "cached"]
     assert run.variants(every, skipped={}) == [
         ("baseline", None),
-        ("gunicorn", "uncached"),
-        ("gthread", "uncached"),
         ("granian", "uncached"),
-        ("gunicorn", "cached"),
-        ("gthread", "cached"),
+        ("gunicorn", "uncached"),
         ("granian", "cached"),
+        ("gunicorn", "cached"),
     ]
 
 

@@ -436,18 +436,20 @@ def test_the_request_over_the_burst_gets_429_before_any_signature_work(
     rate_limited: IssuerFault, client_keys: ClientKeys
 ) -> None:
     limited, idp = rate_limited, rate_limited.idp
-    # Five requests per client, refused before any token is looked at, use up both bursts.
+    # Five authenticated requests per client, refused before the subject token is looked at,
+    # use up both bursts (only requests that authenticate as a client spend its budget).
+    unsupported = "urn:example:unsupported"
     for _ in range(5):
-        response = limited.server.exchange(idp.token(), grant_type="client_credentials")
-        assert response.json()["error"] == "unsupported_grant_type"
+        response = limited.server.exchange(idp.token(), subject_token_type=unsupported)
+        assert response.json()["error"] == "invalid_request"
         response = limited.server.exchange(
             idp.token(),
-            grant_type="client_credentials",
+            subject_token_type=unsupported,
             auth=None,
             client_assertion_type=CLIENT_ASSERTION_TYPE,
             client_assertion=client_keys.assertion(),
         )
-        assert response.json()["error"] == "unsupported_grant_type"
+        assert response.json()["error"] == "invalid_request"
     assert limited.jwks.count == 0
 
     subject, assertion = idp.token(), client_keys.assertion()

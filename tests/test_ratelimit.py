@@ -63,7 +63,7 @@ def test_a_slow_rate_gives_a_longer_retry_after(config: dict[str, Any]) -> None:
     assert limiter.take("gateway") == 10
 
 
-# --- peek: before authentication ---------------------------------------------------------------
+# --- peek: before authentication ------------------------------------------------------------------
 
 
 def test_a_peek_takes_nothing(config: dict[str, Any]) -> None:
@@ -97,7 +97,7 @@ def test_a_peek_for_no_configured_client_never_refuses(
     assert limiter.peek(claimed) is None
 
 
-# --- failed authentication: per peer ------------------------------------------------------------
+# --- failed authentication: per peer --------------------------------------------------------------
 
 
 def test_failures_never_spend_the_claimed_clients_budget(config: dict[str, Any]) -> None:

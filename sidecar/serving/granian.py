@@ -171,7 +171,11 @@ def serve_granian(
     config_path: Path, settings: Settings, *, bind: str | None, workers: int | None
 ) -> None:
     host, port = split_bind(bind or "127.0.0.1:8080")
-    listeners = [Listener("sidecar.serving.common:gateway_app", host, port, workers or settings.server.workers)]
+    listeners = [
+        Listener(
+            "sidecar.serving.common:gateway_app", host, port, workers or settings.server.workers
+        )
+    ]
     if settings.admin is not None and settings.admin.listen:
         admin_host, admin_port = split_bind(settings.admin.listen)
         if admin_port == port:

@@ -18,7 +18,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from sidecar.config import ConfigError, Settings, load_settings
-from sidecar.serving.common import build_app, share_metrics
+from sidecar.serving.common import build_app, configure_logging, share_metrics
 
 DEFAULT_CONFIG = Path(__file__).with_name("gunicorn_conf.py")
 log = logging.getLogger("sidecar.serving")
@@ -90,6 +90,7 @@ def serve_gunicorn(
     server_config: Path | None,
 ) -> None:
     share_metrics()
+    configure_logging()
     SidecarServer(
         config_path,
         settings,

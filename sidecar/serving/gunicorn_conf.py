@@ -31,7 +31,7 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
     """A dead worker's live gauges must not linger in the shared metrics directory."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]

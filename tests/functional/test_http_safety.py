@@ -8,6 +8,7 @@ documents a known weakness of that server, and fails the day the weakness is gon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -45,7 +46,9 @@ def _basic() -> str:
 
 
 @pytest.fixture(scope="module", params=SERVERS)
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
     directory = tmp_path_factory.mktemp(f"safety-{request.param}")
     idp = TestIdP(directory)
     config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{directory / 's.db'}")
@@ -120,7 +123,6 @@ class Responses:
                 return status, body
             elif isinstance(event, h11.ConnectionClosed):
                 return None
-
 
     def _after_close_announced(self, timeout: float) -> tuple[int, bytes] | None:
         """The server said the connection ends after its last answer: whatever it still sends
@@ -218,14 +220,16 @@ def test_a_body_behind_a_pipelined_head_is_never_a_request(served: Served) -> No
     with connect(served) as sock:
         sock.sendall(
             b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-            + f"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+            b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {len(smuggled)}\r\n\r\n".encode()
         )
         time.sleep(1.0)
         sock.sendall(smuggled)
         reader = Responses(sock)
         answers = [reader.expect("GET", timeout=5), reader.expect("POST", timeout=5)]
         answers.append(reader.expect("POST", timeout=2))
-    assert answers[0] is not None and answers[0][0] == 200
+    assert answers[0] is not None
+    assert answers[0][0] == 200
     assert answers[1] is None or answers[1][0] == 405  # the POST to /healthz, body and all
     assert not any(granted(answer) for answer in answers)
 
@@ -261,7 +265,9 @@ def test_a_body_on_a_get_is_read_as_its_body(served: Served) -> None:
 def test_a_parse_error_never_echoes_the_request(served: Served) -> None:
     marker = "eyJSECRET" + "s" * 40
     with connect(served) as sock:
-        sock.sendall(f"POST /token{marker}\x01 HTTP/1.1\r\nHost: x\r\nX-{marker}: \x00\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /token{marker}\x01 HTTP/1.1\r\nHost: x\r\nX-{marker}: \x00\r\n\r\n".encode()
+        )
         received = b""
         sock.settimeout(5)
         try:
@@ -342,10 +348,8 @@ def test_a_connection_flood_locks_out_neither_the_gateway_nor_the_admin_listener
         for _ in range(2500):
             sock = socket.socket()
             sock.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 sock.connect(("127.0.0.1", served.port))
-            except BlockingIOError:
-                pass
             flood.append(sock)
         time.sleep(0.5)
         started = time.monotonic()

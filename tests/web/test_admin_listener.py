@@ -33,7 +33,7 @@ from tests.conftest import (
     TestIdP,
     base_config,
 )
-from tests.test_server import SIDECAR, Gunicorn, free_port, wait_until_ready
+from tests.launcher import SIDECAR, STARTED, Served, free_port
 from tests.web.admin_support import AdminClient, admin_credentials, enable_admin, policy_path
 
 CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
@@ -226,8 +226,8 @@ def test_serve_binds_the_admin_listener_beside_the_gateway_listeners(tmp_path: P
     gunicorn_config = tmp_path / "gunicorn.conf.py"
     gunicorn_config.write_text(
         "import runpy\n"
-        "from sidecar.server import DEFAULT_GUNICORN_CONFIG\n"
-        "globals().update({k: v for k, v in runpy.run_path(str(DEFAULT_GUNICORN_CONFIG)).items()"
+        "from sidecar.serving.gunicorn import DEFAULT_CONFIG\n"
+        "globals().update({k: v for k, v in runpy.run_path(str(DEFAULT_CONFIG)).items()"
         " if not k.startswith('__')})\n"
         f"bind = ['127.0.0.1:{main_port}', 'unix:{unix_socket}']\n"
         "workers = 1\n"
@@ -239,16 +239,26 @@ def test_serve_binds_the_admin_listener_beside_the_gateway_listeners(tmp_path: P
         "--config",
         str(config_file),
         "serve",
+        "--server",
+        "gunicorn",
         "--gunicorn-config",
         str(gunicorn_config),
     ]
     with output.open("wb") as sink:
         process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=tmp_path,
+            start_new_session=True,
         )
-    server = Gunicorn(process, f"http://127.0.0.1:{main_port}", "", idp, output)
+    STARTED.append(process)
+    server = Served(
+        process, f"http://127.0.0.1:{main_port}", main_port, config, config_file, output
+    )
     try:
-        wait_until_ready(server)
+        server.wait_ready()
         admin = AdminClient(f"http://127.0.0.1:{admin_port}", credentials["ops"])
         on_main = AdminClient(server.url, credentials["ops"])
         admin_host = {"Host": f"127.0.0.1:{admin_port}"}

@@ -30,7 +30,7 @@ from tests.conftest import (
     TestIdP,
     base_config,
 )
-from tests.test_server import SIDECAR, Gunicorn, free_port, wait_until_ready
+from tests.launcher import SIDECAR, Served, start_serve
 
 REFRESH_INTERVAL = 1.0  # seconds: policy_refresh_interval of the services under test
 # A change must hold within the interval; the margin absorbs one load, the CLI process exiting
@@ -176,37 +176,22 @@ def test_requests_between_refreshes_do_not_read_the_policy_table(
 
 
 @pytest.fixture
-def gunicorn(tmp_path: Path) -> Iterator[tuple[Gunicorn, dict[str, Any], Path]]:
+def served(tmp_path: Path) -> Iterator[tuple[Served, dict[str, Any], Path]]:
     idp = TestIdP(tmp_path)
-    database_url = f"sqlite:///{tmp_path / 'sidecar.db'}"
-    config = base_config(idp, ClientKeys(), database_url)
+    config = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 'sidecar.db'}")
     config["policy_refresh_interval"] = f"{int(REFRESH_INTERVAL)}s"
-    config_file = tmp_path / "sidecar.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    output = tmp_path / "server.log"
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
-    command = [*SIDECAR, "--config", str(config_file), "serve"]
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            [*command, "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            cwd=tmp_path,
-        )
-    server = Gunicorn(process, f"http://127.0.0.1:{port}", database_url, idp, output)
+    server = start_serve(tmp_path, config)
+    server.extra["idp"] = idp
     try:
-        wait_until_ready(server)
-        yield server, config, config_file
+        yield server, config, server.config_file
     finally:
         server.kill()
 
 
-def test_every_gunicorn_worker_sees_a_cli_change_without_a_restart(
-    gunicorn: tuple[Gunicorn, dict[str, Any], Path], tmp_path: Path
+def test_every_served_worker_sees_a_cli_change_without_a_restart(
+    served: tuple[Served, dict[str, Any], Path], tmp_path: Path
 ) -> None:
-    server, config, config_file = gunicorn
+    server, config, config_file = served
     pid = server.process.pid
 
     def search() -> str:
@@ -215,7 +200,7 @@ def test_every_gunicorn_worker_sees_a_cli_change_without_a_restart(
             f"{server.url}/token",
             data={
                 "grant_type": TOKEN_EXCHANGE,
-                "subject_token": server.idp.token(),
+                "subject_token": server.extra["idp"].token(),
                 "subject_token_type": ACCESS_TOKEN_TYPE,
                 "audience": CODE_SEARCH,
                 "scope": "code.search",
@@ -240,4 +225,4 @@ def test_every_gunicorn_worker_sees_a_cli_change_without_a_restart(
     assert [search() for _ in range(10)] == ["invalid_scope"] * 10
     assert server.process.poll() is None
     assert server.process.pid == pid  # the same server, never restarted
-    assert server.log().count("Booting worker") == 2  # no worker was replaced
+    assert server.log().count("Spawning worker") == 2  # no worker was replaced

@@ -1,0 +1,209 @@
+"""``sidecar serve``: the real command, with its default server and settings, as a subprocess on a
+loopback port (tests/launcher.py)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import requests
+from sqlalchemy import text
+
+from sidecar.store import migrate
+from sidecar.store.db import make_engine
+from tests.conftest import (
+    ACCESS_TOKEN_TYPE,
+    CODE_SEARCH,
+    GATEWAY_SECRET,
+    SIDECAR_ISSUER,
+    TOKEN_EXCHANGE,
+    ClientKeys,
+    TestIdP,
+    base_config,
+)
+from tests.launcher import START_TIMEOUT, Served, start_serve
+from tests.loopback import wait_for
+
+
+def start_default(
+    directory: Path, *extra: str, access_log: bool = False, wait: bool = True
+) -> Served:
+    """`sidecar serve --workers 2` on a SQLite database file that does not exist yet."""
+    idp = TestIdP(directory)
+    config: dict[str, Any] = base_config(
+        idp, ClientKeys(), f"sqlite:///{directory / 'never-migrated.db'}"
+    )
+    env = {"SIDECAR_ACCESS_LOG": "-"} if access_log else {}
+    server = start_serve(directory, config, *extra, env=env, wait=wait)
+    server.extra["idp"] = idp
+    return server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    server = start_default(tmp_path_factory.mktemp("serve"))
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def exchange(server: Served, subject_token: str, url: str | None = None) -> requests.Response:
+    return requests.post(
+        url or f"{server.url}/token",
+        data={
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject_token,
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "audience": CODE_SEARCH,
+        },
+        auth=("gateway", GATEWAY_SECRET),
+        timeout=10,
+    )
+
+
+def test_serve_migrates_a_new_sqlite_database_before_workers_start(served: Served) -> None:
+    ready = requests.get(f"{served.url}/readyz", timeout=5)
+
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": True, "signing_key": True, "serving": True}
+    engine = make_engine(served.database_url)
+    try:
+        assert migrate.is_current(engine)
+        with engine.connect() as connection:
+            keys = connection.scalar(text("SELECT count(*) FROM signing_keys"))
+            policies = connection.scalar(text("SELECT count(*) FROM policies"))
+    finally:
+        engine.dispose()
+    assert keys == 1  # made once before the fork, not once per worker
+    assert policies == 5  # bootstrapped from the config
+
+
+def test_exchange_succeeds_under_the_default_server(served: Served) -> None:
+    response = exchange(served, served.extra["idp"].token())
+
+    assert response.status_code == 200, response.text
+    assert response.headers["Cache-Control"] == "no-store"
+    token = response.json()["access_token"]
+    jwks = jwt.PyJWKClient(f"{served.url}/.well-known/jwks.json")
+    claims = jwt.decode(
+        token,
+        jwks.get_signing_key_from_jwt(token),
+        algorithms=["ES256"],
+        audience=CODE_SEARCH,
+        issuer=SIDECAR_ISSUER,
+    )
+    assert claims["sub"] == "alice@example.com"
+    assert claims["client_id"] == "gateway"
+    assert "Starting granian" in served.log()
+
+
+def test_every_worker_serves_the_same_jwks(served: Served) -> None:
+    # Each request opens a new connection, so the kernel spreads them over both workers.
+    bodies = {
+        requests.get(f"{served.url}/.well-known/jwks.json", timeout=5).text for _ in range(20)
+    }
+
+    assert len(bodies) == 1
+    [body] = bodies
+    assert len(jwt.PyJWKSet.from_json(body).keys) == 1
+
+
+def test_subject_token_never_reaches_the_server_log(served: Served) -> None:
+    subject = served.extra["idp"].token()
+    refused = served.extra["idp"].token(aud="https://someone-else.example")
+
+    exchange(served, subject)
+    exchange(served, refused)
+
+    time.sleep(0.3)  # let the audit lines land
+    log = served.log()
+    assert subject not in log
+    assert refused not in log
+    assert subject.split(".")[2] not in log  # not even the signature
+
+
+def test_metrics_are_served(served: Served) -> None:
+    assert exchange(served, served.extra["idp"].token()).status_code == 200
+    metrics = requests.get(f"{served.url}/metrics", timeout=5).text
+    assert 'sidecar_token_requests_total{error="",outcome="granted"}' in metrics
+
+
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
+def test_sighup_replaces_the_workers_and_keeps_serving(tmp_path: Path, server: str) -> None:
+    served = start_default(tmp_path, "--server", server)
+    try:
+        served.signal(signal.SIGHUP)
+        assert wait_for(lambda: "configuration validated" in served.log(), 20), served.log()
+        time.sleep(1.0)  # the old workers finish exiting
+        assert served.process.poll() is None, served.log()
+        served.wait_ready()
+        assert exchange(served, served.extra["idp"].token()).status_code == 200
+    finally:
+        served.kill()
+
+
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
+def test_sigterm_stops_the_server_cleanly(tmp_path: Path, server: str) -> None:
+    served = start_default(tmp_path, "--server", server)
+    try:
+        assert exchange(served, served.extra["idp"].token()).status_code == 200
+
+        started = time.monotonic()
+        status = served.stop()
+
+        assert status == 0, served.log()
+        assert time.monotonic() - started < 15
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{served.url}/healthz", timeout=2)
+        # The audit queue was written before the workers exited.
+        engine = make_engine(served.database_url)
+        try:
+            with engine.connect() as connection:
+                rows = connection.scalar(text("SELECT count(*) FROM audit_events"))
+        finally:
+            engine.dispose()
+        assert rows == 1
+    finally:
+        served.kill()
+
+
+def test_sigterm_while_the_workers_boot_stops_the_server(tmp_path: Path) -> None:
+    served = start_default(tmp_path, wait=False)
+    try:
+        assert wait_for(lambda: "Spawning worker" in served.log(), START_TIMEOUT), served.log()
+        started = time.monotonic()
+        status = served.stop()
+
+        assert status == 0, served.log()
+        assert time.monotonic() - started < 15
+    finally:
+        served.kill()
+
+
+def test_gunicorn_access_log_never_contains_the_query_string(tmp_path: Path) -> None:
+    served = start_default(tmp_path, "--server", "gunicorn", access_log=True)
+    secret = "SECRET" + "q" * 12
+    try:
+        response = exchange(
+            served, served.extra["idp"].token(), url=f"{served.url}/token?x={secret}"
+        )
+
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_request"
+        assert wait_for(lambda: '"POST /token" 400' in served.log(), 5)
+        assert secret not in served.log()
+    finally:
+        served.kill()
+
+
+def test_no_access_log_by_default(served: Served) -> None:
+    assert exchange(served, served.extra["idp"].token()).status_code == 200
+    time.sleep(0.3)
+    assert '"POST /token"' not in served.log()
+    assert "/token" not in served.log()
