@@ -117,9 +117,11 @@ def _is_worker(pid: int) -> bool:
 
 
 def workers_of(pid: int) -> list[int]:
-    """The worker processes of a master: the Python processes below it (at any depth, so that
-    both gunicorn's and granian's layouts count), less multiprocessing's helper processes."""
-    return [child for child in descendants_of(pid) if _is_worker(child)]
+    """The worker processes of a master: the Python processes below it with none below them
+    (at any depth: `sidecar serve` supervises a granian master whose children are the workers;
+    gunicorn's workers are its children), less multiprocessing's helper processes."""
+    pythons = [child for child in descendants_of(pid) if _is_worker(child)]
+    return [child for child in pythons if not any(_is_worker(g) for g in descendants_of(child))]
 
 
 def parse_cache_lookups(metrics: str) -> dict[str, dict[str, int]]:

@@ -36,9 +36,7 @@ SMOKE_ARGS = [
     "--tokens", "30", "--clients", "3", "--policies-per-client", "2",
 ]  # fmt: skip
 SERVICE_VARIANTS = [
-    (path, server)
-    for path in ("uncached", "cached")
-    for server in ("granian", "gunicorn")
+    (path, server) for path in ("uncached", "cached") for server in ("granian", "gunicorn")
 ]
 VARIANTS = [("baseline", None), *((server, path) for path, server in SERVICE_VARIANTS)]
 
@@ -191,17 +189,6 @@ def test_servers_and_paths_options_refuse_unknown_names(argv: list[str]) -> None
     assert exited.value.code == 2
 
 
-def test_a_missing_granian_is_skipped_with_a_note(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(servers, "granian_missing", lambda: "granian is not installed")
-    # Nothing else asked for: nothing to measure, and no fixture is generated.
-    assert run.main(["--servers", "granian"]) == 1
-    captured = capsys.readouterr()
-    assert "note: skipping granian: granian is not installed" in captured.out
-    assert "nothing to measure" in captured.err
-
-
 def test_uncached_configuration_differs_only_in_its_caches(tmp_path: Path) -> None:
     generated = fixtures.generate(
         tmp_path, fixtures.Sizes(tokens=1, clients=2, policies_per_client=1)
@@ -244,8 +231,9 @@ def test_lookups_between_two_scrapes_give_the_hit_rate() -> None:
     }
 
 
-# A master with, below it, a worker, a worker's own child, a helper of multiprocessing and a
-# process that is not Python: the workers are the Python processes at any depth, less the helper.
+# A master with, below it, a Python process that has a Python child of its own (as the granian
+# master below `sidecar serve` has its workers), a helper of multiprocessing and a process that
+# is not Python: the workers are the Python processes with no Python process below them.
 _TREE = r"""
 import subprocess, sys, time
 sleep = "import time; time.sleep(60)"
@@ -262,7 +250,7 @@ time.sleep(60)
 """
 
 
-def test_workers_are_the_python_processes_below_the_master_at_any_depth() -> None:
+def test_workers_are_the_innermost_python_processes_below_the_master() -> None:
     master = subprocess.Popen([sys.executable, "-c", _TREE], start_new_session=True)
     try:
         deadline = time.monotonic() + 20
@@ -271,8 +259,10 @@ def test_workers_are_the_python_processes_below_the_master_at_any_depth() -> Non
         below = servers.descendants_of(master.pid)
         assert len(below) == 4
         workers = servers.workers_of(master.pid)
-        assert len(workers) == 2
+        assert len(workers) == 1
         assert master.pid not in workers
+        (worker,) = workers
+        assert servers.descendants_of(worker) == []  # the innermost Python process
         commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in below}
         assert all(b"resource_tracker" not in commands[pid] for pid in workers)
         assert all(not commands[pid].startswith(b"sleep") for pid in workers)

@@ -14,28 +14,25 @@
 
 from __future__ import annotations
 
-import os
 import runpy
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 import requests
-import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from sidecar.config import settings_from_mapping
 from sidecar.services import Services
+from sidecar.serving.gunicorn import DEFAULT_CONFIG
 from sidecar.store.db import make_engine
 from sidecar.web.app import create_app
 from tests.conftest import (
@@ -52,11 +49,10 @@ from tests.conftest import (
     audit_rows,
     base_config,
 )
-from tests.loopback import CountingHttpServer, TcpProxy, free_port, kill_tree, wait_for
+from tests.launcher import Served, start_serve
+from tests.loopback import CountingHttpServer, TcpProxy, wait_for
 from tests.web.helpers import assert_oauth_error
 
-_SCRIPT = Path(sys.executable).parent / "sidecar"
-SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidecar"]
 # A dependency failure must be answered within this long (the database timeouts are 3 s).
 ANSWER_BOUND = 5.0
 
@@ -92,14 +88,8 @@ def assert_rate_limited(response: requests.Response) -> None:
 # --- sidecar serve, as a process ----------------------------------------------------------------
 
 
-@dataclass
-class Sidecar:
-    process: subprocess.Popen[bytes]
-    url: str
-    output: Path
-
-    def log(self) -> str:
-        return self.output.read_text(errors="replace")
+class Sidecar(Served):
+    """``sidecar serve`` started by the launcher, with the requests these tests send."""
 
     def exchange(
         self, subject_token: str, timeout: float = 10, session: requests.Session | None = None
@@ -114,47 +104,13 @@ class Sidecar:
     def ready(self) -> requests.Response:
         return requests.get(f"{self.url}/readyz", timeout=10)
 
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            kill_tree(self.process)
-            self.process.wait(timeout=10)
-
 
 def start_sidecar(
-    config: dict[str, Any], directory: Path, workers: int = 2, server: str = "gunicorn"
+    config: dict[str, Any], directory: Path, workers: int = 2, server: str = "granian"
 ) -> Sidecar:
-    """`sidecar serve` (under gunicorn, or granian) on a free loopback port, once /readyz says
-    ready."""
-    config_file = directory / "sidecar.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    port = free_port()
-    output = directory / "server.log"
-    environment = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
-    command = [*SIDECAR, "--config", str(config_file), "serve"]
-    command += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--server", server]
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            command,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            cwd=directory,
-            start_new_session=True,  # kill() takes the workers too (granian's outlive a master)
-        )
-    sidecar = Sidecar(process, f"http://127.0.0.1:{port}", output)
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            pytest.fail(f"sidecar serve exited with {process.returncode}:\n{sidecar.log()}")
-        try:
-            return requests.get(f"{sidecar.url}/readyz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    if not wait_for(ready, timeout=30, interval=0.1):
-        sidecar.kill()
-        pytest.fail(f"sidecar serve not ready:\n{sidecar.log()}")
-    return sidecar
+    """`sidecar serve` (granian, or gunicorn) on a free loopback port, once /readyz says ready."""
+    served = start_serve(directory, config, "--server", server, workers=workers)
+    return Sidecar(**{f.name: getattr(served, f.name) for f in fields(Served)})
 
 
 # --- the database: unavailable, slow, back ------------------------------------------------------
@@ -635,7 +591,7 @@ def _readiness(session: requests.Session, url: str) -> int | None:
 def test_sigterm_turns_readiness_false_in_the_worker(services: Services) -> None:
     # The gunicorn hook itself, on the real app: SIGTERM sets draining, /readyz answers 503,
     # and gunicorn's own handler still runs.
-    hooks = runpy.run_path(str(Path(__file__).parents[1] / "deploy" / "gunicorn.conf.py"))
+    hooks = runpy.run_path(str(DEFAULT_CONFIG))
     app = create_app(services.settings, services)
     calls: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
