@@ -1,6 +1,9 @@
-"""Running the Alembic migrations of ``migrations/`` from the ``sidecar`` command."""
+"""Running the Alembic migrations of ``sidecar/migrations/`` (package data, so an installed
+wheel migrates too) from the ``sidecar`` command."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
@@ -8,14 +11,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from sidecar import REPO_ROOT
-
-MIGRATIONS_DIR = REPO_ROOT / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 
 
 def alembic_config(url: str) -> Config:
     if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise RuntimeError(f"migrations not found at {MIGRATIONS_DIR}; install from a checkout")
+        raise RuntimeError(f"migrations not found at {MIGRATIONS_DIR}: a broken installation")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     # ConfigParser interpolation: a literal % in a password must be doubled.

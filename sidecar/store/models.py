@@ -1,5 +1,5 @@
-"""SQLAlchemy 2 models. The schema itself is owned by the Alembic migrations in ``migrations/``;
-these models must match them (a test compares the two)."""
+"""SQLAlchemy 2 models. The schema itself is owned by the Alembic migrations in
+``sidecar/migrations/``; these models must match them (a test compares the two)."""
 
 from __future__ import annotations
 
