@@ -44,8 +44,8 @@ bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff check sidecar tests migrations bench
-	$(BIN)/ruff format --check sidecar tests migrations bench
+	$(BIN)/ruff check sidecar tests bench
+	$(BIN)/ruff format --check sidecar tests bench
 
 typecheck: install
 	$(BIN)/mypy

@@ -40,6 +40,7 @@ class Sizes:
     tokens: int = 1500
     clients: int = 50
     policies_per_client: int = 10
+    threads: int | None = None  # server.threads of the service; None: the product's default
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def generate(directory: Path, sizes: Sizes) -> Fixtures:
     )
 
     config, secrets_by_client = service_config(directory, jwks_file, sizes)
+    if sizes.threads is not None:
+        config["server"] = {"threads": sizes.threads}
     config_file = directory / "sidecar.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     uncached_file = directory / "sidecar-uncached.yaml"

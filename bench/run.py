@@ -88,6 +88,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=2, help="workers of each server (2)")
     parser.add_argument(
+        "--threads", type=int, help="server.threads of the service (default: the product's)"
+    )
+    parser.add_argument(
         "--generator",
         choices=("auto", "wrk", "python"),
         default="auto",
@@ -298,6 +301,7 @@ def benchmark(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         tokens=args.tokens,
         clients=args.clients,
         policies_per_client=args.policies_per_client,
+        threads=args.threads,
     )
     print(f"generating {args.tokens} subject tokens and the configuration in {directory}")
     fixture = fixtures.generate(directory, sizes)

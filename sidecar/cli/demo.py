@@ -6,18 +6,18 @@ from pathlib import Path
 
 import click
 
-from sidecar import REPO_ROOT
 from sidecar.cli import fail, main, settings_of
 
-# In the checkout's keys/ (git-ignored), wherever the command runs from: deploy/demo.yaml finds
-# the JWKS there relative to itself.
-DEMO_IDP_KEY = REPO_ROOT / "keys" / "demo-idp.key.pem"
-DEMO_IDP_JWKS = REPO_ROOT / "keys" / "demo-idp.jwks.json"
+# Without --config: in keys/ of the working directory (git-ignored in the checkout, where
+# `make run` runs it and deploy/demo.yaml finds the JWKS relative to itself).
+DEMO_IDP_KEY = Path("keys") / "demo-idp.key.pem"
+DEMO_IDP_JWKS = Path("keys") / "demo-idp.jwks.json"
 
 
 def _demo_paths(ctx: click.Context) -> tuple[Path, Path]:
     """The demo IdP's private key and JWKS: beside the first trusted issuer's jwks_file when a
-    configuration is given, else in the checkout's keys/ (where deploy/demo.yaml looks)."""
+    configuration is given, else in keys/ of the working directory (where deploy/demo.yaml
+    looks when run from the checkout)."""
     if ctx.find_root().params.get("config"):
         jwks_file = settings_of(ctx).trusted_issuers[0].jwks_file
         if jwks_file is not None:
