@@ -1,0 +1,69 @@
+"""The configuration: one YAML file, read once at start-up into one typed, validated object.
+
+- :mod:`sidecar.config.common`: errors, durations, strict models, protocol constants;
+- :mod:`sidecar.config.models`: one model per section, and :class:`Settings`;
+- :mod:`sidecar.config.policies`: ``policies:`` entries and the checks of a whole policy set;
+- :mod:`sidecar.config.loading`: YAML, ``${NAME}`` substitution, validation with key paths.
+"""
+
+from sidecar.config.common import (
+    SCOPE_TOKEN,
+    TOKEN_EXCHANGE_GRANT,
+    ConfigError,
+    Duration,
+    parse_duration,
+)
+from sidecar.config.loading import (
+    format_validation_error,
+    load_policies_file,
+    load_settings,
+    read_yaml,
+    settings_from_mapping,
+    substitute_env,
+)
+from sidecar.config.models import (
+    AdminConfig,
+    AdminCredential,
+    CachesConfig,
+    ClientConfig,
+    KeysConfig,
+    RateLimitConfig,
+    ServerConfig,
+    Settings,
+    TokensConfig,
+    TrustedIssuerConfig,
+)
+from sidecar.config.policies import (
+    ConditionConfig,
+    PolicyConfig,
+    check_policy_set,
+    validate_policies,
+)
+
+__all__ = [
+    "SCOPE_TOKEN",
+    "TOKEN_EXCHANGE_GRANT",
+    "AdminConfig",
+    "AdminCredential",
+    "CachesConfig",
+    "ClientConfig",
+    "ConditionConfig",
+    "ConfigError",
+    "Duration",
+    "KeysConfig",
+    "PolicyConfig",
+    "RateLimitConfig",
+    "ServerConfig",
+    "Settings",
+    "TokensConfig",
+    "TrustedIssuerConfig",
+    "check_policy_set",
+    "format_validation_error",
+    "load_policies_file",
+    "load_settings",
+    "parse_duration",
+    "read_yaml",
+    "settings_from_mapping",
+    "substitute_env",
+    "validate_policies",
+]

@@ -1,0 +1,74 @@
+"""What every section of the configuration shares: the error type, durations, strict models,
+URL checks and the protocol constants the checks refer to."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+# Only asymmetric algorithms: an HMAC "key" would be the issuer's public key, which is the
+# classic algorithm-confusion attack, and "none" is never acceptable.
+SubjectAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+SigningAlgorithm = Literal["ES256", "EdDSA", "RS256", "PS256"]
+
+# Scope values that grant "everything" defeat the point of narrowing; refused in any policy.
+OMNIBUS_SCOPES = frozenset({"*", "all", "any", "root", "admin:*"})
+# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key path and the problem."""
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"15m"``, ``"24h"``, ``"7d"``, ``"500ms"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 30s, 15m or 24h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError("must be a duration such as 30s, 15m or 24h")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+def check_http_url(value: str, *, allow_path: bool = True) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("must use https (plain http is allowed only on loopback)")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if not allow_path and parts.path not in ("", "/"):
+        raise ValueError("must not have a path")
+    return value
+
+
+def refuse_duplicates(what: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what}: {value!r} appears twice")
+        seen.add(value)

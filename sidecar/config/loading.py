@@ -1,0 +1,157 @@
+"""Reading the configuration: YAML (duplicate keys refused), ``${NAME}`` substitution from the
+environment (``$${`` writes a literal ``${``), validation into :class:`Settings` with messages that
+name the key path, e.g. ``trusted_issuers[0].algorithms[1]: ...``."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sidecar.config.common import ConfigError
+from sidecar.config.models import Settings
+from sidecar.config.policies import PolicyConfig, validate_policies
+
+# `$${` (an escaped literal), `${NAME}`, or an unterminated `${` (an error, not a literal).
+_ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def _path_text(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def substitute_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()) -> Any:
+    """Replace ``${NAME}`` in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {k: substitute_env(v, env, (*loc, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, env, (*loc, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name = match.group(1)
+        if name is None:
+            raise ConfigError(f"{_path_text(loc)}: unterminated ${{ (write $${{ for a literal)")
+        if not _ENV_NAME.match(name):
+            raise ConfigError(f"{_path_text(loc)}: ${{{name}}} is not a valid variable name")
+        if name not in env:
+            raise ConfigError(f"{_path_text(loc)}: environment variable {name} is not set")
+        return env[name]
+
+    return _ENV_REF.sub(replace, value)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        # Cross-field checks run on the whole file and name their key paths in the message.
+        loc = tuple(error["loc"])
+        lines.append(f"{_path_text(loc)}: {message}" if loc else message)
+    return "\n".join(lines)
+
+
+def settings_from_mapping(
+    data: dict[str, Any], *, env: Mapping[str, str] | None = None, config_dir: Path | None = None
+) -> Settings:
+    data = substitute_env(data, os.environ if env is None else env)
+    try:
+        settings = Settings.model_validate({**data, "config_dir": config_dir or Path(".")})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    return settings
+
+
+def load_settings(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    config_dir: Path | None = None,
+) -> Settings:
+    """Read, substitute and validate the configuration file at ``path``; relative paths in it
+    resolve against ``config_dir`` (default: the file's own directory)."""
+    config_path = Path(path)
+    data = read_yaml(config_path)
+    if "config_dir" in data:
+        raise ConfigError("config_dir: unknown key")
+    return settings_from_mapping(
+        data, env=env, config_dir=config_dir or config_path.resolve().parent
+    )
+
+
+def load_policies_file(path: Path, settings: Settings) -> list[PolicyConfig]:
+    """The ``policies:`` list of a YAML file (a policy file or a whole config file)."""
+    data = read_yaml(path)
+    raw = data.get("policies")
+    if raw is None:
+        raise ConfigError(f"{path}: no 'policies' key")
+    raw = substitute_env(raw, os.environ, ("policies",))
+    if not isinstance(raw, list):
+        raise ConfigError("policies: must be a list")
+    policies = []
+    for index, item in enumerate(raw):
+        try:
+            policies.append(PolicyConfig.model_validate(item))
+        except ValidationError as exc:
+            text = format_validation_error(exc)
+            raise ConfigError(
+                "\n".join(f"policies[{index}].{line}" for line in text.splitlines())
+            ) from None
+    try:
+        validate_policies(policies, settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return policies

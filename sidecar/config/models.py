@@ -1,0 +1,344 @@
+"""The typed configuration: one section model per concern, and :class:`Settings`, the whole file
+once validated (read once at start-up; tests pass their own)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from sidecar.config.common import (
+    TOKEN_EXCHANGE_GRANT,
+    Duration,
+    SigningAlgorithm,
+    StrictModel,
+    SubjectAlgorithm,
+    check_http_url,
+    refuse_duplicates,
+)
+from sidecar.config.policies import PolicyConfig, validate_policies
+
+
+class TokensConfig(StrictModel):
+    algorithm: SigningAlgorithm = "ES256"
+    max_ttl: int = Field(300, ge=10, le=3600)
+    leeway: int = Field(30, ge=0, le=300)
+
+
+class KeysConfig(StrictModel):
+    rotate_every: Duration = 24 * 3600.0
+    publish_ahead: Duration = 15 * 60.0
+    retain_after: Duration = 15 * 60.0
+    encryption_key: SecretStr | None = None
+    # How often every worker re-reads the keyring (seconds): the bound on how long a rotation
+    # takes to reach every worker of every replica.
+    refresh_interval: Duration = 10.0
+    # A directory of PEM private keys (e.g. a mounted Secret) instead of the database keyring.
+    directory: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_keyring(self) -> KeysConfig:
+        if self.directory is not None and self.encryption_key is not None:
+            raise ValueError(
+                "encryption_key encrypts keys stored in the database; it cannot be used with "
+                "directory (protect the directory's files instead)"
+            )
+        return self
+
+    @field_validator("rotate_every")
+    @classmethod
+    def _rotate_not_tiny(cls, value: float) -> float:
+        if value < 60:
+            raise ValueError("must be at least 60s")
+        return value
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _encryption_key_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key (an exported but empty variable) would silently store keys in clear
+        # text: a start-up error naming the key path. A short one is a warning (weaknesses()).
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+
+class TrustedIssuerConfig(StrictModel):
+    issuer: str
+    jwks_uri: str | None = None
+    jwks_file: Path | None = None
+    audiences: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    algorithms: list[SubjectAlgorithm] = Field(default_factory=lambda: ["RS256", "ES256"])  # type: ignore[arg-type]
+    # Scheduled refresh of the issuer's JWKS, and the minimum gap between two refetches that an
+    # unknown `kid` may trigger (so a flood of unknown kids cannot hammer the IdP).
+    refresh_interval: Duration = 300.0
+    min_refetch_interval: Duration = 30.0
+    fetch_timeout: Duration = 3.0
+    # While the JWKS cannot be fetched, cached keys keep verifying for at most this long after
+    # the last successful fetch; then subject tokens of this issuer get 503.
+    max_stale: Duration = 3600.0
+
+    @model_validator(mode="after")
+    def _stale_after_refresh(self) -> TrustedIssuerConfig:
+        if self.max_stale < self.refresh_interval:
+            raise ValueError("max_stale must be at least refresh_interval")
+        return self
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        # Compared byte for byte with `iss`; no normalisation is applied, by design.
+        return check_http_url(value)
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms_present(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one algorithm")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> TrustedIssuerConfig:
+        if (self.jwks_uri is None) == (self.jwks_file is None):
+            raise ValueError("exactly one of jwks_uri or jwks_file is required")
+        return self
+
+
+class RateLimitConfig(StrictModel):
+    """A token bucket: ``per_second`` requests sustained, ``burst`` at once (per worker)."""
+
+    per_second: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+class ClientConfig(StrictModel):
+    client_id: str = Field(min_length=1, max_length=255)
+    client_secret: SecretStr | None = None
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = None
+    # This client's own limit, instead of the top-level rate_limit.
+    rate_limit: RateLimitConfig | None = None
+    # The grants this client may use; token exchange is the only grant this service offers, so
+    # `[]` is the way to keep a client configured but unable to exchange (unauthorized_client).
+    grant_types: list[Literal["urn:ietf:params:oauth:grant-type:token-exchange"]] = Field(
+        default_factory=lambda: [TOKEN_EXCHANGE_GRANT]  # type: ignore[arg-type]
+    )
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_strength(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ClientConfig:
+        has_keys = self.jwks is not None or self.jwks_uri is not None
+        if (self.client_secret is None) == (not has_keys):
+            raise ValueError(
+                "exactly one credential is required: client_secret, or jwks / jwks_uri "
+                "(private_key_jwt)"
+            )
+        if self.jwks is not None and self.jwks_uri is not None:
+            raise ValueError("jwks and jwks_uri are mutually exclusive")
+        if self.jwks is not None and not isinstance(self.jwks.get("keys"), list):
+            raise ValueError("jwks must be a JWK Set with a 'keys' list")
+        return self
+
+    @property
+    def auth_methods(self) -> tuple[str, ...]:
+        if self.client_secret is not None:
+            return ("client_secret_basic", "client_secret_post")
+        return ("private_key_jwt",)
+
+
+class AdminCredential(StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    token: SecretStr
+
+    @field_validator("token")
+    @classmethod
+    def _token_strength(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+
+class AdminConfig(StrictModel):
+    """The policy admin API; absent, it is disabled (404)."""
+
+    # HOST:PORT of a separate listener; when set, /admin is served there and only there.
+    listen: str | None = Field(default=None, pattern=r"^[^\s:]+:\d{1,5}$")
+    credentials: list[AdminCredential] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> AdminConfig:
+        refuse_duplicates("credentials", [c.name for c in self.credentials])
+        return self
+
+    @property
+    def listen_port(self) -> int | None:
+        return int(self.listen.rsplit(":", 1)[1]) if self.listen else None
+
+
+class SubjectTokenCacheConfig(StrictModel):
+    """Verified subject and actor tokens, by SHA-256 of the token, each kept until its ``exp``."""
+
+    enabled: bool = True
+    max_entries: int = Field(10_000, ge=1, le=1_000_000)
+
+
+class MintedTokenCacheConfig(StrictModel):
+    """Minted tokens reused for an identical request while enough of their lifetime is left."""
+
+    enabled: bool = True
+    max_entries: int = Field(10_000, ge=1, le=1_000_000)
+    # Reused only while at least this fraction of the token's lifetime remains (0.5: a gateway
+    # never gets a token with less than half the lifetime a fresh one would have had).
+    min_remaining: float = Field(0.5, gt=0, le=1)
+
+
+class CachesConfig(StrictModel):
+    subject_tokens: SubjectTokenCacheConfig = Field(
+        default_factory=SubjectTokenCacheConfig  # type: ignore[arg-type]
+    )
+    minted_tokens: MintedTokenCacheConfig = Field(
+        default_factory=MintedTokenCacheConfig  # type: ignore[arg-type]
+    )
+
+
+class ServerConfig(StrictModel):
+    """``sidecar serve``: the HTTP server and its limits on hostile or idle clients."""
+
+    # granian (HTTP/1.1 framing in Rust, by hyper), or gunicorn (its gthread worker).
+    kind: Literal["granian", "gunicorn"] = "granian"
+    workers: int = Field(2, ge=1, le=64)
+    # Python threads per worker that run the app; the connections wait in the server, not in
+    # Python threads.
+    threads: int = Field(2, ge=1, le=64)
+    # A request head must arrive within this long, and an idle kept-alive connection is closed
+    # after it (granian: one timer for both; gunicorn: its keepalive).
+    keepalive: Duration = Field(15.0, gt=0, le=600)
+    # Connections one worker holds at most; past it new ones wait in the kernel's backlog, and
+    # the idle ones held are closed after ``keepalive``.
+    max_connections: int = Field(4096, ge=16, le=1_000_000)
+    backlog: int = Field(4096, ge=128, le=65535)
+    # SIGTERM: stop accepting, let requests in flight finish for up to this long.
+    graceful_timeout: Duration = Field(20.0, gt=0, le=600)
+
+
+class Settings(StrictModel):
+    issuer: str
+    database_url: str = "sqlite:///var/sidecar.db"
+    tokens: TokensConfig = Field(default_factory=TokensConfig)  # type: ignore[arg-type]
+    keys: KeysConfig = Field(default_factory=KeysConfig)
+    trusted_issuers: list[TrustedIssuerConfig] = Field(min_length=1)
+    clients: list[ClientConfig] = Field(min_length=1)
+    policies: list[PolicyConfig] = Field(default_factory=list)
+    # How often every worker re-reads the policy table (seconds): the bound on how long a
+    # policy change takes to reach every worker of every replica.
+    policy_refresh_interval: Duration = 5.0
+    admin: AdminConfig | None = None
+    caches: CachesConfig = Field(default_factory=CachesConfig)
+    # Per-client limit of /token requests (per worker process); absent: no limit.
+    rate_limit: RateLimitConfig | None = None
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    # Where the config file lives; relative jwks_file paths resolve against it. Not a YAML key.
+    config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        check_http_url(value)
+        if value.endswith("/"):
+            raise ValueError("must not end with '/'")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql")):
+            raise ValueError("must be sqlite:///PATH or postgresql+psycopg://...")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        issuers = [i.issuer for i in self.trusted_issuers]
+        if self.issuer in issuers:
+            # Our own tokens must never be accepted back as subject tokens.
+            raise ValueError("trusted_issuers must not include this service's own issuer")
+        refuse_duplicates("trusted_issuers", issuers)
+        refuse_duplicates("clients", [c.client_id for c in self.clients])
+        if self.keys.retain_after < self.tokens.max_ttl + self.tokens.leeway:
+            raise ValueError(
+                "keys.retain_after must be at least tokens.max_ttl + tokens.leeway, so that "
+                "every token outlives the publication of its key"
+            )
+        if self.keys.publish_ahead >= self.keys.rotate_every:
+            raise ValueError("keys.publish_ahead must be shorter than keys.rotate_every")
+        if self.keys.publish_ahead < 2 * self.keys.refresh_interval:
+            # Every worker must have loaded a new key, and verifiers refetched the JWKS, before
+            # the key signs: see jwks_max_age.
+            raise ValueError("keys.publish_ahead must be at least twice keys.refresh_interval")
+        validate_policies(self.policies, self)
+        return self
+
+    def weaknesses(self) -> list[str]:
+        """Settings that work but are weak: printed by check-config, logged by serve."""
+        found = []
+        for index, client in enumerate(self.clients):
+            if client.client_secret and len(client.client_secret.get_secret_value()) < 16:
+                found.append(f"clients[{index}].client_secret is shorter than 16 characters")
+        key = self.keys.encryption_key
+        if key is not None and len(key.get_secret_value()) < 16:
+            found.append("keys.encryption_key is shorter than 16 characters")
+        return found
+
+    def missing_files(self) -> list[str]:
+        """Files the configuration names that do not exist (checked by check-config and serve,
+        not at load time, so that `sidecar demo-init` can create the demo issuer's JWKS)."""
+        missing = []
+        for index, entry in enumerate(self.trusted_issuers):
+            path = self.resolve_path(entry.jwks_file) if entry.jwks_file else None
+            if path is not None and not path.is_file():
+                missing.append(f"trusted_issuers[{index}].jwks_file: {path} is not a file")
+        if self.keys.directory is not None and not self.resolve_path(self.keys.directory).is_dir():
+            missing.append(
+                f"keys.directory: {self.resolve_path(self.keys.directory)} is not a directory"
+            )
+        return missing
+
+    def resolve_path(self, path: Path) -> Path:
+        """A path of the config file, relative to the config file's directory."""
+        return path if path.is_absolute() else self.config_dir / path
+
+    @property
+    def jwks_max_age(self) -> int:
+        """How long verifiers may cache the JWKS (seconds). A new key is written to the database
+        ``publish_ahead`` before it signs; every worker has it within ``keys.refresh_interval``;
+        a verifier that fetched the JWKS just before must refetch before the key signs."""
+        return int(max(0.0, min(300.0, self.keys.publish_ahead - self.keys.refresh_interval)))
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.issuer}/token"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.issuer}/.well-known/jwks.json"
+
+    def find_client(self, client_id: str) -> ClientConfig | None:
+        for client in self.clients:
+            if client.client_id == client_id:
+                return client
+        return None

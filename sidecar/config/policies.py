@@ -1,0 +1,169 @@
+"""The ``policies:`` entries of a configuration or policy file, and the checks of a whole policy
+set against the settings (clients, issuers, ``tokens.max_ttl``) and against itself (names used
+twice, enabled policies that could match the same request)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+
+from sidecar.config.common import OMNIBUS_SCOPES, SCOPE_TOKEN, StrictModel
+from sidecar.exchange.policy import Condition, Policy, could_overlap, default_policy_name
+
+if TYPE_CHECKING:
+    from sidecar.config.models import Settings
+
+# A claim value a condition compares with: exactly the JSON scalars a claim can hold.
+ClaimValue = StrictStr | StrictBool | StrictInt
+
+
+class ConditionConfig(StrictModel):
+    """One condition on a verified subject-token claim: exactly one of the three."""
+
+    equals: ClaimValue | None = None
+    one_of: list[ClaimValue] | None = Field(default=None, min_length=1)
+    contains: ClaimValue | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ConditionConfig:
+        operators = ("equals", "one_of", "contains")
+        given = [name for name in operators if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of equals, one_of, contains")
+        if self.contains == "":
+            raise ValueError("contains must not be empty")
+        return self
+
+    def to_condition(self, claim: str) -> Condition:
+        if self.one_of is not None:
+            # A set: the order in the file is not a change.
+            values = sorted(set(self.one_of), key=lambda v: (type(v).__name__, str(v)))
+            return Condition(claim, "one_of", tuple(values))
+        if self.equals is not None:
+            return Condition(claim, "equals", (self.equals,))
+        return Condition(claim, "contains", (self.contains,))
+
+
+class PolicyConfig(StrictModel):
+    # Unique; defaults to "CLIENT -> AUDIENCE". Names a policy in history and rollback.
+    name: str | None = Field(default=None, min_length=1, max_length=255)
+    client_id: str = Field(min_length=1)
+    audience: str = Field(min_length=1, max_length=2048)
+    # Only subject tokens from this trusted issuer.
+    issuer: str | None = None
+    # Conditions on the verified subject-token claims; all must hold.
+    subject: dict[str, ConditionConfig] = Field(default_factory=dict)
+    scopes: list[str] = Field(min_length=1)
+    default_scopes: list[str] = Field(default_factory=list)
+    ttl: int = Field(120, ge=1)
+    enabled: bool = True
+    # Requested (and default) scopes must also be present in the subject token's scopes.
+    require_subject_scopes: bool = False
+    # A still-fresh token minted under this policy may be handed out again for an identical
+    # request (caches.minted_tokens); false for an upstream that accepts each jti once.
+    reuse_tokens: bool = True
+    # Claims copied from the verified subject token into the minted token (an allowlist).
+    copy_claims: list[str] = Field(default_factory=list)
+
+    @field_validator("scopes", "default_scopes")
+    @classmethod
+    def _scope_syntax(cls, value: list[str]) -> list[str]:
+        for scope in value:
+            if not SCOPE_TOKEN.match(scope):
+                raise ValueError(f"{scope!r} is not a valid scope token (RFC 6749 §3.3)")
+            if scope.lower() in OMNIBUS_SCOPES or scope.endswith("*"):
+                raise ValueError(f"{scope!r} is an omnibus scope; list the scopes explicitly")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a scope twice")
+        return value
+
+    @field_validator("copy_claims")
+    @classmethod
+    def _copyable(cls, value: list[str]) -> list[str]:
+        from sidecar.exchange.claims import RESERVED_CLAIMS
+
+        for name in value:
+            if name in RESERVED_CLAIMS:
+                raise ValueError(f"{name!r} is set by the sidecar and cannot be copied")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_allowed(self) -> PolicyConfig:
+        outside = set(self.default_scopes) - set(self.scopes)
+        if outside:
+            raise ValueError(f"default_scopes {sorted(outside)} are not in scopes")
+        return self
+
+    @model_validator(mode="after")
+    def _name_not_a_subresource(self) -> PolicyConfig:
+        # The admin API addresses /admin/policies/NAME/history and NAME/disable. Servers that
+        # decode %2F before the app sees the path (granian) cannot tell "a%2Fhistory" from the
+        # history of "a": no name may end like a sub-resource, so both read the same way.
+        name = self.name or default_policy_name(self.client_id, self.audience)
+        if name.endswith(("/history", "/disable")):
+            raise ValueError("a policy name must not end with /history or /disable")
+        return self
+
+    @model_validator(mode="after")
+    def _name_fits(self) -> PolicyConfig:
+        # The name column holds 255 characters; PostgreSQL refuses a longer value outright.
+        if self.name is None and len(default_policy_name(self.client_id, self.audience)) > 255:
+            raise ValueError(
+                "the default name (CLIENT -> AUDIENCE) would be longer than 255 characters; "
+                "give the policy a name"
+            )
+        return self
+
+    def to_policy(self) -> Policy:
+        return Policy(
+            name=self.name or default_policy_name(self.client_id, self.audience),
+            client_id=self.client_id,
+            audience=self.audience,
+            scopes=frozenset(self.scopes),
+            default_scopes=frozenset(self.default_scopes),
+            ttl=self.ttl,
+            enabled=self.enabled,
+            require_subject_scopes=self.require_subject_scopes,
+            reuse_tokens=self.reuse_tokens,
+            copy_claims=tuple(self.copy_claims),
+            issuer=self.issuer,
+            conditions=tuple(
+                self.subject[claim].to_condition(claim) for claim in sorted(self.subject)
+            ),
+        )
+
+
+def validate_policies(policies: list[PolicyConfig], settings: Settings) -> None:
+    """Cross-checks the ``policies:`` of a file against the settings and each other."""
+    check_policy_set([config.to_policy() for config in policies], settings)
+
+
+def check_policy_set(policies: list[Policy], settings: Settings) -> None:
+    """Checks a whole policy set; raises ValueError naming the policy: unknown client or issuer,
+    ttl above tokens.max_ttl, a name used twice, and two enabled policies that could both match
+    the same request."""
+    client_ids = {c.client_id for c in settings.clients}
+    issuers = {i.issuer for i in settings.trusted_issuers}
+    seen: dict[str, int] = {}
+    for index, policy in enumerate(policies):
+        where = f"policies[{index}] ({policy.name})"
+        if policy.client_id not in client_ids:
+            raise ValueError(f"{where}: client_id is not one of the configured clients")
+        if policy.issuer is not None and policy.issuer not in issuers:
+            raise ValueError(f"{where}: issuer is not one of the trusted_issuers")
+        if policy.ttl > settings.tokens.max_ttl:
+            raise ValueError(f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl")
+        if policy.name in seen:
+            raise ValueError(
+                f"{where}: the name is already used by policies[{seen[policy.name]}] "
+                "(give policies for the same client and audience distinct names)"
+            )
+        for other_index, other in enumerate(policies[:index]):
+            if could_overlap(policy, other):
+                raise ValueError(
+                    f"{where}: could match the same requests as policies[{other_index}] "
+                    f"({other.name}); make their issuer or subject conditions exclusive, or "
+                    "disable one"
+                )
+        seen[policy.name] = index
