@@ -27,7 +27,6 @@ from sqlalchemy import select
 from sqlalchemy.event import listen as event_listen
 from sqlalchemy.orm import Session
 
-from sidecar import auditlog
 from sidecar.audit import (
     BACKPRESSURE_WAIT,
     DENIED,
@@ -42,7 +41,8 @@ from sidecar.audit import (
     redact_value,
     redact_words,
 )
-from sidecar.auditlog import AUDIT_LOGGER
+from sidecar.audit import log as auditlog
+from sidecar.audit.log import AUDIT_LOGGER
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.exchange.subject import token_fingerprint
 from sidecar.serving.common import LOG_FORMAT
@@ -703,22 +703,6 @@ def test_a_lone_surrogate_or_nul_in_a_claim_does_not_poison_the_writer(db: Audit
     stored = [(row.subject, row.actor) for row in db.rows()]
     assert stored == [("bad?", "nul\ufffdactor"), ("alice", None)]
     trail.close()
-
-
-def test_on_the_event_loop_past_high_water_a_record_would_block_and_queues_nothing(
-    db: AuditDatabase,
-) -> None:
-    from sidecar.blocking import WouldBlock, on_event_loop
-
-    trail = db.trail(flush_interval=SLOW, batch_size=100, high_water=1)
-    trail.record(event("first"))
-
-    with on_event_loop(), pytest.raises(WouldBlock):
-        trail.record(event("second"))  # answered again on a thread, which may wait
-    assert trail.pending == 1
-    trail.record(event("second"))
-    assert flushed(trail)
-    assert db.subjects() == ["first", "second"]
 
 
 # --- redaction ------------------------------------------------------------------------------------

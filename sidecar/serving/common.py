@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sidecar import auditlog
+from sidecar.audit import log as auditlog
 from sidecar.config import Settings, load_settings
 
 # The same name as sidecar.metrics.MULTIPROCESS_ENV; not imported from there because
