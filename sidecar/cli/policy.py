@@ -186,7 +186,7 @@ def policy_explain(
 ) -> None:
     """Print the decision the running service would make for an exchange, and why, without
     minting anything. Exit status 0 when it would be granted, 3 when refused."""
-    from sidecar.explain import explain
+    from sidecar.cli.explain import explain
 
     if (claims is None) == (subject_token is None):
         fail("give exactly one of --claims JSON or --subject-token FILE", 2)

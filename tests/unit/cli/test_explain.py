@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from sidecar.cli import main
-from sidecar.explain import explain
+from sidecar.cli.explain import explain
 from sidecar.services import Services
 from sidecar.store.models import AuditEventRow
 from tests.conftest import (
