@@ -1,18 +1,38 @@
 """Prometheus metrics (``GET /metrics``).
 
-Under ``sidecar serve`` every gunicorn worker writes its counters to ``PROMETHEUS_MULTIPROC_DIR``
-(set by ``serve``) and a scrape of any worker reports the sum over all workers. Values that follow
-from shared state (the keyring) are computed at scrape time by a collector, so every worker reports
-the same numbers.
+Under ``sidecar serve`` every worker writes its counters to ``PROMETHEUS_MULTIPROC_DIR`` (set by
+``serve``) and a scrape of any worker reports the sum over all workers. Values that follow from
+shared state (the keyring) are computed at scrape time by a collector, so every worker reports the
+same numbers.
+
+The age of the state each worker decides with (``sidecar_state_age_seconds{state, pid}``, the
+bound of :mod:`sidecar.refreshing`) is per worker, and a collector only runs in the worker that
+answers the scrape. So each worker records *when* the load behind its copy started, in a gauge of
+its own file (``sidecar_state_loaded_timestamp_seconds``, ``multiprocess_mode="liveall"``: one
+sample per live worker, labelled ``pid``), and the scraping worker derives every worker's age from
+those timestamps at scrape time. A worker that stopped reloading shows a growing age (it is not
+frozen at its last report); ``+Inf`` means nothing loaded yet, or a copy invalidated by a change
+and not yet reloaded. A worker's samples go when it exits (``Services.close``; gunicorn's
+``child_exit``); a worker killed outright leaves its last timestamp until the server restarts.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -38,6 +58,57 @@ def _process_id() -> int:
 os.register_at_fork(after_in_child=_refresh_pid)
 if getattr(values.ValueClass, "_multiprocess", False):
     values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)  # type: ignore[no-untyped-call]
+
+
+STATE_LOADED_AT = "sidecar_state_loaded_timestamp_seconds"
+STATE_AGE = "sidecar_state_age_seconds"
+# One per process, written by the Refreshing holders (Services.start_background); not in any
+# registry: Metrics exposes it with the ages derived from it.
+_state_loaded_at = Gauge(
+    STATE_LOADED_AT,
+    "When the load behind the state this worker decides with started (Unix time; -Inf: none).",
+    ["state"],
+    registry=None,
+    multiprocess_mode="liveall",
+)
+
+
+def state_reporter(state: str) -> Callable[[float], None]:
+    """Records the start of the load behind this worker's copy of ``state`` (Refreshing's
+    ``report_loaded_at``)."""
+    return _state_loaded_at.labels(state).set
+
+
+def forget_this_process() -> None:
+    """At a worker's exit: its per-worker gauges leave the shared directory with it."""
+    path = os.environ.get(MULTIPROCESS_ENV)
+    if path:
+        multiprocess.mark_process_dead(os.getpid(), path)  # type: ignore[no-untyped-call]
+
+
+class StateAgeCollector(Collector):
+    """Everything ``source`` collects, and beside the load timestamps each worker recorded,
+    ``sidecar_state_age_seconds`` computed from them now (with the same labels)."""
+
+    def __init__(self, source: Collector, clock: Callable[[], float] = time.time) -> None:
+        self._source = source
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            yield family
+            if family.name != STATE_LOADED_AT:
+                continue
+            now = self._clock()
+            ages = Metric(
+                STATE_AGE,
+                "Seconds since the load behind the state this worker decides with started "
+                "(the bound is policy_refresh_interval or keys.refresh_interval).",
+                "gauge",
+            )
+            for sample in family.samples:
+                ages.add_sample(STATE_AGE, dict(sample.labels), now - sample.value)
+            yield ages
 
 
 class KeyringCollector(Collector):
@@ -113,7 +184,10 @@ class Metrics:
         self._scrape_registry = self.registry
         if os.environ.get(MULTIPROCESS_ENV):
             self._scrape_registry = CollectorRegistry()
-            MultiProcessCollector(self._scrape_registry)  # type: ignore[no-untyped-call]
+            every_worker = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+            self._scrape_registry.register(StateAgeCollector(every_worker))
+        else:
+            self.registry.register(StateAgeCollector(_state_loaded_at))
 
     def cache_observer(self, cache: str) -> Callable[[bool], None]:
         """Counts one cache's lookups; the hit rate is hits / (hits + misses)."""

@@ -1,19 +1,20 @@
 """A value loaded from the database and kept in process for a bounded time.
 
 The bound is a promise to security teams: no decision is made on a copy older than ``interval``
-seconds, counted from the start of the load that produced it (a change committed after that
-start is the one a copy may miss). So:
+seconds, counted from the start of the load that produced it. A change committed after that start
+is the one a copy may miss, so no decision is made on a state older than ``interval`` counted
+from the commit of the change. So:
 
 - a timer in each worker (:meth:`Refreshing.start`) reloads the value every ``interval / 2``, so
   that requests normally find a fresh copy and never wait;
 - a request that finds the copy past the bound (the timer was late, the process was stopped, the
   database was slow) reloads it before deciding, waiting for a load another thread has under way
-  rather than starting its own;
+  rather than starting its own; it never answers from the old copy while a reload runs behind it;
 - when that load fails, the request is refused with ``503 temporarily_unavailable``: a policy
   disabled, or a key retired, while the database was unreachable must not keep granting (fail
   closed). After a failure, loads are retried at most every ``RETRY_AFTER_FAILURE`` seconds;
 - :meth:`invalidate` (a PostgreSQL ``NOTIFY``, an admin change in this process) makes the next
-  use reload.
+  use reload; a load under way when it is called does not count as fresh.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ T = TypeVar("T")
 RETRY_AFTER_FAILURE = 1.0
 # A request waits at most this long (seconds) for a load under way.
 LOAD_WAIT = 5.0
+NEVER = float("-inf")
 log = logging.getLogger(__name__)
 
 
@@ -42,34 +44,43 @@ class Refreshing(Generic[T]):
         self._load = load
         self.interval = interval
         self._clock = clock
-        self._lock = threading.Lock()
-        self._value: T | None = None
-        self._loaded_at = float("-inf")  # when the load that produced the value started
-        self._failed_at = float("-inf")
+        self._lock = threading.Lock()  # held by the one load under way
+        # The value and when the load that produced it started, replaced together (one
+        # attribute) so that a reader never pairs a value with another load's time.
+        self._state: tuple[T | None, float] = (None, NEVER)
+        # Guards the generation and the swaps of _state against invalidate().
+        self._state_lock = threading.Lock()
+        self._failed_at = NEVER
         self._generation = 0
         self._timer: threading.Thread | None = None
         self._stopped = threading.Event()
+        # Called with each loaded value before any request can see it (under the load lock).
         self.on_load: Callable[[T], None] | None = None
+        # Called with the start time of the load behind the value served (-inf: none, or
+        # invalidated) whenever it changes; feeds sidecar_state_age_seconds.
+        self.report_loaded_at: Callable[[float], None] | None = None
 
     @property
     def current(self) -> T | None:
         """The value held now (None before the first load), without loading."""
-        return self._value
+        return self._state[0]
 
     def age(self) -> float:
         """Seconds since the start of the load that produced the value held (inf: none)."""
-        return self._clock() - self._loaded_at
+        return self._clock() - self._state[1]
 
     def invalidate(self) -> None:
         # A load already under way may have read the old state: the generation makes it not
         # count as fresh, so the next get() loads again.
-        self._generation += 1
-        self._loaded_at = float("-inf")
-        self._failed_at = float("-inf")
+        with self._state_lock:
+            self._generation += 1
+            self._state = (self._state[0], NEVER)
+            self._failed_at = NEVER
+            self._report(NEVER)
 
     def get(self) -> T:
-        value = self._value
-        if value is not None and self._clock() - self._loaded_at < self.interval:
+        value, loaded_at = self._state
+        if value is not None and self._clock() - loaded_at < self.interval:
             return value
         return self._load_for_request()
 
@@ -108,8 +119,8 @@ class Refreshing(Generic[T]):
         if not self._lock.acquire(timeout=LOAD_WAIT):
             raise TemporarilyUnavailableError(reason=f"{self.name} unavailable")
         try:
-            value = self._value
-            if value is not None and self._clock() - self._loaded_at < self.interval:
+            value, loaded_at = self._state
+            if value is not None and self._clock() - loaded_at < self.interval:
                 return value  # another thread loaded it while this one waited
             return self._load_locked()
         except TemporarilyUnavailableError:
@@ -122,14 +133,26 @@ class Refreshing(Generic[T]):
             self._lock.release()
 
     def _load_locked(self) -> T:
-        generation = self._generation
+        with self._state_lock:
+            generation = self._generation
         started = self._clock()
         value = self._load()
-        self._value = value
-        if generation == self._generation:
-            self._loaded_at = started
-            self._failed_at = float("-inf")
         if self.on_load is not None:
+            # Before the value is published: what is derived from it is ready before any
+            # request can decide with it.
             self.on_load(value)
+        with self._state_lock:
+            fresh = generation == self._generation
+            self._state = (value, started if fresh else NEVER)
+            if fresh:
+                self._failed_at = NEVER
+            self._report(self._state[1])
         return value
 
+    def _report(self, loaded_at: float) -> None:
+        # Under the state lock, so that the metric follows the order of the swaps.
+        if self.report_loaded_at is not None:
+            try:
+                self.report_loaded_at(loaded_at)
+            except Exception as exc:  # a metric never fails a load
+                log.warning("%s: reporting its age failed: %s", self.name, type(exc).__name__)

@@ -28,6 +28,7 @@ from sidecar.refreshing import Refreshing
 from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker, ping
 from sidecar.store.jtis import JtiStore
 from sidecar.store.models import PolicyRow
+from sidecar.store.notify import KEYS, POLICIES, ChangeListener, listen_conninfo
 from sidecar.store.policies import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Services:
             settings.policy_refresh_interval,
             clock,
         )
+        # Started by start_background, on PostgreSQL only (sidecar.store.notify).
+        self.listener: ChangeListener | None = None
         caches = settings.caches
         self.grant = TokenExchangeGrant(
             issuer=settings.issuer,
@@ -137,17 +140,37 @@ class Services:
 
     def start_background(self) -> None:
         """In a serving worker, after the fork: reload the policies and the keyring on timers,
-        so that requests find them fresh (see :mod:`sidecar.refreshing`)."""
+        so that requests find them fresh (see :mod:`sidecar.refreshing`); on PostgreSQL, also
+        reload them as soon as another process commits a change (``LISTEN``); and report their
+        age (``sidecar_state_age_seconds``)."""
+        # Imported here: prometheus_client must not be imported before serve sets its
+        # multiprocess directory, and only serving workers report.
+        from sidecar import metrics
+
+        for holder in (self.policies, self.keyring):
+            report = metrics.state_reporter(holder.name)
+            holder.report_loaded_at = report
+            report(self.clock() - holder.age())
         self.policies.start()
         self.keyring.start()
+        conninfo = listen_conninfo(self.settings.database_url)
+        if conninfo is not None and self.listener is None:
+            self.listener = ChangeListener(conninfo, {POLICIES: self.policies, KEYS: self.keyring})
+            self.listener.start()
 
     def close(self) -> None:
-        """Graceful shutdown: stop the timers, write the queued audit events, then release the
-        connections. Safe to call twice."""
+        """Graceful shutdown: stop the listener and the timers, write the queued audit events,
+        then release the connections. Safe to call twice."""
+        if self.listener is not None:
+            self.listener.stop()
         self.policies.stop()
         self.keyring.stop()
         self.audit.close()
         self.engine.dispose()
+        if self.policies.report_loaded_at is not None:
+            from sidecar import metrics
+
+            metrics.forget_this_process()
 
     def count_policies(self) -> int:
         with self.engine.connect() as connection:

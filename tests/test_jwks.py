@@ -521,33 +521,3 @@ def test_stalled_issuer_with_nothing_cached_is_temporarily_unavailable(
     )
     with pytest.raises(TemporarilyUnavailableError):
         stalled.find_key("k")
-
-
-# --- on the event loop (sidecar/blocking.py): a fetch is never waited for there -------------------
-
-
-def test_on_the_event_loop_a_first_fetch_would_block_and_fetches_nothing() -> None:
-    from sidecar.blocking import WouldBlock, on_event_loop
-
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
-
-    with on_event_loop(), pytest.raises(WouldBlock):
-        keys.find_key("k1")
-    assert idp.calls == []  # the request is answered again on a thread, which fetches
-    assert keys.find_key("k1") is not None
-
-
-def test_on_the_event_loop_an_unknown_kid_refetch_would_block() -> None:
-    from sidecar.blocking import WouldBlock, on_event_loop
-
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
-    keys.find_key("k1")
-    clock.advance(RULES.min_refetch_interval)
-
-    with on_event_loop():
-        assert keys.find_key("k1") is not None  # cached keys: answered on the loop
-        with pytest.raises(WouldBlock):
-            keys.find_key("k2")
-    assert len(idp.calls) == 1

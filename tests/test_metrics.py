@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 SCRIPT = textwrap.dedent(
     """
@@ -42,3 +43,98 @@ def test_counts_of_a_forked_process_go_to_its_own_file_and_are_summed(tmp_path: 
     assert 'sidecar_token_requests_total{error="",outcome="granted"} 3.0' in exposition
     assert "sidecar_token_request_seconds_count 2.0" in exposition
     assert 'sidecar_token_request_seconds_bucket{le="0.002"} 2.0' in exposition
+
+
+# --- the age of each worker's state (sidecar_state_age_seconds) -----------------------------------
+
+AGES_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from sidecar.metrics import Metrics, forget_this_process, state_reporter
+
+    metrics = Metrics()
+    workers = []
+    for age in (5.0, 7.0):
+        child = os.fork()
+        if child == 0:  # a worker records the start of its own last load, in its own file
+            state_reporter("policies")(time.time() - age)
+            os._exit(0)
+        os.waitpid(child, 0)
+        workers.append(child)
+    child = os.fork()
+    if child == 0:  # a worker that exited cleanly takes its samples with it
+        state_reporter("policies")(time.time())
+        forget_this_process()
+        os._exit(0)
+    os.waitpid(child, 0)
+    # This process is a worker too (workers report after the fork, as these do).
+    state_reporter("policies")(time.time() - 2.0)
+    state_reporter("keyring")(float("-inf"))  # nothing loaded yet
+    print(json.dumps({"scraper": os.getpid(), "workers": workers, "gone": child}))
+    sys.stdout.write(metrics.render().decode())
+    """
+)
+
+
+def ages_by_pid(exposition: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ages = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == "sidecar_state_age_seconds":
+                ages[(sample.labels["state"], sample.labels.get("pid", ""))] = sample.value
+    return ages
+
+
+def test_every_workers_state_age_is_reported_by_a_scrape_of_any_worker(tmp_path: Path) -> None:
+    import json
+
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", AGES_SCRIPT], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    pids, _, exposition = done.stdout.partition("\n")
+    processes = json.loads(pids)
+    scraper, (first, second) = str(processes["scraper"]), map(str, processes["workers"])
+
+    ages = ages_by_pid(exposition)
+    assert set(ages) == {
+        ("policies", scraper),
+        ("keyring", scraper),
+        ("policies", first),
+        ("policies", second),
+    }  # the worker that exited is not reported
+    # Computed at the scrape from each worker's load time: a few ms later than recorded.
+    assert 2.0 <= ages[("policies", scraper)] < 4.0
+    assert 5.0 <= ages[("policies", first)] < 7.0
+    assert 7.0 <= ages[("policies", second)] < 9.0
+    assert ages[("keyring", scraper)] == float("inf")
+    assert "# TYPE sidecar_state_age_seconds gauge" in exposition
+    assert "sidecar_state_loaded_timestamp_seconds{" in exposition
+
+
+def test_state_age_over_http_follows_loads_and_invalidations(services: Any) -> None:
+    from sidecar.web.app import create_app
+
+    client = create_app(services.settings, services).test_client()
+    services.start_background()
+
+    def ages() -> dict[tuple[str, str], float]:
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        return ages_by_pid(response.get_data(as_text=True))
+
+    services.policies.invalidate()
+    services.keyring.invalidate()
+    assert ages() == {("policies", ""): float("inf"), ("keyring", ""): float("inf")}
+
+    services.policies.get()
+    services.keyring.get()
+    loaded = ages()
+    assert 0.0 <= loaded[("policies", "")] < 2.0
+    assert 0.0 <= loaded[("keyring", "")] < 2.0
+
+    services.policies.invalidate()  # a change announced, not yet reloaded
+    assert ages()[("policies", "")] == float("inf")

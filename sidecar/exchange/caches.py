@@ -13,6 +13,14 @@ token for the same upstream many times while it lives.
   policy change, a key rotation or retirement, or a client that no longer authenticates stops
   reuse at once.
 
+  "The same policies" means the same stored *versions*, not only equal values: a policy disabled
+  then enabled again is equal to what it was, but a token minted before the disable must never
+  be handed out after it. The policy store gives every version of a policy an object of its own
+  and keeps that object across reloads while the version is unchanged
+  (:meth:`sidecar.store.policies.PolicyStore.load`), so the policies of the two decisions are
+  compared by identity: a change to a matched policy (even one undone) stops reuse, a change to
+  another policy does not. An entry holds its decision, so the objects it compares stay alive.
+
 Neither cache ever holds a failure: every refusal is decided afresh.
 """
 
@@ -152,10 +160,12 @@ class MintedToken:
 
 
 def _same_grant(a: Decision, b: Decision) -> bool:
-    # Policies compare by value: any change to a matched policy (scopes, ttl, conditions, enabled,
-    # copied claims...) makes a different decision, and no reuse.
+    # The very policy objects (the same stored versions), so also equal in value: any change to a
+    # matched policy (scopes, ttl, conditions, enabled, copied claims...), undone or not, makes a
+    # different decision, and no reuse.
     return (
-        a.policies == b.policies
+        len(a.policies) == len(b.policies)
+        and all(x is y for x, y in zip(a.policies, b.policies, strict=True))
         and a.audiences == b.audiences
         and a.scopes == b.scopes
         and a.copy_claims == b.copy_claims

@@ -1,5 +1,7 @@
 """The database-backed keyring: loading keys, generating the first one, rotating and retiring,
-each change made under the ``keyring`` lease so that exactly one process performs it."""
+each change made under the ``keyring`` lease so that exactly one process performs it. On
+PostgreSQL each change also notifies every worker on commit (:mod:`sidecar.store.notify`), so
+that a retired key stops signing everywhere in well under ``keys.refresh_interval``."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from sidecar.keys.material import (
 )
 from sidecar.store.db import hold_lease
 from sidecar.store.models import SigningKeyRow
+from sidecar.store.notify import KEYS, notify_change
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,8 @@ class KeyStore:
             for row in rows:
                 row.private_key = self._encryptor.encrypt(row.private_key, row.kid)
                 row.encryption = self._encryptor.scheme
+            if rows:
+                notify_change(session, KEYS)
             return len(rows)
 
     def ensure_current(self) -> bool:
@@ -142,9 +147,11 @@ class KeyStore:
                     .values(activates_at=now)
                 )
                 log.info("signing key kid=%s brought forward", pending.kid)
+                notify_change(session, KEYS)
                 return True
             row = self._insert_new_key(session, now, now)
             log.info("generated signing key kid=%s alg=%s", row.kid, row.algorithm)
+            notify_change(session, KEYS)
             return True
 
     def rotate(self, *, immediate: bool = False) -> SigningKey:
@@ -179,6 +186,7 @@ class KeyStore:
                 kid = pending.kid
             else:
                 kid = self._insert_new_key(session, now, plan.activates_at).kid
+            notify_change(session, KEYS)
             log.info("rotation started: kid=%s activates_at=%.0f", kid, plan.activates_at)
         new_key = self.load().find(kid)
         assert new_key is not None
@@ -196,6 +204,7 @@ class KeyStore:
             row.removes_at = min(
                 row.removes_at or now + self._config.retain_after, now + self._config.retain_after
             )
+            notify_change(session, KEYS)
         return True
 
     def maintain(self) -> Keyring:
@@ -215,5 +224,6 @@ class KeyStore:
             with self._sessions() as session, session.begin():
                 hold_lease(session, "keyring")
                 session.execute(delete(SigningKeyRow).where(SigningKeyRow.removes_at <= now))
+                notify_change(session, KEYS)
             changed = True
         return self.load() if changed else keyring

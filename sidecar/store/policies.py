@@ -3,7 +3,8 @@ writes with optimistic concurrency (the admin API), and a version history with r
 
 Every write happens in one transaction under the ``policies`` lease, validates the *resulting*
 whole set (overlaps, unknown clients, ttl) before commit, and records one ``policy_versions`` row
-per changed policy with who made the change. A refused write changes nothing.
+per changed policy with who made the change. A refused write changes nothing. On PostgreSQL a
+write that changes something also notifies every worker on commit (:mod:`sidecar.store.notify`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sidecar.config import PolicyConfig, format_validation_error
 from sidecar.exchange.policy import Condition, Policy, PolicySet
 from sidecar.store.db import hold_lease
 from sidecar.store.models import PolicyRow, PolicyVersionRow
+from sidecar.store.notify import POLICIES, notify_change
 
 # Validates a whole policy set; raises ValueError naming the offending policy.
 SetValidator = Callable[[list[Policy]], None]
@@ -165,13 +167,27 @@ class PolicyStore:
         self._sessions = sessions
         self._clock = clock
         self._validate = validate
+        # What the last load() returned, by name: (version, policy object).
+        self._loaded: dict[str, tuple[int, Policy]] = {}
 
     # --- reading --------------------------------------------------------------------------------
 
     def load(self) -> PolicySet:
+        """The policy set. A policy whose stored version is the one the previous load saw is
+        the very object that load returned; any other version is a new object. The minted-token
+        cache relies on it: identity is "the same version", which equal values are not (a policy
+        disabled then enabled again is equal to what it was)."""
         with self._sessions() as session:
             marker = self._marker(session)
-            policies = PolicySet(_from_row(row) for row in session.scalars(select(PolicyRow)))
+            rows = [(row.version, _from_row(row)) for row in session.scalars(select(PolicyRow))]
+        previous, loaded = self._loaded, {}
+        for version, policy in rows:
+            known = previous.get(policy.name)
+            if known is not None and known[0] == version and known[1] == policy:
+                policy = known[1]
+            loaded[policy.name] = (version, policy)
+        self._loaded = loaded
+        policies = PolicySet(policy for _, policy in loaded.values())
         policies.marker = marker
         return policies
 
@@ -267,6 +283,8 @@ class PolicyStore:
             self._check(session)
             if dry_run:
                 session.rollback()
+            elif changes.any:
+                notify_change(session, POLICIES)
         return changes
 
     def put(
@@ -286,9 +304,12 @@ class PolicyStore:
                     raise PolicyNotFound(f"no policy {policy.name}")
                 if if_version is None or row.version != if_version:
                     raise StaleVersion(policy.name, row.version)
-                if _from_row(row) != policy:
-                    self._update(session, row, policy, actor, "update")
+                if _from_row(row) == policy:
+                    self._check(session)
+                    return _stored(row)
+                self._update(session, row, policy, actor, "update")
             self._check(session)
+            notify_change(session, POLICIES)
             return _stored(row)
 
     def rollback(self, name: str, version: int, *, actor: str) -> StoredPolicy:
@@ -311,6 +332,7 @@ class PolicyStore:
             else:
                 self._update(session, row, policy, actor, "rollback")
             self._check(session)
+            notify_change(session, POLICIES)
             return _stored(row)
 
     # --- internals ------------------------------------------------------------------------------

@@ -453,6 +453,7 @@ KEY: MintedKey = ("gateway", b"subject-digest", None, (CODE_SEARCH,), ("code.rea
 
 
 def code_search_policy(**changes: Any) -> Policy:
+    """A new object each call: as the store loads a new version of the policy."""
     policy = Policy(
         client_id="gateway",
         audience=CODE_SEARCH,
@@ -464,13 +465,17 @@ def code_search_policy(**changes: Any) -> Policy:
     return dataclasses.replace(policy, **changes)
 
 
+# The loaded version of the policy: the store keeps this object while the version is unchanged.
+CODE_SEARCH_POLICY = code_search_policy()
+
+
 def decision(**changes: Any) -> Decision:
     made = Decision(
         audiences=(CODE_SEARCH,),
         scopes=("code.read",),
         lifetime=LIFETIME,
         copy_claims=("email",),
-        policies=(code_search_policy(),),
+        policies=(CODE_SEARCH_POLICY,),
     )
     return dataclasses.replace(made, **changes)
 
@@ -502,8 +507,20 @@ def test_an_identical_request_reuses_the_minted_token() -> None:
 
     assert cache.get(KEY, decision(), KID, ISSUED_AT) is token
     assert cache.get(KEY, decision(), KID, ISSUED_AT + 30) is token
-    # An equal decision made afresh (new objects) is the same grant.
-    assert cache.get(KEY, decision(policies=(code_search_policy(),)), KID, ISSUED_AT + 31) is token
+    # An equal decision made afresh (a new Decision, the same loaded policy) is the same grant.
+    assert cache.get(KEY, dataclasses.replace(decision()), KID, ISSUED_AT + 31) is token
+
+
+def test_an_equal_policy_of_another_version_is_a_miss() -> None:
+    # Disabled then enabled again: equal to what it was, but another stored version (another
+    # object, see PolicyStore.load). The token minted before the disable is never reused.
+    cache, _ = filled()
+    re_enabled = code_search_policy()
+    assert re_enabled == CODE_SEARCH_POLICY
+
+    assert cache.get(KEY, decision(policies=(re_enabled,)), KID, ISSUED_AT + 1) is None
+    assert cache.get(KEY, decision(), KID, ISSUED_AT + 2) is None  # dropped
+    assert cache.stats.hits == 0
 
 
 @pytest.mark.parametrize(
@@ -589,7 +606,7 @@ def code_search_changed(**changes: Any) -> Decision:
         decision(scopes=("code.read", "code.search")),
         decision(audiences=("https://code-search.internal/other",)),
         decision(copy_claims=()),
-        decision(policies=(code_search_policy(), code_search_policy(audience=TICKETS))),
+        decision(policies=(CODE_SEARCH_POLICY, code_search_policy(audience=TICKETS))),
     ],
     ids=[
         "policy-ttl",
@@ -692,6 +709,81 @@ def test_the_stats_of_the_two_caches_are_separate(static_issuers: StaticIssuers)
     minted_cache.get(KEY, decision(), KID, ISSUED_AT)
 
     assert (minted_cache.stats.misses, subject_cache.stats.misses) == (1, 0)
+
+
+# --- with the policy store: a version is an object ---------------------------------------------
+
+
+def stored_version(services: Any, name: str) -> tuple[Policy, int]:
+    stored = services.policy_store.get(name)
+    assert stored is not None
+    return stored.policy, stored.version
+
+
+def put_policy(services: Any, policy: Policy) -> None:
+    _, version = stored_version(services, policy.name)
+    services.policy_store.put(policy, actor="test", if_version=version, create=False)
+
+
+def gateway_code_search(services: Any) -> Policy:
+    found: Policy | None = services.policies.get().find("gateway", CODE_SEARCH)
+    assert found is not None
+    return found
+
+
+def test_the_store_keeps_a_policys_object_while_its_version_is_unchanged(services: Any) -> None:
+    store = services.policy_store
+    first = {p.name: p for p in store.load()}
+    code_search = next(p for p in first.values() if p.audience == CODE_SEARCH)
+    tickets = next(p for p in first.values() if p.audience == TICKETS)
+
+    put_policy(services, dataclasses.replace(tickets, ttl=30))
+    second = {p.name: p for p in store.load()}
+    assert second[code_search.name] is code_search  # unchanged: the same object
+    assert second[tickets.name] is not tickets
+
+    put_policy(services, dataclasses.replace(code_search, enabled=False))
+    put_policy(services, code_search)  # enabled again: equal, but another version
+    third = {p.name: p for p in store.load()}
+    assert third[code_search.name] == code_search
+    assert third[code_search.name] is not code_search
+
+
+def test_a_token_minted_before_a_disable_is_never_handed_out_after_it_is_undone(
+    server: Any, services: Any, idp: TestIdP
+) -> None:
+    subject = idp.token()
+    minted = server.exchange(subject).json()["access_token"]
+    assert server.exchange(subject).json()["access_token"] == minted  # reused
+
+    policy = gateway_code_search(services)
+    put_policy(services, dataclasses.replace(policy, enabled=False))
+    services.policies.invalidate()
+    refused = server.exchange(subject)
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_target")
+
+    put_policy(services, policy)
+    services.policies.invalidate()
+    again = server.exchange(subject)
+    assert again.status_code == 200
+    assert again.json()["access_token"] != minted
+    assert server.exchange(subject).json()["access_token"] == again.json()["access_token"]
+
+
+def test_a_disable_undone_between_two_loads_still_stops_reuse(
+    server: Any, services: Any, idp: TestIdP
+) -> None:
+    # This worker never saw the disabled state: the version moved on all the same.
+    subject = idp.token()
+    minted = server.exchange(subject).json()["access_token"]
+    policy = gateway_code_search(services)
+    put_policy(services, dataclasses.replace(policy, enabled=False))
+    put_policy(services, policy)
+    services.policies.invalidate()
+
+    again = server.exchange(subject)
+    assert again.status_code == 200
+    assert again.json()["access_token"] != minted
 
 
 def test_jti_values_are_unique_128_bit_and_not_shared_with_a_forked_child() -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sidecar.blocking import WouldBlock, on_event_loop
 from sidecar.store.jtis import JtiStore
 from sidecar.store.models import ClientAssertionJtiRow
 from tests.conftest import FakeClock
@@ -72,14 +70,3 @@ def test_expired_jtis_are_purged(
     jtis.remember("jwt-gateway", "new", expires_at=clock.now + 60)
 
     assert stored_jtis(engine) == {("jwt-gateway", "live"), ("jwt-gateway", "new")}
-
-
-def test_a_jti_is_never_written_on_the_event_loop(
-    sessions: sessionmaker[Session], clock: FakeClock
-) -> None:
-    # A database write: on the loop it raises WouldBlock (the request is answered again on a
-    # thread) before anything is written, so the retry is not refused as a replay.
-    store = JtiStore(sessions, clock)
-    with on_event_loop(), pytest.raises(WouldBlock):
-        store.remember("gateway", "jti-1", clock() + 60)
-    assert store.remember("gateway", "jti-1", clock() + 60)
