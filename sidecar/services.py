@@ -20,13 +20,13 @@ from sidecar.exchange.grant import TokenExchangeGrant
 from sidecar.exchange.policy import PolicySet
 from sidecar.issuers import IssuerDirectory
 from sidecar.jwks import fetch_json
-from sidecar.keys.directory import DirectoryKeyStore
 from sidecar.keys.keyring import Keyring, SigningKey
-from sidecar.keys.store import KeyStore
 from sidecar.ratelimit import RateLimiter
 from sidecar.refreshing import Refreshing
 from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker, ping
 from sidecar.store.jtis import JtiStore
+from sidecar.store.key_directory import DirectoryKeyStore
+from sidecar.store.keys import KeyStore
 from sidecar.store.models import PolicyRow
 from sidecar.store.notify import KEYS, POLICIES, ChangeListener, listen_conninfo
 from sidecar.store.policies import PolicyStore
@@ -84,9 +84,6 @@ class Services:
             max_ttl=settings.tokens.max_ttl,
             leeway=settings.tokens.leeway,
             issuers=self.issuers,
-            policies=self.policies.get,
-            signing_key=self.signing_key,
-            clock=clock,
             subject_cache=(
                 SubjectTokenCache(self.issuers, caches.subject_tokens.max_entries)
                 if caches.subject_tokens.enabled

@@ -21,7 +21,14 @@ events wait, a *grant* is refused with 503 instead of answered unrecorded; the q
 retried until they are written.
 """
 
-from sidecar.audit.event import DENIED, FIELDS, GRANTED, AuditEvent
+from sidecar.audit.event import (
+    DENIED,
+    FIELDS,
+    GRANTED,
+    AuditEvent,
+    denied_event,
+    granted_event,
+)
 from sidecar.audit.redact import (
     MAX_AUDIENCES,
     MAX_SCOPE_TEXT,
@@ -45,7 +52,9 @@ __all__ = [
     "ROWS_PER_INSERT",
     "AuditEvent",
     "AuditTrail",
+    "denied_event",
     "fingerprint",
+    "granted_event",
     "redact_value",
     "redact_words",
     "rows_per_insert",

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+from sidecar.errors import ProtocolError
+from sidecar.exchange.grant import Facts, Granted
 
 GRANTED, DENIED = "granted", "denied"
 
 
 @dataclass(slots=True)
 class AuditEvent:
-    """Filled in as an exchange progresses, so a denial records how far the request got."""
+    """One decision at the token endpoint: a denial records how far the request got."""
 
     at: float
     decision: str = DENIED
@@ -25,6 +29,45 @@ class AuditEvent:
     jti: str | None = None
     expires_at: float | None = None
     kid: str | None = None
+
+
+def granted_event(at: float, client_id: str, granted: Granted) -> AuditEvent:
+    return AuditEvent(
+        at=at,
+        decision=GRANTED,
+        reason="reused a minted token" if granted.reused else None,
+        client_id=client_id,
+        scope=granted.response.scope,
+        jti=granted.jti,
+        expires_at=granted.expires_at,
+        kid=granted.kid,
+        **_facts(granted.facts),
+    )
+
+
+def denied_event(
+    at: float, client_id: str | None, error: ProtocolError, facts: Facts | None = None
+) -> AuditEvent:
+    """A refusal: no token was sent, so none is recorded (not even a grant refused late, when its
+    audit record could not be queued)."""
+    return AuditEvent(
+        at=at,
+        decision=DENIED,
+        error=error.error,
+        reason=error.reason,
+        client_id=client_id,
+        **(_facts(facts) if facts is not None else {}),
+    )
+
+
+def _facts(facts: Facts) -> dict[str, Any]:
+    return {
+        "audiences": list(facts.audiences),
+        "subject": facts.subject,
+        "subject_issuer": facts.subject_issuer,
+        "subject_token_sha256": facts.subject_token_sha256,
+        "actor": facts.actor,
+    }
 
 
 FIELDS = tuple(f.name for f in fields(AuditEvent))

@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 import click
 
 from sidecar.config import ConfigError, Settings, load_settings
-from sidecar.keys.directory import KeyDirectoryError
 from sidecar.keys.encryption import KeyDecryptionError
+from sidecar.store.key_directory import KeyDirectoryError
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -1,22 +1,21 @@
 """``sidecar policy explain``: the decision the running service would make for an exchange, and
 why, without minting anything. It runs the same steps as ``/token`` after client authentication
 (the client's grant types, target parsing, subject verification, and
-:meth:`TokenExchangeGrant.evaluate`, which calls the one decision function), so the two cannot
-disagree."""
+:meth:`sidecar.exchange.grant.TokenExchangeGrant.evaluate`, which calls the one decision
+function), so the two cannot disagree."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.config import TOKEN_EXCHANGE_GRANT
 from sidecar.errors import (
     InvalidClientError,
     InvalidRequestError,
     ProtocolError,
     UnauthorizedClientError,
 )
-from sidecar.exchange.request import parse_resource, parse_scope
+from sidecar.exchange.request import TOKEN_EXCHANGE_GRANT, parse_resource, parse_scope
 from sidecar.exchange.subject import ID_TOKEN_CLAIMS, VerifiedToken, scopes_of, verify_token
 from sidecar.services import Services
 
@@ -72,7 +71,9 @@ def explain(
                 raise InvalidRequestError(reason="subject token issuer is not trusted")
             if any(name in verified.claims for name in ID_TOKEN_CLAIMS):
                 raise InvalidRequestError(reason="subject token is an ID token")
-        decision = services.grant.evaluate(client_id, targets, scopes, verified, None, now)
+        decision = services.grant.evaluate(
+            client_id, targets, scopes, verified, None, policies=services.policies.get(), now=now
+        )
     except ProtocolError as exc:
         result.update(error=exc.error, reason=exc.reason)
         return result

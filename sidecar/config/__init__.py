@@ -7,8 +7,6 @@
 """
 
 from sidecar.config.common import (
-    SCOPE_TOKEN,
-    TOKEN_EXCHANGE_GRANT,
     ConfigError,
     Duration,
     parse_duration,
@@ -41,8 +39,6 @@ from sidecar.config.policies import (
 )
 
 __all__ = [
-    "SCOPE_TOKEN",
-    "TOKEN_EXCHANGE_GRANT",
     "AdminConfig",
     "AdminCredential",
     "CachesConfig",

@@ -9,8 +9,6 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
-TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
-
 # Only asymmetric algorithms: an HMAC "key" would be the issuer's public key, which is the
 # classic algorithm-confusion attack, and "none" is never acceptable.
 SubjectAlgorithm = Literal[
@@ -20,8 +18,6 @@ SigningAlgorithm = Literal["ES256", "EdDSA", "RS256", "PS256"]
 
 # Scope values that grant "everything" defeat the point of narrowing; refused in any policy.
 OMNIBUS_SCOPES = frozenset({"*", "all", "any", "root", "admin:*"})
-# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from sidecar.config.common import (
-    TOKEN_EXCHANGE_GRANT,
     Duration,
     SigningAlgorithm,
     StrictModel,
@@ -18,6 +17,7 @@ from sidecar.config.common import (
     refuse_duplicates,
 )
 from sidecar.config.policies import PolicyConfig, validate_policies
+from sidecar.exchange.request import TOKEN_EXCHANGE_GRANT
 
 
 class TokensConfig(StrictModel):

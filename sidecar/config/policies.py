@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from sidecar.config.common import OMNIBUS_SCOPES, SCOPE_TOKEN, StrictModel
+from sidecar.config.common import OMNIBUS_SCOPES, StrictModel
 from sidecar.exchange.policy import Condition, Policy, could_overlap, default_policy_name
+from sidecar.exchange.request import SCOPE_TOKEN
 
 if TYPE_CHECKING:
     from sidecar.config.models import Settings

@@ -1,13 +1,19 @@
-"""The token-exchange grant (RFC 8693 §2), end to end over already-authenticated input.
+"""The token-exchange grant (RFC 8693 §2), end to end over already-authenticated input:
+https://www.rfc-editor.org/rfc/rfc8693#section-2
+
+A protocol core: it takes plain inputs (the authenticated client's id, the parsed form, the
+current policy set, the signing key, the time) and returns an :data:`Outcome`, granted or
+refused, carrying everything the audit trail records. It does no I/O of its own; the one thing
+it needs from outside, the keys of a trusted issuer, comes through the small
+:class:`~sidecar.exchange.subject.IssuerDirectory` interface.
 
 It sits *beside* Authlib's AuthorizationServer rather than on it: Authlib 1.x ships no RFC 8693
 grant, and its request wrapper would hide what this endpoint must control exactly (form body only,
-repeatable ``audience``/``resource``, every other parameter at most once). Authlib still does what
-it does well here: client authentication (including private_key_jwt), the error types, and the
-RFC 8414 metadata model.
+repeatable ``audience``/``resource``, every other parameter at most once).
 
-Steps, each a function of the previous step's result: parse -> verify subject (and actor) token ->
-policy decision -> claims -> sign.
+Steps, each a function of the previous step's result: parse (RFC 8693 §2.1) -> verify the
+subject and actor tokens (RFC 7519 §7.2, RFC 9068 §4) -> policy decision -> claims (RFC 9068
+§2.2, RFC 8693 §4.1 ``act``) -> sign (RFC 7515).
 """
 
 from __future__ import annotations
@@ -15,15 +21,14 @@ from __future__ import annotations
 import base64
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.audit import GRANTED, AuditEvent
+from sidecar.errors import ProtocolError
 from sidecar.exchange.caches import MintedKey, MintedToken, MintedTokenCache, SubjectTokenCache
 from sidecar.exchange.claims import build_claims, check_may_act
 from sidecar.exchange.policy import Decision, PolicySet, decide
-from sidecar.exchange.request import FormParams, parse_token_exchange
+from sidecar.exchange.request import FormParams, TokenExchangeRequest, parse_token_exchange
 from sidecar.exchange.subject import (
     IssuerDirectory,
     VerifiedToken,
@@ -52,6 +57,36 @@ class TokenResponse:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the audit trail records of an exchange, as far as it got."""
+
+    audiences: tuple[str, ...] = ()
+    subject: str | None = None
+    subject_issuer: str | None = None
+    subject_token_sha256: str | None = None
+    actor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    response: TokenResponse
+    facts: Facts
+    jti: str
+    kid: str
+    expires_at: int
+    reused: bool  # a still-fresh token minted earlier for the same request (caches.minted_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    error: ProtocolError
+    facts: Facts
+
+
+Outcome = Granted | Refused
+
+
 class JtiSource:
     """Unique, unguessable ``jti`` values: 128 random bits each, from ``os.urandom``, read 4 KiB
     at a time (one system call per 256 tokens instead of one per token). A forked child never
@@ -77,6 +112,9 @@ class JtiSource:
 
 
 class TokenExchangeGrant:
+    """The grant's fixed parts (configuration, issuers' keys, caches); :meth:`exchange` is
+    called with what changes from one request to the next."""
+
     def __init__(
         self,
         *,
@@ -84,9 +122,6 @@ class TokenExchangeGrant:
         max_ttl: int,
         leeway: int,
         issuers: IssuerDirectory,
-        policies: Callable[[], PolicySet],
-        signing_key: Callable[[], SigningKey],
-        clock: Callable[[], float],
         signer: TokenSigner | None = None,
         subject_cache: SubjectTokenCache | None = None,
         minted_cache: MintedTokenCache | None = None,
@@ -95,9 +130,6 @@ class TokenExchangeGrant:
         self._max_ttl = max_ttl
         self._leeway = leeway
         self._issuers = issuers
-        self._policies = policies
-        self._signing_key = signing_key
-        self._clock = clock
         self._signer = signer or TokenSigner()
         self._new_jti = JtiSource()
         self.subject_cache = subject_cache
@@ -134,54 +166,98 @@ class TokenExchangeGrant:
         scopes: tuple[str, ...] | None,
         subject: VerifiedToken,
         actor: VerifiedToken | None,
+        *,
+        policies: PolicySet,
         now: int,
     ) -> Decision:
         """The decision over verified input: shared by /token and ``sidecar policy explain``."""
         if actor is not None:
             check_may_act(subject, actor)
-        return decide(
-            client_id, targets, scopes, subject, self._policies(), max_ttl=self._max_ttl, now=now
-        )
+        return decide(client_id, targets, scopes, subject, policies, max_ttl=self._max_ttl, now=now)
 
-    def exchange(self, client_id: str, params: FormParams, event: AuditEvent) -> TokenResponse:
-        """Exchange, or raise the protocol error that refuses it; ``event`` records progress."""
-        request = parse_token_exchange(params)
-        event.audiences = list(request.targets)
-        clock_now = self._clock()
+    def exchange(
+        self,
+        client_id: str,
+        params: FormParams,
+        *,
+        policies: PolicySet,
+        signing_key: SigningKey,
+        now: float,
+    ) -> Outcome:
+        """Exchange for the authenticated ``client_id``: granted, or refused with the protocol
+        error that says why and the facts known by then. Raises only on a bug."""
+        facts = Facts()
+        try:
+            request = parse_token_exchange(params)
+            facts = replace(facts, audiences=request.targets)
+            subject, subject_digest = self.verify(request.subject_token, now)
+            facts = replace(
+                facts,
+                subject=subject.subject,
+                subject_issuer=subject.issuer,
+                subject_token_sha256=subject.fingerprint,
+            )
+            actor = actor_digest = None
+            if request.actor_token is not None:
+                actor, actor_digest = self.verify(request.actor_token, now, role="actor")
+                facts = replace(facts, actor=actor.subject)
+            decision = self.evaluate(
+                client_id,
+                request.targets,
+                request.scopes,
+                subject,
+                actor,
+                policies=policies,
+                now=int(now),
+            )
+            cache_key: MintedKey = (
+                client_id,
+                subject_digest,
+                actor_digest,
+                request.targets,
+                request.scopes,
+                request.requested_token_type,
+            )
+            # (Copying a prior act chain into the claims can still refuse.)
+            return self._mint(
+                client_id,
+                request,
+                subject,
+                actor,
+                decision,
+                signing_key,
+                int(now),
+                cache_key,
+                facts,
+            )
+        except ProtocolError as error:
+            return Refused(error, facts)
 
-        subject, subject_digest = self.verify(request.subject_token, clock_now)
-        event.subject, event.subject_issuer = subject.subject, subject.issuer
-        event.subject_token_sha256 = subject.fingerprint
-
-        actor = actor_digest = None
-        if request.actor_token is not None:
-            actor, actor_digest = self.verify(request.actor_token, clock_now, role="actor")
-            event.actor = actor.subject
-
-        now = int(clock_now)
-        decision = self.evaluate(client_id, request.targets, request.scopes, subject, actor, now)
-        key = self._signing_key()
-        cache_key: MintedKey = (
-            client_id,
-            subject_digest,
-            actor_digest,
-            request.targets,
-            request.scopes,
-            request.requested_token_type,
-        )
+    def _mint(
+        self,
+        client_id: str,
+        request: TokenExchangeRequest,
+        subject: VerifiedToken,
+        actor: VerifiedToken | None,
+        decision: Decision,
+        key: SigningKey,
+        now: int,
+        cache_key: MintedKey,
+        facts: Facts,
+    ) -> Granted:
+        """A token for the decision: a still-fresh one minted for the same request, or a new one."""
         if self.minted_cache is not None:
             reused = self.minted_cache.get(cache_key, decision, key.kid, now)
             if reused is not None:
-                event.decision, event.reason = GRANTED, "reused a minted token"
-                event.scope, event.jti, event.kid = reused.scope, reused.jti, reused.kid
-                event.expires_at = reused.expires_at
-                return TokenResponse(
+                response = TokenResponse(
                     access_token=reused.access_token,
                     issued_token_type=request.requested_token_type,
                     expires_in=reused.expires_at - now,
                     scope=reused.scope,
                 )
-
+                return Granted(
+                    response, facts, reused.jti, reused.kid, reused.expires_at, reused=True
+                )
         claims = build_claims(
             issuer=self._issuer,
             client_id=client_id,
@@ -192,9 +268,6 @@ class TokenExchangeGrant:
             jti=self._new_jti(),
         )
         token = self._signer.sign(claims, key)
-        event.decision, event.reason = GRANTED, None
-        event.scope, event.jti, event.kid = claims["scope"], claims["jti"], key.kid
-        event.expires_at = claims["exp"]
         if self.minted_cache is not None:
             self.minted_cache.put(
                 cache_key,
@@ -208,9 +281,10 @@ class TokenExchangeGrant:
                     decision=decision,
                 ),
             )
-        return TokenResponse(
+        response = TokenResponse(
             access_token=token,
             issued_token_type=request.requested_token_type,
             expires_in=decision.lifetime,
             scope=claims["scope"],
         )
+        return Granted(response, facts, claims["jti"], key.kid, claims["exp"], reused=False)

@@ -79,6 +79,8 @@ def _run_granian(listener: Listener, settings: Settings) -> None:
         factory=True,
         log_access=False,
         workers_kill_timeout=max(1, int(server.graceful_timeout)),
+        # SIGHUP: each new worker gets this long to boot before the old one is stopped.
+        respawn_interval=1.0,
     ).serve()
 
 

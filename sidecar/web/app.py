@@ -16,12 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from sidecar.audit import AuditEvent
-from sidecar.config import TOKEN_EXCHANGE_GRANT, Settings
+from sidecar.config import Settings
 from sidecar.errors import (
     ProtocolError,
     ServerError,
 )
-from sidecar.exchange.request import MAX_BODY_BYTES
+from sidecar.exchange.request import MAX_BODY_BYTES, TOKEN_EXCHANGE_GRANT
 from sidecar.metrics import KeyringCollector, Metrics
 from sidecar.services import Services
 from sidecar.web.admin import admin_blueprint

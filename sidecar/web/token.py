@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
-from sidecar.audit import DENIED, AuditEvent
-from sidecar.config import TOKEN_EXCHANGE_GRANT
+from sidecar.audit import AuditEvent, denied_event, granted_event
+from sidecar.clients import Client
 from sidecar.errors import (
     InvalidClientError,
     InvalidRequestError,
@@ -28,8 +28,8 @@ from sidecar.errors import (
     UnauthorizedClientError,
     UnsupportedGrantTypeError,
 )
-from sidecar.exchange.grant import TokenResponse
-from sidecar.exchange.request import MAX_BODY_BYTES, parse_form
+from sidecar.exchange.grant import Facts, Granted, Outcome, Refused, TokenResponse
+from sidecar.exchange.request import MAX_BODY_BYTES, TOKEN_EXCHANGE_GRANT, FormParams, parse_form
 from sidecar.metrics import Metrics
 from sidecar.ratelimit import claimed_client_id
 from sidecar.services import Services
@@ -69,18 +69,40 @@ class TokenEndpoint:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         started = time.perf_counter()
-        event = AuditEvent(at=self._clock())
+        at = self._clock()
+        client_id: str | None = None
+        outcome: Outcome
         extra: tuple[tuple[str, str], ...] = ()
         try:
-            result = self._exchange(environ, event)
-            self._audit.record(event)  # raises (no token) when the grant cannot be recorded
-            status, body = 200, _token_body(result)
-            self._granted.inc()
+            client, params = self._authenticated(environ)
+            client_id = client.client_id
+            self._admit(client)
+            outcome = self._services.grant.exchange(
+                client_id,
+                params,
+                policies=self._services.policies.get(),
+                signing_key=self._services.signing_key(),
+                now=at,
+            )
         except ProtocolError as exc:
-            status, extra, body = self._deny(event, exc)
+            outcome = Refused(exc, Facts())
         except Exception as exc:
             log_unexpected(exc)
-            status, extra, body = self._deny(event, ServerError(reason=type(exc).__name__))
+            outcome = Refused(ServerError(reason=type(exc).__name__), Facts())
+        if isinstance(outcome, Granted):
+            try:
+                self._audit.record(granted_event(at, client.client_id, outcome))
+            except ProtocolError as exc:  # the grant could not be recorded: no token is sent
+                outcome = Refused(exc, outcome.facts)
+            except Exception as exc:
+                log_unexpected(exc)
+                outcome = Refused(ServerError(reason=type(exc).__name__), outcome.facts)
+        if isinstance(outcome, Granted):
+            status, body = 200, _token_body(outcome.response)
+            self._granted.inc()
+        else:
+            event = denied_event(at, client_id, outcome.error, outcome.facts)
+            status, extra, body = self._deny(event, outcome.error)
         headers = [*_HEADERS, *extra, ("Content-Length", str(len(body)))]
         start_response(_STATUS_LINES[status], headers)
         self._latency.observe(time.perf_counter() - started)
@@ -89,9 +111,6 @@ class TokenEndpoint:
     def _deny(
         self, event: AuditEvent, error: ProtocolError
     ) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
-        event.decision, event.error, event.reason = DENIED, error.error, error.reason
-        # A grant refused late (its audit record could not be queued) sent no token: record none.
-        event.scope = event.jti = event.kid = event.expires_at = None
         try:
             self._audit.record(event)
             self._exchanges.labels("denied", error.error).inc()
@@ -99,8 +118,9 @@ class TokenEndpoint:
             log_unexpected(exc)
         return error.status_code, tuple(error.response_headers().items()), error_body(error)
 
-    def _exchange(self, environ: dict[str, Any], event: AuditEvent) -> TokenResponse:
-        """Transport checks, client authentication, then the grant."""
+    def _authenticated(self, environ: dict[str, Any]) -> tuple[Client, FormParams]:
+        """Transport checks, then client authentication (failures counted per peer); raises the
+        protocol error that refuses the request."""
         if environ.get("QUERY_STRING"):
             # RFC 6749 §3.2 requires POST; parameters belong in the body, never the URL, where
             # proxies and logs would keep a token.
@@ -151,13 +171,16 @@ class TokenEndpoint:
                         retry_after=retry_after,
                     ) from None
             raise
-        event.client_id = client.client_id
+        return client, params
+
+    def _admit(self, client: Client) -> None:
+        """The authenticated client's rate limit and grant type; raises what refuses it."""
+        limiter = self._services.rate_limiter
         # Charged only now that the client is proven, and before the grant's signature work.
         if limiter.active and (retry_after := limiter.take(client.client_id)) is not None:
             raise RateLimitedError(reason="rate limit", retry_after=retry_after)
-        if not client.check_grant_type(grant_type):
+        if not client.check_grant_type(TOKEN_EXCHANGE_GRANT):
             raise UnauthorizedClientError(reason="client may not use token exchange")
-        return services.grant.exchange(client.client_id, params, event)
 
 
 def _token_body(result: TokenResponse) -> bytes:

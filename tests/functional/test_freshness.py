@@ -429,6 +429,9 @@ def settle(check: Callable[[], bool], *, timeout: float, consecutive: int = 10) 
     raise AssertionError(f"not settled within {timeout}s")
 
 
+WORKERS = 2  # sidecar serve's default, as the launcher starts it
+
+
 def test_sighup_drops_a_removed_client_and_refuses_an_invalid_file(tmp_path: Path) -> None:
     idp = TestIdP(tmp_path)
     subject = idp.token()
@@ -455,6 +458,7 @@ def test_sighup_drops_a_removed_client_and_refuses_an_invalid_file(tmp_path: Pat
             document["policies"] = [p for p in document["policies"] if p != second_policy]
 
         old_workers = worker_pids(served)
+        stopped_before = served.log().count("Stopped old worker")
         served.rewrite_config(remove_second)
         served.signal(signal.SIGHUP)
         sent = time.monotonic()
@@ -465,12 +469,16 @@ def test_sighup_drops_a_removed_client_and_refuses_an_invalid_file(tmp_path: Pat
             return (response.status_code, body.get("error")) == (401, "invalid_client")
 
         refused_at = settle(removed_client_refused, timeout=10, consecutive=1)
-        # The workers are replaced one after the other, each old one after its successor
-        # started; an old worker's samples leave /metrics when it exits (Services.close).
-        deadline = time.monotonic() + 20
-        while worker_pids(served) & old_workers and time.monotonic() < deadline:
+        # granian replaces the workers one after the other, each old one once its successor
+        # started, and logs each old one it stopped.
+        deadline = time.monotonic() + 30
+        while (
+            served.log().count("Stopped old worker") < stopped_before + WORKERS
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         replaced_at = time.monotonic()
+        assert served.log().count("Stopped old worker") == stopped_before + WORKERS, served.log()
         assert not worker_pids(served) & old_workers
         print(
             f"SIGHUP: removed client refused {refused_at - sent:.2f}s after, "

@@ -1,4 +1,4 @@
-"""The directory keyring (``keys.directory``, sidecar/keys/directory.py), through the real app: PEM
+"""The directory keyring (``keys.directory``, sidecar/store/key_directory.py), through the real app: PEM
 private keys in a directory (a mounted Secret in Kubernetes) are published, the newest one that has
 been on disk for ``publish_ahead`` signs, and changes on disk are picked up without a restart.
 
@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from sidecar.cli import main
 from sidecar.config import ConfigError, Settings, settings_from_mapping
-from sidecar.keys.directory import DirectoryKeyStore, KeyDirectoryError
 from sidecar.keys.keyring import CURRENT, NEXT, PREVIOUS
 from sidecar.services import Services
+from sidecar.store.key_directory import DirectoryKeyStore, KeyDirectoryError
 from sidecar.web.app import create_app
 from tests.conftest import CODE_SEARCH, SIDECAR_ISSUER, FakeClock, LiveServer, TestIdP
 

@@ -1,4 +1,4 @@
-"""The database-backed keyring (sidecar/keys/store.py): first key, rotation, retirement,
+"""The database-backed keyring (sidecar/store/keys.py): first key, rotation, retirement,
 maintenance, encryption at rest, and one key when several processes start at once."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.config import KeysConfig
 from sidecar.keys.keyring import CURRENT, NEXT, PREVIOUS
-from sidecar.keys.store import KeyDecryptionError, KeyStore
 from sidecar.store.db import make_engine, make_sessionmaker
+from sidecar.store.keys import KeyDecryptionError, KeyStore
 from sidecar.store.models import SigningKeyRow
 from tests.conftest import FakeClock
 

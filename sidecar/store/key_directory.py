@@ -54,7 +54,7 @@ def algorithm_for(key: PrivateKey, preferred: str) -> str:
 
 
 class DirectoryKeyStore:
-    """Implements the keyring part of :class:`sidecar.keys.store.KeyStore` over a directory."""
+    """Implements the keyring part of :class:`sidecar.store.keys.KeyStore` over a directory."""
 
     encrypts = False
 
