@@ -19,33 +19,22 @@ from sidecar.audit import AuditEvent
 from sidecar.config import Settings
 from sidecar.errors import (
     ProtocolError,
-    ServerError,
 )
 from sidecar.exchange.request import MAX_BODY_BYTES, TOKEN_EXCHANGE_GRANT
 from sidecar.metrics import KeyringCollector, Metrics
 from sidecar.services import Services
 from sidecar.web.admin import admin_blueprint
-from sidecar.web.responses import NO_STORE, json_response
-from sidecar.web.token import TokenEndpoint, TokenRouter, error_body, log_unexpected
+from sidecar.web.responses import (
+    NO_STORE,
+    json_response,
+    protocol_error_response,
+    unexpected_error_response,
+)
+from sidecar.web.token import TokenEndpoint, TokenRouter
 
 log = logging.getLogger(__name__)
 
 FORM_TYPE = "application/x-www-form-urlencoded"
-
-
-def protocol_error_response(error: ProtocolError) -> Response:
-    """RFC 6749 §5.2 error body, with the fixed description and the no-store headers."""
-    return Response(
-        error_body(error),
-        status=error.status_code,
-        mimetype="application/json",
-        headers={**NO_STORE, **error.response_headers()},
-    )
-
-
-def unexpected_error_response(exc: BaseException) -> Response:
-    log_unexpected(exc)
-    return protocol_error_response(ServerError())
 
 
 def http_error_response(exc: HTTPException) -> Response:

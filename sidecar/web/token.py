@@ -9,12 +9,9 @@ to Flask. The checks are the same ones, in the same order, as DESIGN §2.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import traceback
 from collections.abc import Callable, Iterable
-from http import HTTPStatus
 from typing import Any
 
 from sidecar.audit import AuditEvent, denied_event, granted_event
@@ -28,34 +25,17 @@ from sidecar.errors import (
     UnauthorizedClientError,
     UnsupportedGrantTypeError,
 )
-from sidecar.exchange.grant import Facts, Granted, Outcome, Refused, TokenResponse
+from sidecar.exchange.grant import Facts, Granted, Outcome, Refused
 from sidecar.exchange.request import MAX_BODY_BYTES, TOKEN_EXCHANGE_GRANT, FormParams, parse_form
 from sidecar.metrics import Metrics
 from sidecar.ratelimit import claimed_client_id
 from sidecar.services import Services
-from sidecar.web.responses import NO_STORE
+from sidecar.web.responses import STATUS_LINES, error_answer, log_unexpected, token_answer
 
 log = logging.getLogger("sidecar.web.app")
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-# RFC 6749 §5.1: "Cache-Control: no-store" and "Pragma: no-cache" on every token response.
-_HEADERS = [("Content-Type", "application/json"), *NO_STORE.items()]
-_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
-
-
-def log_unexpected(exc: BaseException) -> None:
-    # The traceback frames, not the message: a message may quote request input.
-    log.error(
-        "unexpected %s\n%s", type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__))
-    )
-
-
-def error_body(error: ProtocolError) -> bytes:
-    """RFC 6749 §5.2 error body, with the fixed description (never request input)."""
-    body = {"error": error.error, "error_description": error.description}
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 class TokenEndpoint:
@@ -72,7 +52,6 @@ class TokenEndpoint:
         at = self._clock()
         client_id: str | None = None
         outcome: Outcome
-        extra: tuple[tuple[str, str], ...] = ()
         try:
             client, params = self._authenticated(environ)
             client_id = client.client_id
@@ -98,25 +77,21 @@ class TokenEndpoint:
                 log_unexpected(exc)
                 outcome = Refused(ServerError(reason=type(exc).__name__), outcome.facts)
         if isinstance(outcome, Granted):
-            status, body = 200, _token_body(outcome.response)
+            status, headers, body = token_answer(outcome.response.as_dict())
             self._granted.inc()
         else:
-            event = denied_event(at, client_id, outcome.error, outcome.facts)
-            status, extra, body = self._deny(event, outcome.error)
-        headers = [*_HEADERS, *extra, ("Content-Length", str(len(body)))]
-        start_response(_STATUS_LINES[status], headers)
+            self._deny(denied_event(at, client_id, outcome.error, outcome.facts))
+            status, headers, body = error_answer(outcome.error)
+        start_response(STATUS_LINES[status], headers)
         self._latency.observe(time.perf_counter() - started)
         return [body]
 
-    def _deny(
-        self, event: AuditEvent, error: ProtocolError
-    ) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
+    def _deny(self, event: AuditEvent) -> None:
         try:
             self._audit.record(event)
-            self._exchanges.labels("denied", error.error).inc()
+            self._exchanges.labels("denied", event.error or "").inc()
         except Exception as exc:  # the refusal is still answered as JSON, with no-store
             log_unexpected(exc)
-        return error.status_code, tuple(error.response_headers().items()), error_body(error)
 
     def _authenticated(self, environ: dict[str, Any]) -> tuple[Client, FormParams]:
         """Transport checks, then client authentication (failures counted per peer); raises the
@@ -181,10 +156,6 @@ class TokenEndpoint:
             raise RateLimitedError(reason="rate limit", retry_after=retry_after)
         if not client.check_grant_type(TOKEN_EXCHANGE_GRANT):
             raise UnauthorizedClientError(reason="client may not use token exchange")
-
-
-def _token_body(result: TokenResponse) -> bytes:
-    return json.dumps(result.as_dict(), separators=(",", ":")).encode()
 
 
 class TokenRouter:
