@@ -1,4 +1,4 @@
-"""Trusted issuers of subject and actor tokens (DESIGN §2 step 2, §4 ``trusted_issuers``).
+"""Trusted issuers of subject and actor tokens (``trusted_issuers``; docs/design.md §2 step 2).
 
 Each entry holds its own key set, audiences and algorithm allowlist; keys are looked up by
 (issuer, kid) in that issuer's set only, so a token of one issuer can never be verified with a

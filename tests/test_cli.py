@@ -1,4 +1,5 @@
-"""The ``sidecar`` command line (DESIGN §5), run as a real subprocess as an operator runs it."""
+"""The ``sidecar`` command line (docs/design.md §5), run as a real subprocess as an operator
+runs it."""
 
 from __future__ import annotations
 

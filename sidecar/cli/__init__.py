@@ -1,4 +1,4 @@
-"""The ``sidecar`` command line (DESIGN §5).
+"""The ``sidecar`` command line (docs/design.md §5).
 
 Every command reads the configuration from ``--config PATH`` or ``SIDECAR_CONFIG``, exits
 non-zero with a one-line reason on failure, and prints JSON with ``--json`` where it lists.

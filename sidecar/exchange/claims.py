@@ -1,5 +1,6 @@
-"""The claims of a minted token (DESIGN §2 step 5): an RFC 9068 JWT access token with the RFC 8693
-§4.1 ``act`` claim.
+"""The claims of a minted token: an RFC 9068 JWT access token
+(https://www.rfc-editor.org/rfc/rfc9068#section-2.2) with the RFC 8693 §4.1 ``act`` claim
+(https://www.rfc-editor.org/rfc/rfc8693#section-4.1).
 
 RFC 9068 §2.2: ``iss``, ``exp``, ``aud``, ``sub``, ``client_id``, ``iat`` and ``jti`` are REQUIRED;
 ``scope`` is present whenever scopes were granted. RFC 8693 §4.1: "the act claim ... identif[ies]

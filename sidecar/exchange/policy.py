@@ -1,7 +1,7 @@
-"""The exchange policy decision (DESIGN §2 steps 3 and 4): which targets a client may get a token
-for, for which subjects, with which scopes, for how long. Pure: the policies arrive as a
-:class:`PolicySet`. ``/token`` and ``sidecar policy explain`` both call :func:`decide`, so they
-cannot disagree.
+"""The exchange policy decision (RFC 8693 §2.2.2 ``invalid_target``, RFC 6749 §3.3 scope): which
+targets a client may get a token for, for which subjects, with which scopes, for how long. Pure: the
+policies arrive as a :class:`PolicySet`. ``/token`` and ``sidecar policy explain`` both call
+:func:`decide`, so they cannot disagree.
 
 RFC 8693 §2.2.2 names ``invalid_target`` for "the authorization server is unwilling or unable to
 issue a token for any target service indicated by the resource or audience parameters"; a request

@@ -1,4 +1,5 @@
-"""Verification of subject and actor tokens (RFC 8693 §2.1; DESIGN §2 step 2).
+"""Verification of subject and actor tokens (RFC 8693 §2.1,
+https://www.rfc-editor.org/rfc/rfc8693#section-2.1; RFC 7519 §7.2 and RFC 9068 §4).
 
 The gateway has already validated the user's token; we validate it again (defence in depth), and
 every check is spelled out here rather than left to a library default:

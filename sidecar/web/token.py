@@ -4,7 +4,7 @@ The token endpoint is called before every upstream hop, so it skips the framewor
 is read and parsed directly from the WSGI input (which also gives exact control over repeated
 parameters, see :func:`parse_form`), and the answer is a pre-built header list and one JSON body.
 Every other path, and any other method on ``/token`` (answered 405 and audited by the app), goes
-to Flask. The checks are the same ones, in the same order, as DESIGN §2.
+to Flask. The checks are the same ones, in the same order, as docs/design.md §2.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The policy decision: which targets, which scopes, how long (DESIGN §2 steps 3 and 4)."""
+"""The policy decision: which targets, which scopes, how long (docs/design.md §2 steps 3 and 4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Verification of subject (and actor) tokens: every check of DESIGN §2 step 2, against a real
-issuer directory whose keys are generated per test."""
+"""Verification of subject (and actor) tokens: every check of docs/design.md §2 step 2, against
+a real issuer directory whose keys are generated per test."""
 
 from __future__ import annotations
 

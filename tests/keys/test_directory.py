@@ -1,6 +1,6 @@
-"""The directory keyring (``keys.directory``, sidecar/store/key_directory.py), through the real app: PEM
-private keys in a directory (a mounted Secret in Kubernetes) are published, the newest one that has
-been on disk for ``publish_ahead`` signs, and changes on disk are picked up without a restart.
+"""The directory keyring (``keys.directory``, sidecar/store/key_directory.py), through the real app:
+PEM private keys in a directory (a mounted Secret in Kubernetes) are published, the newest one that
+has been on disk for ``publish_ahead`` signs, and changes on disk are picked up without a restart.
 
 A key file's age is its modification time, set here with ``os.utime`` on the service's fake clock.
 """

@@ -2,7 +2,8 @@
 parameter names and values mixed with arbitrary ones, repeated, empty, control characters, raw
 bytes, any content type) carrying generated tokens (random headers and claims, signed for real
 with the test IdP's keys, or not). Whatever arrives, the answer is never a 5xx, never a token
-with an error, always JSON with the no-store headers and an ``error`` of the DESIGN §2 table."""
+with an error, always JSON with the no-store headers and an ``error`` of the docs/design.md §2
+table."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from tests.conftest import (
     make_services,
 )
 
-# DESIGN §2: every error code the token endpoint may answer with.
+# docs/design.md §2: every error code the token endpoint may answer with.
 DESIGN_ERRORS = frozenset(
     {
         "invalid_request",

@@ -1,6 +1,6 @@
-"""Every POST /token decision lands in the audit trail (DESIGN §2 step 7), read back from the
-database, against SQLite and PostgreSQL: a grant with the minted ``jti``, a denial with its error
-code and reason."""
+"""Every POST /token decision lands in the audit trail (docs/design.md §2 step 7), read back from
+the database, against SQLite and PostgreSQL: a grant with the minted ``jti``, a denial with its
+error code and reason."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The endpoints beside /token, over real HTTP (DESIGN §3): the JWKS, RFC 8414 metadata, the
+"""The endpoints beside /token, over real HTTP (docs/design.md §3): the JWKS, RFC 8414 metadata, the
 health and readiness probes, and Prometheus metrics."""
 
 from __future__ import annotations
