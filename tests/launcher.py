@@ -96,12 +96,23 @@ class Served:
                     f"sidecar serve exited with {self.process.returncode}:\n{self.log()}"
                 )
             try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200 and (
+                    self._admin_ready()
+                ):
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.1)
         raise ServerFailed(f"sidecar serve not ready after {timeout}s:\n{self.log()}")
+
+
+    def _admin_ready(self) -> bool:
+        """The admin API's own listener (``admin.listen``), when there is one, answers too: it
+        is served by a server of its own, which may start after the gateway's."""
+        listen = (self.config.get("admin") or {}).get("listen")
+        if not listen:
+            return True
+        return requests.get(f"http://{listen}/admin/openapi.json", timeout=2).status_code == 200
 
 
 def start_serve(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import h11
 import jwt
@@ -384,3 +384,40 @@ def test_the_default_server_is_granian(tmp_path: Path) -> None:
         assert "Starting granian" in server.log()
     finally:
         server.kill()
+
+
+# --- 4. the admin API's path guard --------------------------------------------------------------
+
+CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
+ADMIN = {"Authorization": "Bearer " + "o" * 32}
+
+
+def admin_url(served: Served, path: str) -> str:
+    return f"http://{served.config['admin']['listen']}{path}"
+
+
+def test_an_encoded_slash_never_reaches_another_policy(served: Served) -> None:
+    """``POST .../NAME%2Fdisable`` names the policy "NAME/disable". gunicorn reports the raw
+    path, so the app refuses it (405); granian decodes %2F before the app sees the path, so no
+    policy may be named like a sub-resource, and the path means what its slashes say."""
+    name = quote(CODE_SEARCH_POLICY, safe="")
+    path = f"/admin/policies/{name}%2Fdisable"
+    if served.extra["kind"] == "gunicorn":
+        response = requests.post(admin_url(served, path), headers=ADMIN, timeout=10)
+        assert response.status_code == 405
+        policy = requests.get(
+            admin_url(served, f"/admin/policies/{name}"), headers=ADMIN, timeout=10
+        )
+        assert policy.json()["enabled"] is True
+    refused = requests.post(
+        admin_url(served, "/admin/policies"),
+        headers=ADMIN,
+        json={
+            "client_id": "gateway",
+            "audience": "https://audit.internal/disable",
+            "scopes": ["code.read"],
+        },
+        timeout=10,
+    )
+    assert refused.status_code == 400
+    assert "must not end with /history or /disable" in refused.text
