@@ -13,21 +13,24 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jwt
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import sessionmaker
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.services import Services
+from sidecar.store.db import make_engine
 from sidecar.store.models import AuditEventRow
+from sidecar.store.policies import PolicyStore
 from sidecar.web.app import create_app
+from tests.launcher import Served, start_serve
 
 SIDECAR_ISSUER = "https://sidecar.test.example"
 GATEWAY_SECRET = "gateway-secret-" + "x" * 24
@@ -386,3 +389,299 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             red=True,
         )
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- both targets: the in-process server and ``sidecar serve`` ---------------------------------
+#
+# A test that takes ``gateway`` runs on two targets: "in-process", the app on the werkzeug server
+# above (``server`` and the function-scoped fixtures it chains: a new database per test), and
+# "serve", the production command (``sidecar serve``: granian, its default two workers), started
+# once per test module on a SQLite file of its own. A module edits the configuration of both by
+# overriding ``config`` (in-process) and ``gateway_config`` (served, module-scoped), normally
+# with one function called from both.
+
+GATEWAY_TARGETS = ("in-process", "serve")
+# How long a test waits for ``sidecar serve`` to write the audit rows it expects (seconds).
+AUDIT_WAIT = 10.0
+# Each worker's audit writer writes its queue at least every 50 ms: after three times that, the
+# records of every request answered before the wait began are in the database.
+AUDIT_SETTLE = 0.15
+# How long ``sidecar serve`` may take to stop gracefully before it is killed (seconds).
+STOP_TIMEOUT = 10.0
+
+
+class Gateway:
+    """The service under test as an HTTP test sees it, whichever target runs it: its URLs,
+    ``exchange`` (as :class:`LiveServer` has it), its audit rows and database, and the
+    configuration, identity provider and client keys it was built from."""
+
+    target: ClassVar[str]
+
+    def __init__(
+        self,
+        url: str,
+        config: dict[str, Any],
+        idp: TestIdP,
+        client_keys: ClientKeys,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.url = url
+        self.token_url = f"{url}/token"
+        self.config = config
+        self.idp = idp
+        self.client_keys = client_keys
+        # With a session, the test's requests share one kept-alive connection, so that under
+        # ``sidecar serve`` one worker answers them all (caches and rate limits are per worker,
+        # and only the worker that served an admin API change sees it at once).
+        self.session = session
+
+    def post(self, url: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 10)
+        if self.session is not None:
+            return self.session.post(url, **kwargs)
+        return requests.post(url, **kwargs)
+
+    def exchange(
+        self,
+        subject_token: str | None,
+        *,
+        auth: tuple[str, str] | None = ("gateway", GATEWAY_SECRET),
+        **params: Any,
+    ) -> requests.Response:
+        """POST /token with a token-exchange form; params override or add (None drops one)."""
+        form: dict[str, Any] = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject_token,
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "audience": CODE_SEARCH,
+        }
+        form.update(params)
+        form = {k: v for k, v in form.items() if v is not None}
+        return self.post(self.token_url, data=form, auth=auth)
+
+    @property
+    def engine(self) -> Engine:
+        """An engine on the service's database."""
+        raise NotImplementedError
+
+    @property
+    def policy_store(self) -> PolicyStore:
+        """The policy table, read and written as the service does."""
+        raise NotImplementedError
+
+    def audit_rows(self, *, after_id: int = 0, expected: int | None = None) -> list[AuditEventRow]:
+        """The audit rows after ``after_id``, oldest first, once written. ``expected``: how many
+        the caller's requests wrote (under ``sidecar serve``, waited for; in-process every
+        queued event is written first anyway). Without it, every row of a request answered
+        before the call is included."""
+        raise NotImplementedError
+
+    def last_audit_id(self, *, settle: bool = True) -> int:
+        """The id of the newest audit row (0: none). With ``settle=False`` under ``sidecar
+        serve``, the caller vouches that the rows of every request answered so far were waited
+        for (``audit_rows(expected=...)``), and the read does not wait for the writer."""
+        raise NotImplementedError
+
+    def _max_audit_id(self) -> int:
+        with self.engine.connect() as connection:
+            newest = connection.scalar(select(func.coalesce(func.max(AuditEventRow.id), 0)))
+        return int(newest or 0)
+
+    def _read_audit_rows(self, after_id: int) -> list[AuditEventRow]:
+        with sessionmaker(self.engine)() as session:
+            query = select(AuditEventRow).where(AuditEventRow.id > after_id)
+            return list(session.scalars(query.order_by(AuditEventRow.id)))
+
+
+class InProcessGateway(Gateway):
+    """The app on :class:`LiveServer`, with the test's own ``services``."""
+
+    target = "in-process"
+
+    def __init__(
+        self,
+        server: LiveServer,
+        services: Services,
+        config: dict[str, Any],
+        idp: TestIdP,
+        client_keys: ClientKeys,
+    ) -> None:
+        super().__init__(server.url, config, idp, client_keys)
+        self.server = server
+        self.services = services
+
+    @property
+    def engine(self) -> Engine:
+        return self.services.engine
+
+    @property
+    def policy_store(self) -> PolicyStore:
+        return self.services.policy_store
+
+    def audit_rows(self, *, after_id: int = 0, expected: int | None = None) -> list[AuditEventRow]:
+        return audit_rows(self.services, after_id=after_id)
+
+    def last_audit_id(self, *, settle: bool = True) -> int:
+        assert self.services.audit.flush(), "audit events still queued"
+        return self._max_audit_id()
+
+
+class ServedGateway(Gateway):
+    """A running ``sidecar serve`` (started by :func:`start_served_gateway`), its database read
+    through an engine of the test's own."""
+
+    target = "serve"
+
+    def __init__(
+        self,
+        served: Served,
+        idp: TestIdP,
+        client_keys: ClientKeys,
+        engine: Engine,
+        session: requests.Session | None = None,
+    ) -> None:
+        super().__init__(served.url, served.config, idp, client_keys, session)
+        self.served = served
+        self._engine = engine
+
+    def view(self, *, keep_alive: bool) -> ServedGateway:
+        """The same server for one test: with ``keep_alive``, over a connection of its own."""
+        session = requests.Session() if keep_alive else None
+        return ServedGateway(self.served, self.idp, self.client_keys, self._engine, session)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    def stop(self) -> None:
+        """Stop the server and release the engine: SIGTERM, then ``kill()`` of whatever is left
+        of its process group (always, from ``Served.stop``). A graceful stop takes a fraction of
+        a second; after a SIGKILL alone, ``kill()`` waits a second or more for init to reap the
+        workers."""
+        self.close()
+        try:
+            self.served.stop(timeout=STOP_TIMEOUT)
+        finally:
+            self._engine.dispose()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def policy_store(self) -> PolicyStore:
+        return PolicyStore(sessionmaker(self._engine), time.time)
+
+    def audit_rows(self, *, after_id: int = 0, expected: int | None = None) -> list[AuditEventRow]:
+        if expected is None:
+            time.sleep(AUDIT_SETTLE)
+            return self._read_audit_rows(after_id)
+        deadline = time.monotonic() + AUDIT_WAIT
+        while True:
+            rows = self._read_audit_rows(after_id)
+            if len(rows) >= expected or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.005)
+
+    def last_audit_id(self, *, settle: bool = True) -> int:
+        if settle:
+            time.sleep(AUDIT_SETTLE)
+        return self._max_audit_id()
+
+    def log_size(self) -> int:
+        """Where the server's output ends now (bytes): a mark for :meth:`log_since`."""
+        return self.served.output.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """What the server (supervisor, granian, every worker) wrote after ``offset``."""
+        with self.served.output.open("rb") as output:
+            output.seek(offset)
+            return output.read().decode(errors="replace")
+
+
+def start_served_gateway(
+    directory: Path, config: dict[str, Any], idp: TestIdP, client_keys: ClientKeys
+) -> ServedGateway:
+    """``sidecar serve`` with ``config`` (its default server and workers) on a loopback port,
+    through :func:`tests.launcher.start_serve`; the caller calls ``stop()``."""
+    served = start_serve(directory, config)
+    return ServedGateway(served, idp, client_keys, make_engine(served.database_url))
+
+
+@pytest.fixture(scope="module", params=GATEWAY_TARGETS)
+def gateway_target(request: pytest.FixtureRequest) -> str:
+    """The target a ``gateway`` test runs on. Module-scoped, so that pytest runs a module's
+    in-process tests first and its served ones after, each target set up once."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def gateway_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def gateway_idp(gateway_directory: Path, idp_rsa_key: rsa.RSAPrivateKey) -> TestIdP:
+    return TestIdP(gateway_directory, idp_rsa_key)
+
+
+@pytest.fixture(scope="module")
+def gateway_client_keys() -> ClientKeys:
+    return ClientKeys()
+
+
+@pytest.fixture(scope="module")
+def gateway_config(
+    gateway_idp: TestIdP, gateway_client_keys: ClientKeys, gateway_directory: Path
+) -> dict[str, Any]:
+    """The configuration of the module's ``sidecar serve``: ``base_config``; a module overrides
+    this fixture (module-scoped) to edit it, as it overrides ``config`` for the in-process
+    target."""
+    database_url = f"sqlite:///{gateway_directory / 'sidecar.db'}"
+    return base_config(gateway_idp, gateway_client_keys, database_url)
+
+
+@pytest.fixture(scope="module")
+def gateway_keep_alive() -> bool:
+    """Whether, under ``sidecar serve``, each test's requests share one kept-alive connection
+    (and so one worker); a module that needs it overrides this fixture to return True."""
+    return False
+
+
+@pytest.fixture(scope="module")
+def served_gateway(
+    gateway_directory: Path,
+    gateway_config: dict[str, Any],
+    gateway_idp: TestIdP,
+    gateway_client_keys: ClientKeys,
+) -> Iterator[ServedGateway]:
+    """The module's ``sidecar serve``, started at its first served test, killed at its end."""
+    served = start_served_gateway(
+        gateway_directory, gateway_config, gateway_idp, gateway_client_keys
+    )
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture
+def gateway(
+    request: pytest.FixtureRequest, gateway_target: str, gateway_keep_alive: bool
+) -> Iterator[Gateway]:
+    """The service under test, on each target in turn (see above)."""
+    if gateway_target == "in-process":
+        yield InProcessGateway(
+            request.getfixturevalue("server"),
+            request.getfixturevalue("services"),
+            request.getfixturevalue("config"),
+            request.getfixturevalue("idp"),
+            request.getfixturevalue("client_keys"),
+        )
+        return
+    served: ServedGateway = request.getfixturevalue("served_gateway")
+    view = served.view(keep_alive=gateway_keep_alive)
+    try:
+        yield view
+    finally:
+        view.close()

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, insert, select
 
 from sidecar.store.models import PolicyRow, PolicyVersionRow
 
@@ -45,12 +45,40 @@ def table_state(engine: Engine) -> tuple[list[tuple[Any, ...]], int]:
     return [tuple(row) for row in rows], int(versions or 0)
 
 
-class AdminClient:
-    """Calls the admin API at ``base_url`` with a bearer token."""
+PolicyTables = dict[str, list[dict[str, Any]]]
 
-    def __init__(self, base_url: str, token: str) -> None:
+
+def policy_tables(engine: Engine) -> PolicyTables:
+    """The policy table and its history, every row: a snapshot for
+    :func:`restore_policy_tables`."""
+    with engine.connect() as connection:
+        return {
+            model.__tablename__: [
+                dict(row._mapping) for row in connection.execute(select(model.__table__))
+            ]
+            for model in (PolicyRow, PolicyVersionRow)
+        }
+
+
+def restore_policy_tables(engine: Engine, snapshot: PolicyTables) -> None:
+    """Put the policy table and its history back as ``snapshot`` has them, in one transaction.
+    A running service's workers keep the policies they cached (a test that then needs /token
+    to decide on the table needs a service started on it)."""
+    with engine.begin() as connection:
+        for model in (PolicyVersionRow, PolicyRow):
+            connection.execute(delete(model))
+            if rows := snapshot[model.__tablename__]:
+                connection.execute(insert(model), rows)
+
+
+class AdminClient:
+    """Calls the admin API at ``base_url`` with a bearer token; with a ``session``, over its
+    kept-alive connection."""
+
+    def __init__(self, base_url: str, token: str, session: requests.Session | None = None) -> None:
         self.base_url = base_url
         self.token = token
+        self.session = session
 
     def request(
         self,
@@ -65,7 +93,8 @@ class AdminClient:
         sent = {"Authorization": f"Bearer {token or self.token}", **(headers or {})}
         if if_match is not None:
             sent["If-Match"] = if_match
-        return requests.request(
+        send = self.session.request if self.session is not None else requests.request
+        return send(
             method, self.base_url + path, headers=sent, timeout=10, allow_redirects=False, **kwargs
         )
 

@@ -13,11 +13,12 @@ from tests.conftest import (
     GATEWAY_SECRET,
     OTHER_SECRET,
     TOKEN_EXCHANGE,
+    Gateway,
     LiveServer,
 )
 
-# RFC 6749 §5.2 bodies carry short, fixed descriptions (DESIGN §2): every description the token
-# endpoint may answer with, by error code. A description outside this catalogue is either new
+# RFC 6749 §5.2 bodies carry short, fixed descriptions (docs/design.md §2): every description the
+# token endpoint may answer with, by error code. A description outside this catalogue is either new
 # wording (add it here) or text built from request input (a leak).
 FIXED_DESCRIPTIONS: dict[str, frozenset[str]] = {
     "invalid_request": frozenset(
@@ -73,14 +74,17 @@ def assert_oauth_error(
 
 
 def post_token(
-    server: LiveServer,
+    server: LiveServer | Gateway,
     body: bytes | str | Iterator[bytes] | list[tuple[str, str]],
     *,
     auth: tuple[str, str] | None = ("gateway", GATEWAY_SECRET),
     headers: dict[str, str] | None = None,
     url: str | None = None,
 ) -> requests.Response:
-    """POST to /token with exactly this body (a raw one, or a form that may repeat names)."""
+    """POST to /token with exactly this body (a raw one, or a form that may repeat names); to a
+    :class:`Gateway`, over its kept-alive connection when it has one."""
+    if isinstance(server, Gateway):
+        return server.post(url or server.token_url, data=body, auth=auth, headers=headers or {})
     return requests.post(
         url or server.token_url, data=body, auth=auth, headers=headers or {}, timeout=10
     )

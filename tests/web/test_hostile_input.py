@@ -2,10 +2,14 @@
 
 Every row is an attack: a broken transport or form, a forged or malformed subject or actor token,
 a look-alike or forbidden target, an over-reaching scope, a delegation the subject did not allow.
-Each must end in the DESIGN §2 status and OAuth error with a fixed description that echoes
+Each must end in the docs/design.md §2 status and OAuth error with a fixed description that echoes
 nothing, no stack trace, no 5xx, no token, the no-store headers, an audit record of the denial,
 and no token or secret in any log line. Key-fetching headers (``jku``, ``x5u``, ...) point at a
 loopback server that counts what reaches it: nothing may.
+
+The table runs against the app on the in-process server and against ``sidecar serve`` (granian,
+its default workers; each request on a new connection, so either worker may answer it), whose
+log is its own output.
 """
 
 from __future__ import annotations
@@ -33,12 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, get_default_algorithms
-from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
 
 from sidecar.config import settings_from_mapping
-from sidecar.services import Services
-from sidecar.store.models import AuditEventRow
 from sidecar.web.app import create_app
 from tests.conftest import (
     ACCESS_TOKEN_TYPE,
@@ -52,10 +52,14 @@ from tests.conftest import (
     TOKEN_EXCHANGE,
     ClientKeys,
     FakeClock,
+    Gateway,
+    InProcessGateway,
     LiveServer,
+    ServedGateway,
     TestIdP,
     base_config,
     make_services,
+    start_served_gateway,
 )
 from tests.loopback import CountingHttpServer
 from tests.web.helpers import assert_oauth_error
@@ -83,58 +87,86 @@ class SecondIdP(TestIdP):
 
 
 @dataclass
-class Kit:
-    """What the attacks are built from: the trusted issuers, an attacker's own keys, the
-    counting server the attacker points key URLs at, and the server under attack."""
+class Arsenal:
+    """What the attacks are built from: the trusted issuers, an attacker's own keys, and the
+    counting server the attacker points key URLs at."""
 
+    directory: Path
     idp: TestIdP
     idp2: SecondIdP
     client_keys: ClientKeys
     attacker_rsa: rsa.RSAPrivateKey
     attacker_ec: ec.EllipticCurvePrivateKey
     trap: CountingHttpServer
-    server: LiveServer
-    services: Services
+
+    def config(self, database_url: str) -> dict[str, Any]:
+        config = base_config(self.idp, self.client_keys, database_url)
+        config["trusted_issuers"].append(
+            {
+                "issuer": self.idp2.issuer,
+                "jwks_file": str(self.idp2.jwks_path),
+                "audiences": [self.idp2.audience],
+                "algorithms": ["ES256"],
+            }
+        )
+        return config
+
+
+@dataclass
+class Kit(Arsenal):
+    """The arsenal and the server under attack."""
+
+    gateway: Gateway
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory, idp_rsa_key: rsa.RSAPrivateKey) -> Iterator[Kit]:
-    # One server for the whole table: each row is one request, and its audit row is told apart
-    # by id. (A server per row would cost a migration and a key per row.)
+def arsenal(
+    tmp_path_factory: pytest.TempPathFactory, idp_rsa_key: rsa.RSAPrivateKey
+) -> Iterator[Arsenal]:
     directory = tmp_path_factory.mktemp("hostile")
-    idp = TestIdP(directory, idp_rsa_key)
-    idp2 = SecondIdP(directory / "idp2", idp_rsa_key)
-    client_keys = ClientKeys()
     attacker_ec = ec.generate_private_key(ec.SECP256R1())
     attacker_jwk = ECAlgorithm.to_jwk(attacker_ec.public_key(), as_dict=True)
     # The trap serves the attacker's key under the victim's kids: following a jku would verify.
     trap = CountingHttpServer(
         {"keys": [{**attacker_jwk, "kid": kid, "alg": "ES256"} for kid in ("rsa-1", "ec-1")]}
     )
-    config = base_config(idp, client_keys, f"sqlite:///{directory / 'sidecar.db'}")
-    config["trusted_issuers"].append(
-        {
-            "issuer": idp2.issuer,
-            "jwks_file": str(idp2.jwks_path),
-            "audiences": [idp2.audience],
-            "algorithms": ["ES256"],
-        }
-    )
-    services = make_services(settings_from_mapping(config, env={}))
-    server = LiveServer(create_app(services.settings, services))
-    yield Kit(
-        idp=idp,
-        idp2=idp2,
-        client_keys=client_keys,
+    yield Arsenal(
+        directory=directory,
+        idp=TestIdP(directory, idp_rsa_key),
+        idp2=SecondIdP(directory / "idp2", idp_rsa_key),
+        client_keys=ClientKeys(),
         attacker_rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
         attacker_ec=attacker_ec,
         trap=trap,
-        server=server,
-        services=services,
     )
-    server.stop()
     trap.stop()
-    services.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def kit(arsenal: Arsenal, gateway_target: str) -> Iterator[Kit]:
+    # One server per target for the whole table: each row is one request, and its audit row is
+    # told apart by id. (A server per row would cost a migration and a key per row.)
+    directory = arsenal.directory / gateway_target
+    directory.mkdir()
+    config = arsenal.config(f"sqlite:///{directory / 'sidecar.db'}")
+    parts = {name: getattr(arsenal, name) for name in Arsenal.__dataclass_fields__}
+    if gateway_target == "serve":
+        served = start_served_gateway(directory, config, arsenal.idp, arsenal.client_keys)
+        try:
+            yield Kit(**parts, gateway=served)
+        finally:
+            served.stop()
+        return
+    services = make_services(settings_from_mapping(config, env={}))
+    server = LiveServer(create_app(services.settings, services))
+    try:
+        yield Kit(
+            **parts,
+            gateway=InProcessGateway(server, services, config, arsenal.idp, arsenal.client_keys),
+        )
+    finally:
+        server.stop()
+        services.engine.dispose()
 
 
 # --- forging tokens ----------------------------------------------------------------------------
@@ -255,8 +287,11 @@ def nested_act(depth: int) -> dict[str, Any]:
 
 
 def mint_our_own(kit: Kit) -> str:
-    response = kit.server.exchange(genuine(kit))
+    before = kit.gateway.last_audit_id(settle=False)
+    response = kit.gateway.exchange(genuine(kit))
     assert response.status_code == 200, response.text
+    # Its grant is written before the attack starts counting audit rows.
+    assert len(kit.gateway.audit_rows(after_id=before, expected=1)) == 1
     return str(response.json()["access_token"])
 
 
@@ -311,7 +346,7 @@ def actor_attack(make: Callable[[Kit], str]) -> Callable[[Kit], Hostile]:
 
 
 def send(kit: Kit, request: Hostile) -> requests.Response:
-    url = kit.server.token_url + (f"?{request.query}" if request.query else "")
+    url = kit.gateway.token_url + (f"?{request.query}" if request.query else "")
     headers = {"Content-Type": request.content_type} if request.content_type else {}
     if request.declared_length is not None:
         return _send_with_declared_length(kit, request, headers)
@@ -333,7 +368,7 @@ def _send_with_declared_length(
 ) -> requests.Response:
     # requests always tells the truth about the length; http.client sends what it is told.
     assert isinstance(request.body, bytes)
-    connection = http.client.HTTPConnection("127.0.0.1", int(kit.server.url.rsplit(":", 1)[1]))
+    connection = http.client.HTTPConnection("127.0.0.1", int(kit.gateway.url.rsplit(":", 1)[1]))
     try:
         connection.putrequest("POST", "/token")
         for name, value in headers.items():
@@ -1343,22 +1378,6 @@ CASES = [pytest.param(attack, id=name) for name, attack in TABLE.items()]
 # --- the assertions -----------------------------------------------------------------------------
 
 
-def audit_rows_after(services: Services, last_id: int) -> list[AuditEventRow]:
-    assert services.audit.flush()
-    with sessionmaker(services.engine)() as session:
-        return list(
-            session.scalars(
-                select(AuditEventRow).where(AuditEventRow.id > last_id).order_by(AuditEventRow.id)
-            )
-        )
-
-
-def last_audit_id(services: Services) -> int:
-    assert services.audit.flush()
-    with sessionmaker(services.engine)() as session:
-        return int(session.scalar(select(func.coalesce(func.max(AuditEventRow.id), 0))) or 0)
-
-
 def secret_fragments(values: tuple[str, ...]) -> list[str]:
     """Each value, and for a JWT its payload and signature segments: a leak of part of a token
     is a leak. Short values are left out (they would match by chance)."""
@@ -1369,7 +1388,15 @@ def secret_fragments(values: tuple[str, ...]) -> list[str]:
     return [f for f in fragments if len(f) >= 16]
 
 
-def product_log(caplog: pytest.LogCaptureFixture) -> str:
+def log_mark(kit: Kit) -> int:
+    return kit.gateway.log_size() if isinstance(kit.gateway, ServedGateway) else 0
+
+
+def product_log(kit: Kit, caplog: pytest.LogCaptureFixture, mark: int) -> str:
+    """What the service logged since ``mark``: under ``sidecar serve`` its output (every worker,
+    granian and the supervisor); in-process, the records of the service's loggers."""
+    if isinstance(kit.gateway, ServedGateway):
+        return kit.gateway.log_since(mark)
     # urllib3 (the test's own HTTP client) and werkzeug (the test server) are not the product.
     records = [r for r in caplog.records if not r.name.startswith(("urllib3", "werkzeug"))]
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
@@ -1378,15 +1405,19 @@ def product_log(caplog: pytest.LogCaptureFixture) -> str:
 
 def test_the_server_under_attack_grants_a_clean_request(kit: Kit) -> None:
     # The control row: every refusal below is a refusal of the attack, not of a broken setup.
-    response = kit.server.exchange(genuine(kit), scope="code.read")
+    before = kit.gateway.last_audit_id(settle=False)
+    response = kit.gateway.exchange(genuine(kit), scope="code.read")
     assert response.status_code == 200, response.text
     actor = genuine(kit, sub="agent-7")
-    response = kit.server.exchange(
+    response = kit.gateway.exchange(
         genuine(kit, may_act={"sub": "agent-7"}, act=nested_act(3)),
         actor_token=actor,
         actor_token_type=JWT_TOKEN_TYPE,
     )
     assert response.status_code == 200, response.text
+    # Both grants audited (and written before the next row counts its own).
+    rows = kit.gateway.audit_rows(after_id=before, expected=2)
+    assert [row.decision for row in rows] == ["granted", "granted"]
 
 
 @pytest.mark.parametrize("attack", CASES)
@@ -1395,7 +1426,11 @@ def test_a_hostile_request_is_refused_cleanly_and_audited(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     request = attack.build(kit)
-    before = last_audit_id(kit.services)
+    # Every earlier row waited for its own audit rows: nothing of theirs is still queued. (Under
+    # sidecar serve, a second row of this request would be written in the same batch as the
+    # first, or be counted by the next row.)
+    before = kit.gateway.last_audit_id(settle=False)
+    mark = log_mark(kit)
     trapped = kit.trap.count
 
     response = send(kit, request)
@@ -1409,14 +1444,18 @@ def test_a_hostile_request_is_refused_cleanly_and_audited(
     if attack.status == 405:
         assert "POST" in response.headers["Allow"]
     # The denial is in the audit trail, once, with its error code and an internal reason.
-    rows = audit_rows_after(kit.services, before)
+    rows = kit.gateway.audit_rows(after_id=before, expected=1)
     assert [(row.decision, row.error) for row in rows] == [("denied", attack.error)]
     assert rows[0].reason
     assert rows[0].jti is None
     # No key URL in any header was followed.
     assert kit.trap.count == trapped == 0, kit.trap.paths
     # No token or secret of this request in any log line of the service.
-    log = product_log(caplog)
+    log = product_log(kit, caplog, mark)
+    if isinstance(kit.gateway, ServedGateway):
+        # What was read is this request's part of the server's output: its audit line.
+        assert 'sidecar.audit: exchange {"at":' in log, log
+        assert f'"decision":"denied","error":"{attack.error}"' in log, log
     for fragment in secret_fragments(request.secrets):
         assert fragment not in log, "a token or secret reached a log line"
 

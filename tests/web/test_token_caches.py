@@ -4,6 +4,11 @@ real SQLite database, the real IdP JWKS, and a controlled service clock.
 An identical request gets the token minted before (audited again, as a reuse); any difference in
 the request, a policy change, a new signing key, an IdP key change, a client gone, the size bound
 or the lifetime left stops reuse; ``caches.*.enabled: false`` turns it off; /metrics counts it.
+
+The tests that need only HTTP and the audit rows also run against ``sidecar serve`` (granian, its
+default workers), each over one kept-alive connection: the caches are per worker, and a gateway
+keeps its connection. Those that need the service clock or the service's internals (a policy,
+key or cache changed from the test) run in-process only.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from tests.conftest import (
     SIDECAR_ISSUER,
     TICKETS,
     FakeClock,
+    Gateway,
     LiveServer,
     TestIdP,
     audit_rows,
@@ -47,8 +53,7 @@ SECOND_SECRET = "second-gateway-secret-" + "z" * 24
 KEYS_REFRESH = 10.0  # keys.refresh_interval (the default)
 
 
-@pytest.fixture
-def config(config: dict[str, Any]) -> dict[str, Any]:
+def with_second_client(config: dict[str, Any]) -> dict[str, Any]:
     """The base config plus a second client with the same grant on code-search."""
     config["clients"].append({"client_id": SECOND_CLIENT, "client_secret": SECOND_SECRET})
     config["policies"].append(
@@ -62,6 +67,21 @@ def config(config: dict[str, Any]) -> dict[str, Any]:
         }
     )
     return config
+
+
+@pytest.fixture
+def config(config: dict[str, Any]) -> dict[str, Any]:
+    return with_second_client(config)
+
+
+@pytest.fixture(scope="module")
+def gateway_config(gateway_config: dict[str, Any]) -> dict[str, Any]:
+    return with_second_client(gateway_config)
+
+
+@pytest.fixture(scope="module")
+def gateway_keep_alive() -> bool:
+    return True
 
 
 @pytest.fixture
@@ -80,6 +100,11 @@ def subject_token(idp: TestIdP, clock: FakeClock, **claims: Any) -> str:
     # PyJWT checks exp against the real time, the grant against the service clock: valid for
     # both, and for longer than any clock advance below.
     return idp.token(exp=int(max(clock.now, time.time())) + 900, **claims)
+
+
+def fresh_subject(gateway: Gateway, **claims: Any) -> str:
+    # On either target, valid for 900 s (in-process, the service clock stands still meanwhile).
+    return gateway.idp.token(exp=int(time.time()) + 900, **claims)
 
 
 def granted(response: requests.Response) -> dict[str, Any]:
@@ -107,7 +132,14 @@ def granted_rows(services: Services) -> list[AuditEventRow]:
     return [row for row in audit_rows(services) if row.decision == "granted"]
 
 
-def cache_lookups(server: LiveServer) -> dict[tuple[str, str], float]:
+def granted_rows_since(gateway: Gateway, after_id: int, expected: int) -> list[AuditEventRow]:
+    """The grants among the ``expected`` audit rows the test's requests wrote after
+    ``after_id``."""
+    rows = gateway.audit_rows(after_id=after_id, expected=expected)
+    return [row for row in rows if row.decision == "granted"]
+
+
+def cache_lookups(server: LiveServer | Gateway) -> dict[tuple[str, str], float]:
     """``sidecar_cache_lookups_total`` by (cache, result), as GET /metrics reports it."""
     response = requests.get(f"{server.url}/metrics", timeout=10)
     assert response.status_code == 200
@@ -164,32 +196,30 @@ def test_an_identical_request_gets_the_same_token_and_both_grants_are_audited(
     assert rows[1].at == rows[0].at + 10
 
 
-def test_another_subject_token_of_the_same_user_gets_its_own_token(
-    server: LiveServer, services: Services, idp: TestIdP, clock: FakeClock
-) -> None:
-    first = access_token(server.exchange(subject_token(idp, clock)))
-    other = access_token(server.exchange(subject_token(idp, clock)))  # another jti, same sub
+def test_another_subject_token_of_the_same_user_gets_its_own_token(gateway: Gateway) -> None:
+    start = gateway.last_audit_id()
+    first = access_token(gateway.exchange(fresh_subject(gateway)))
+    other = access_token(gateway.exchange(fresh_subject(gateway)))  # another jti, same sub
 
     assert other != first
     assert claims_of(other)["jti"] != claims_of(first)["jti"]
-    assert [row.reason for row in granted_rows(services)] == [None, None]
+    assert [row.reason for row in granted_rows_since(gateway, start, 2)] == [None, None]
 
 
-def test_another_client_never_gets_the_token_of_the_first(
-    server: LiveServer, services: Services, idp: TestIdP, clock: FakeClock
-) -> None:
-    subject = subject_token(idp, clock)
+def test_another_client_never_gets_the_token_of_the_first(gateway: Gateway) -> None:
+    start = gateway.last_audit_id()
+    subject = fresh_subject(gateway)
 
-    mine = access_token(server.exchange(subject))
-    theirs = access_token(server.exchange(subject, auth=(SECOND_CLIENT, SECOND_SECRET)))
+    mine = access_token(gateway.exchange(subject))
+    theirs = access_token(gateway.exchange(subject, auth=(SECOND_CLIENT, SECOND_SECRET)))
 
     assert theirs != mine
     assert claims_of(mine)["client_id"] == "gateway"
     assert claims_of(theirs)["client_id"] == SECOND_CLIENT
     # Each client keeps getting its own token back.
-    assert access_token(server.exchange(subject)) == mine
-    assert access_token(server.exchange(subject, auth=(SECOND_CLIENT, SECOND_SECRET))) == theirs
-    rows = granted_rows(services)
+    assert access_token(gateway.exchange(subject)) == mine
+    assert access_token(gateway.exchange(subject, auth=(SECOND_CLIENT, SECOND_SECRET))) == theirs
+    rows = granted_rows_since(gateway, start, 4)
     assert [(row.client_id, row.reason) for row in rows] == [
         ("gateway", None),
         (SECOND_CLIENT, None),
@@ -198,41 +228,35 @@ def test_another_client_never_gets_the_token_of_the_first(
     ]
 
 
-def test_a_client_that_fails_authentication_gets_no_cached_token(
-    server: LiveServer, services: Services, idp: TestIdP, clock: FakeClock
-) -> None:
-    subject = subject_token(idp, clock)
-    mine = access_token(server.exchange(subject))
+def test_a_client_that_fails_authentication_gets_no_cached_token(gateway: Gateway) -> None:
+    subject = fresh_subject(gateway)
+    mine = access_token(gateway.exchange(subject))
 
-    response = server.exchange(subject, auth=("gateway", "wrong-" + GATEWAY_SECRET))
+    response = gateway.exchange(subject, auth=("gateway", "wrong-" + GATEWAY_SECRET))
 
     assert_oauth_error(response, 401, "invalid_client", mine, subject)
-    assert access_token(server.exchange(subject)) == mine
+    assert access_token(gateway.exchange(subject)) == mine
 
 
-def test_another_audience_never_reuses(
-    server: LiveServer, services: Services, idp: TestIdP, clock: FakeClock
-) -> None:
-    subject = subject_token(idp, clock, scope="code.read tickets.read")
+def test_another_audience_never_reuses(gateway: Gateway) -> None:
+    subject = fresh_subject(gateway, scope="code.read tickets.read")
 
-    code = access_token(server.exchange(subject, audience=CODE_SEARCH))
-    tickets = access_token(server.exchange(subject, audience=TICKETS))
+    code = access_token(gateway.exchange(subject, audience=CODE_SEARCH))
+    tickets = access_token(gateway.exchange(subject, audience=TICKETS))
 
     assert tickets != code
     assert claims_of(code)["aud"] == CODE_SEARCH
     assert claims_of(tickets)["aud"] == TICKETS
-    assert access_token(server.exchange(subject, audience=TICKETS)) == tickets
-    assert access_token(server.exchange(subject, audience=CODE_SEARCH)) == code
+    assert access_token(gateway.exchange(subject, audience=TICKETS)) == tickets
+    assert access_token(gateway.exchange(subject, audience=CODE_SEARCH)) == code
 
 
-def test_another_scope_never_reuses(
-    server: LiveServer, services: Services, idp: TestIdP, clock: FakeClock
-) -> None:
-    subject = subject_token(idp, clock)
+def test_another_scope_never_reuses(gateway: Gateway) -> None:
+    subject = fresh_subject(gateway)
 
-    read = granted(server.exchange(subject, scope="code.read"))
-    both = granted(server.exchange(subject, scope="code.read code.search"))
-    search = granted(server.exchange(subject, scope="code.search"))
+    read = granted(gateway.exchange(subject, scope="code.read"))
+    both = granted(gateway.exchange(subject, scope="code.read code.search"))
+    search = granted(gateway.exchange(subject, scope="code.search"))
 
     tokens = [read["access_token"], both["access_token"], search["access_token"]]
     assert len(set(tokens)) == 3
@@ -246,38 +270,35 @@ def test_another_scope_never_reuses(
         "code.read code.search",
         "code.search",
     ]
-    assert access_token(server.exchange(subject, scope="code.search")) == tokens[2]
-    assert access_token(server.exchange(subject, scope="code.read")) == tokens[0]
+    assert access_token(gateway.exchange(subject, scope="code.search")) == tokens[2]
+    assert access_token(gateway.exchange(subject, scope="code.read")) == tokens[0]
 
 
-def test_another_requested_token_type_never_reuses(
-    server: LiveServer, idp: TestIdP, clock: FakeClock
-) -> None:
-    subject = subject_token(idp, clock)
+def test_another_requested_token_type_never_reuses(gateway: Gateway) -> None:
+    subject = fresh_subject(gateway)
 
-    as_access_token = granted(server.exchange(subject))
-    as_jwt = granted(server.exchange(subject, requested_token_type=JWT_TOKEN_TYPE))
+    as_access_token = granted(gateway.exchange(subject))
+    as_jwt = granted(gateway.exchange(subject, requested_token_type=JWT_TOKEN_TYPE))
 
     assert as_jwt["access_token"] != as_access_token["access_token"]
     assert as_jwt["issued_token_type"] == JWT_TOKEN_TYPE
     assert as_access_token["issued_token_type"] == ACCESS_TOKEN_TYPE
-    again = granted(server.exchange(subject, requested_token_type=JWT_TOKEN_TYPE))
+    again = granted(gateway.exchange(subject, requested_token_type=JWT_TOKEN_TYPE))
     assert again["access_token"] == as_jwt["access_token"]
     assert again["issued_token_type"] == JWT_TOKEN_TYPE
 
 
-def test_another_actor_token_never_reuses(
-    server: LiveServer, services: Services, idp: TestIdP, clock: FakeClock
-) -> None:
-    subject = subject_token(idp, clock)
-    agent_a = subject_token(idp, clock, sub="agent-a", scope="")
-    agent_b = subject_token(idp, clock, sub="agent-b", scope="")
+def test_another_actor_token_never_reuses(gateway: Gateway) -> None:
+    start = gateway.last_audit_id()
+    subject = fresh_subject(gateway)
+    agent_a = fresh_subject(gateway, sub="agent-a", scope="")
+    agent_b = fresh_subject(gateway, sub="agent-b", scope="")
 
     def with_actor(actor: str | None) -> str:
         if actor is None:
-            return access_token(server.exchange(subject))
+            return access_token(gateway.exchange(subject))
         return access_token(
-            server.exchange(subject, actor_token=actor, actor_token_type=ACCESS_TOKEN_TYPE)
+            gateway.exchange(subject, actor_token=actor, actor_token_type=ACCESS_TOKEN_TYPE)
         )
 
     by_a, by_b, by_none = with_actor(agent_a), with_actor(agent_b), with_actor(None)
@@ -289,7 +310,7 @@ def test_another_actor_token_never_reuses(
     assert with_actor(agent_b) == by_b
     assert with_actor(agent_a) == by_a
     assert with_actor(None) == by_none
-    assert [row.actor for row in granted_rows(services)] == [
+    assert [row.actor for row in granted_rows_since(gateway, start, 6)] == [
         "agent-a",
         "agent-b",
         None,
@@ -300,15 +321,15 @@ def test_another_actor_token_never_reuses(
 
 
 def test_an_actor_no_longer_allowed_by_may_act_is_refused_even_after_a_grant(
-    server: LiveServer, idp: TestIdP, clock: FakeClock
+    gateway: Gateway,
 ) -> None:
     # may_act is checked on every request, before the cache: a refusal is never cached away.
-    subject = subject_token(idp, clock, may_act={"sub": "agent-a"})
-    agent_a = subject_token(idp, clock, sub="agent-a")
-    agent_b = subject_token(idp, clock, sub="agent-b")
+    subject = fresh_subject(gateway, may_act={"sub": "agent-a"})
+    agent_a = fresh_subject(gateway, sub="agent-a")
+    agent_b = fresh_subject(gateway, sub="agent-b")
 
-    granted(server.exchange(subject, actor_token=agent_a, actor_token_type=ACCESS_TOKEN_TYPE))
-    response = server.exchange(subject, actor_token=agent_b, actor_token_type=ACCESS_TOKEN_TYPE)
+    granted(gateway.exchange(subject, actor_token=agent_a, actor_token_type=ACCESS_TOKEN_TYPE))
+    response = gateway.exchange(subject, actor_token=agent_b, actor_token_type=ACCESS_TOKEN_TYPE)
 
     assert_oauth_error(response, 400, "invalid_request", subject, agent_b)
 
@@ -763,25 +784,32 @@ def test_with_only_the_subject_token_cache_off_minted_tokens_are_still_reused(
 # --- /metrics -----------------------------------------------------------------------------------
 
 
-def test_metrics_count_the_hits_and_misses_of_both_caches(
-    server: LiveServer, idp: TestIdP, clock: FakeClock
-) -> None:
+def test_metrics_count_the_hits_and_misses_of_both_caches(gateway: Gateway) -> None:
+    keys = [
+        ("subject_tokens", "hit"),
+        ("subject_tokens", "miss"),
+        ("minted_tokens", "hit"),
+        ("minted_tokens", "miss"),
+    ]
+
+    def counts() -> dict[tuple[str, str], float]:
+        counted = cache_lookups(gateway)
+        return {key: counted.get(key, 0.0) for key in keys}
+
+    # Under sidecar serve, the module's earlier tests were counted too: this test's lookups are
+    # the increase from here.
+    start = counts()
+    if gateway.target == "in-process":
+        assert set(start.values()) == {0.0}  # a new service
+
     def lookups() -> dict[tuple[str, str], float]:
-        counts = cache_lookups(server)
-        return {
-            key: counts.get(key, 0.0)
-            for key in [
-                ("subject_tokens", "hit"),
-                ("subject_tokens", "miss"),
-                ("minted_tokens", "hit"),
-                ("minted_tokens", "miss"),
-            ]
-        }
+        now = counts()
+        return {key: now[key] - start[key] for key in keys}
 
     assert set(lookups().values()) == {0.0}
-    subject = subject_token(idp, clock, scope="code.read tickets.read")
+    subject = fresh_subject(gateway, scope="code.read tickets.read")
 
-    granted(server.exchange(subject))
+    granted(gateway.exchange(subject))
     assert lookups() == {
         ("subject_tokens", "hit"): 0,
         ("subject_tokens", "miss"): 1,
@@ -789,8 +817,8 @@ def test_metrics_count_the_hits_and_misses_of_both_caches(
         ("minted_tokens", "miss"): 1,
     }
 
-    granted(server.exchange(subject))
-    granted(server.exchange(subject))
+    granted(gateway.exchange(subject))
+    granted(gateway.exchange(subject))
     assert lookups() == {
         ("subject_tokens", "hit"): 2,
         ("subject_tokens", "miss"): 1,
@@ -799,10 +827,10 @@ def test_metrics_count_the_hits_and_misses_of_both_caches(
     }
 
     # The same subject token for another audience: a verified-token hit, a minted-token miss.
-    granted(server.exchange(subject, audience=TICKETS))
+    granted(gateway.exchange(subject, audience=TICKETS))
     # An actor token: one more lookup of the subject cache (a miss), a minted-token miss.
-    actor = subject_token(idp, clock, sub="agent-a")
-    granted(server.exchange(subject, actor_token=actor, actor_token_type=ACCESS_TOKEN_TYPE))
+    actor = fresh_subject(gateway, sub="agent-a")
+    granted(gateway.exchange(subject, actor_token=actor, actor_token_type=ACCESS_TOKEN_TYPE))
     assert lookups() == {
         ("subject_tokens", "hit"): 4,
         ("subject_tokens", "miss"): 2,
@@ -811,7 +839,7 @@ def test_metrics_count_the_hits_and_misses_of_both_caches(
     }
 
     # A refusal after verification (scope not allowed) looks up the subject cache only.
-    response = server.exchange(subject, scope="code.write")
+    response = gateway.exchange(subject, scope="code.write")
     assert response.status_code == 400
     assert lookups()[("subject_tokens", "hit")] == 5
     assert lookups()[("minted_tokens", "miss")] == 3

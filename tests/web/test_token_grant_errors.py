@@ -1,13 +1,14 @@
 """POST /token refusals after the client is authenticated, over real HTTP: other grant types
 (``unsupported_grant_type``), scopes the policy or subject does not allow (``invalid_scope``), and
-targets no enabled policy allows or that are malformed (``invalid_target``, RFC 8707 §2)."""
+targets no enabled policy allows or that are malformed (``invalid_target``, RFC 8707 §2). Each
+test runs on the in-process server and on ``sidecar serve`` (``gateway`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import jwt
 import pytest
 
-from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, LiveServer, TestIdP
+from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, Gateway
 from tests.web.helpers import assert_oauth_error, exchange_form, post_token
 
 # --- unsupported_grant_type --------------------------------------------------------------------
@@ -24,17 +25,15 @@ from tests.web.helpers import assert_oauth_error, exchange_form, post_token
         "totally-made-up",
     ],
 )
-def test_another_grant_type_is_unsupported_grant_type(
-    server: LiveServer, idp: TestIdP, grant_type: str
-) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, grant_type=grant_type)
+def test_another_grant_type_is_unsupported_grant_type(gateway: Gateway, grant_type: str) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, grant_type=grant_type)
     assert_oauth_error(response, 400, "unsupported_grant_type", subject, grant_type)
 
 
-def test_the_grant_type_is_compared_exactly(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
-    response = server.exchange(
+def test_the_grant_type_is_compared_exactly(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(
         subject, grant_type="URN:IETF:PARAMS:OAUTH:GRANT-TYPE:TOKEN-EXCHANGE"
     )
     assert_oauth_error(response, 400, "unsupported_grant_type", subject)
@@ -44,42 +43,40 @@ def test_the_grant_type_is_compared_exactly(server: LiveServer, idp: TestIdP) ->
 
 
 @pytest.mark.parametrize("scope", ["code.write", "code.read code.write", "tickets.read"])
-def test_a_scope_outside_the_policy_is_invalid_scope(
-    server: LiveServer, idp: TestIdP, scope: str
-) -> None:
-    subject = idp.token(scope="code.read code.search code.write tickets.read")
-    response = server.exchange(subject, scope=scope)
+def test_a_scope_outside_the_policy_is_invalid_scope(gateway: Gateway, scope: str) -> None:
+    subject = gateway.idp.token(scope="code.read code.search code.write tickets.read")
+    response = gateway.exchange(subject, scope=scope)
     assert_oauth_error(response, 400, "invalid_scope", subject, scope)
 
 
 def test_a_scope_the_subject_lacks_is_invalid_scope_where_the_policy_requires_it(
-    server: LiveServer, idp: TestIdP
+    gateway: Gateway,
 ) -> None:
-    subject = idp.token(scope="code.read")
-    response = server.exchange(subject, audience=TICKETS, scope="tickets.read")
+    subject = gateway.idp.token(scope="code.read")
+    response = gateway.exchange(subject, audience=TICKETS, scope="tickets.read")
     assert_oauth_error(response, 400, "invalid_scope", subject)
 
 
 def test_default_scopes_the_subject_lacks_are_invalid_scope_where_the_policy_requires_it(
-    server: LiveServer, idp: TestIdP
+    gateway: Gateway,
 ) -> None:
-    subject = idp.token(scope="code.read")
-    response = server.exchange(subject, audience=TICKETS)
+    subject = gateway.idp.token(scope="code.read")
+    response = gateway.exchange(subject, audience=TICKETS)
     assert_oauth_error(response, 400, "invalid_scope", subject)
 
 
 def test_a_scope_the_subject_holds_is_granted_where_the_policy_requires_it(
-    server: LiveServer, idp: TestIdP
+    gateway: Gateway,
 ) -> None:
-    response = server.exchange(idp.token(scope="tickets.read"), audience=TICKETS)
+    response = gateway.exchange(gateway.idp.token(scope="tickets.read"), audience=TICKETS)
     assert response.status_code == 200, response.text
     assert response.json()["scope"] == "tickets.read"
 
 
 @pytest.mark.parametrize("scope", ["*", "code.*", "all"])
-def test_an_omnibus_scope_is_invalid_scope(server: LiveServer, idp: TestIdP, scope: str) -> None:
-    subject = idp.token(scope="*")
-    response = server.exchange(subject, scope=scope)
+def test_an_omnibus_scope_is_invalid_scope(gateway: Gateway, scope: str) -> None:
+    subject = gateway.idp.token(scope="*")
+    response = gateway.exchange(subject, scope=scope)
     assert_oauth_error(response, 400, "invalid_scope", subject)
 
 
@@ -88,57 +85,53 @@ def test_an_omnibus_scope_is_invalid_scope(server: LiveServer, idp: TestIdP, sco
     ["code.read  code.search", " code.read", "code.read ", 'code."read"', "code\\read", "cöde"],
     ids=["double-space", "leading-space", "trailing-space", "quote", "backslash", "non-ascii"],
 )
-def test_a_malformed_scope_is_invalid_scope(server: LiveServer, idp: TestIdP, scope: str) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, scope=scope)
+def test_a_malformed_scope_is_invalid_scope(gateway: Gateway, scope: str) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, scope=scope)
     assert_oauth_error(response, 400, "invalid_scope", subject)
 
 
-def test_scopes_are_case_sensitive(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, scope="Code.Read")
+def test_scopes_are_case_sensitive(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, scope="Code.Read")
     assert_oauth_error(response, 400, "invalid_scope", subject)
 
 
 # --- invalid_target ----------------------------------------------------------------------------
 
 
-def test_an_audience_with_no_policy_is_invalid_target(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, audience="https://payments.internal/mcp")
+def test_an_audience_with_no_policy_is_invalid_target(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, audience="https://payments.internal/mcp")
     assert_oauth_error(response, 400, "invalid_target", subject)
 
 
-def test_an_audience_of_another_clients_policy_only_is_invalid_target(
-    server: LiveServer, idp: TestIdP
-) -> None:
+def test_an_audience_of_another_clients_policy_only_is_invalid_target(gateway: Gateway) -> None:
     # TICKETS has a policy for gateway only; no-exchange's policies are not gateway's.
-    subject = idp.token()
-    response = server.exchange(subject, audience="https://tickets.internal/mcp/admin")
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, audience="https://tickets.internal/mcp/admin")
     assert_oauth_error(response, 400, "invalid_target", subject)
 
 
-def test_a_disabled_policy_is_invalid_target(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, audience=DISABLED, scope="code.read")
+def test_a_disabled_policy_is_invalid_target(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, audience=DISABLED, scope="code.read")
     assert_oauth_error(response, 400, "invalid_target", subject)
 
 
 @pytest.mark.parametrize("forbidden", ["https://payments.internal/mcp", DISABLED])
-def test_one_forbidden_audience_refuses_the_whole_request(
-    server: LiveServer, idp: TestIdP, forbidden: str
-) -> None:
-    subject = idp.token()
+def test_one_forbidden_audience_refuses_the_whole_request(gateway: Gateway, forbidden: str) -> None:
+    subject = gateway.idp.token()
     form = [*exchange_form(subject, scope="code.read"), ("audience", forbidden)]
-    response = post_token(server, form)
+    response = post_token(gateway, form)
     assert_oauth_error(response, 400, "invalid_target", subject)
     assert "access_token" not in response.text
 
 
-def test_one_forbidden_resource_refuses_the_whole_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_one_forbidden_resource_refuses_the_whole_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     form = [*exchange_form(subject), ("resource", "https://payments.internal/mcp")]
-    response = post_token(server, form)
+    response = post_token(gateway, form)
     assert_oauth_error(response, 400, "invalid_target", subject)
 
 
@@ -163,16 +156,14 @@ def test_one_forbidden_resource_refuses_the_whole_request(server: LiveServer, id
         "malformed-ipv6",
     ],
 )
-def test_a_malformed_resource_is_invalid_target(
-    server: LiveServer, idp: TestIdP, resource: str
-) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, audience=None, resource=resource)
+def test_a_malformed_resource_is_invalid_target(gateway: Gateway, resource: str) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, audience=None, resource=resource)
     assert_oauth_error(response, 400, "invalid_target", subject, resource)
 
 
-def test_a_resource_with_a_policy_is_accepted(server: LiveServer, idp: TestIdP) -> None:
-    response = server.exchange(idp.token(), audience=None, resource=CODE_SEARCH)
+def test_a_resource_with_a_policy_is_accepted(gateway: Gateway) -> None:
+    response = gateway.exchange(gateway.idp.token(), audience=None, resource=CODE_SEARCH)
     assert response.status_code == 200, response.text
 
 
@@ -213,13 +204,11 @@ def test_a_resource_with_a_policy_is_accepted(server: LiveServer, idp: TestIdP) 
         "percent-encoded-path",
     ],
 )
-def test_a_near_miss_audience_is_invalid_target(
-    server: LiveServer, idp: TestIdP, audience: str
-) -> None:
+def test_a_near_miss_audience_is_invalid_target(gateway: Gateway, audience: str) -> None:
     # Only the scheme and host case and a default port are normalised (issue 5); no other
     # normalisation may turn a look-alike into a match.
-    subject = idp.token()
-    response = server.exchange(subject, audience=audience)
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, audience=audience)
     assert_oauth_error(response, 400, "invalid_target", subject)
 
 
@@ -233,19 +222,19 @@ def test_a_near_miss_audience_is_invalid_target(
     ids=["host-case", "scheme-case", "default-port"],
 )
 def test_an_equivalent_uri_matches_and_the_token_names_the_policy_audience(
-    server: LiveServer, idp: TestIdP, audience: str
+    gateway: Gateway, audience: str
 ) -> None:
-    response = server.exchange(idp.token(), audience=audience)
+    response = gateway.exchange(gateway.idp.token(), audience=audience)
 
     assert response.status_code == 200, response.text
     claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
     assert claims["aud"] == CODE_SEARCH
 
 
-def test_too_many_targets_is_invalid_target(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_too_many_targets_is_invalid_target(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     form = exchange_form(subject) + [
         ("audience", f"https://upstream-{index}.internal/mcp") for index in range(10)
     ]
-    response = post_token(server, form)
+    response = post_token(gateway, form)
     assert_oauth_error(response, 400, "invalid_target", subject)

@@ -1,6 +1,7 @@
 """POST /token answers a malformed request with 400 ``invalid_request`` (RFC 6749 §5.2, RFC 8693
 §2.2.2), over real HTTP: missing, repeated, empty or malformed parameters, unsupported token types,
-bad subject or actor tokens, and bodies that are not a small, clean form."""
+bad subject or actor tokens, and bodies that are not a small, clean form. Each HTTP test runs on
+the in-process server and on ``sidecar serve`` (``gateway`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from tests.conftest import (
     GATEWAY_SECRET,
     JWT_TOKEN_TYPE,
     TOKEN_EXCHANGE,
-    ClientKeys,
-    LiveServer,
+    Gateway,
     TestIdP,
 )
 from tests.web.helpers import assert_oauth_error, exchange_form, post_token
@@ -33,8 +33,7 @@ ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
 REPLICA = "https://code-search-replica.internal/mcp"
 
 
-@pytest.fixture
-def config(config: dict[str, Any]) -> dict[str, Any]:
+def with_replica(config: dict[str, Any]) -> dict[str, Any]:
     # A second upstream with the same scopes, so that one request may name two targets.
     config["policies"].append(
         {
@@ -48,6 +47,16 @@ def config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+@pytest.fixture
+def config(config: dict[str, Any]) -> dict[str, Any]:
+    return with_replica(config)
+
+
+@pytest.fixture(scope="module")
+def gateway_config(gateway_config: dict[str, Any]) -> dict[str, Any]:
+    return with_replica(gateway_config)
+
+
 def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
@@ -56,20 +65,16 @@ def _b64(data: dict[str, Any]) -> str:
 
 
 @pytest.mark.parametrize("missing", ["grant_type", "subject_token", "subject_token_type"])
-def test_a_missing_required_parameter_is_invalid_request(
-    server: LiveServer, idp: TestIdP, missing: str
-) -> None:
-    subject = idp.token()
-    response = post_token(server, exchange_form(subject, **{missing: None}))
+def test_a_missing_required_parameter_is_invalid_request(gateway: Gateway, missing: str) -> None:
+    subject = gateway.idp.token()
+    response = post_token(gateway, exchange_form(subject, **{missing: None}))
     body = assert_oauth_error(response, 400, "invalid_request", subject)
     assert body["error_description"] == "A required parameter is missing."
 
 
-def test_a_request_naming_no_audience_or_resource_is_invalid_request(
-    server: LiveServer, idp: TestIdP
-) -> None:
-    subject = idp.token()
-    response = post_token(server, exchange_form(subject, audience=None))
+def test_a_request_naming_no_audience_or_resource_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    response = post_token(gateway, exchange_form(subject, audience=None))
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
@@ -87,38 +92,36 @@ def test_a_request_naming_no_audience_or_resource_is_invalid_request(
         ("client_id", "gateway"),
     ],
 )
-def test_a_repeated_parameter_is_invalid_request(
-    server: LiveServer, idp: TestIdP, name: str, second: str
-) -> None:
-    subject = idp.token()
+def test_a_repeated_parameter_is_invalid_request(gateway: Gateway, name: str, second: str) -> None:
+    subject = gateway.idp.token()
     form = exchange_form(
         subject, scope="code.read", requested_token_type=ACCESS_TOKEN_TYPE, client_id="gateway"
     )
     form.append((name, second))
-    response = post_token(server, form)
+    response = post_token(gateway, form)
     body = assert_oauth_error(response, 400, "invalid_request", subject, "second-token")
     assert body["error_description"] == "A parameter is included more than once."
 
 
-def test_a_repeated_client_secret_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_a_repeated_client_secret_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     form = exchange_form(subject, client_id="gateway", client_secret=GATEWAY_SECRET)
     form.append(("client_secret", GATEWAY_SECRET))
-    response = post_token(server, form, auth=None)
+    response = post_token(gateway, form, auth=None)
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_audience_may_repeat(server: LiveServer, idp: TestIdP) -> None:
-    form = exchange_form(idp.token())
+def test_audience_may_repeat(gateway: Gateway) -> None:
+    form = exchange_form(gateway.idp.token())
     form.append(("audience", CODE_SEARCH))
-    response = post_token(server, form)
+    response = post_token(gateway, form)
     assert response.status_code == 200, response.text
 
 
-def test_resource_may_repeat_and_join_the_audiences(server: LiveServer, idp: TestIdP) -> None:
-    form = exchange_form(idp.token(), audience=None)
+def test_resource_may_repeat_and_join_the_audiences(gateway: Gateway) -> None:
+    form = exchange_form(gateway.idp.token(), audience=None)
     form += [("resource", CODE_SEARCH), ("resource", REPLICA), ("audience", CODE_SEARCH)]
-    response = post_token(server, form)
+    response = post_token(gateway, form)
     assert response.status_code == 200, response.text
     claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
     assert claims["aud"] == [CODE_SEARCH, REPLICA]
@@ -137,19 +140,17 @@ def test_resource_may_repeat_and_join_the_audiences(server: LiveServer, idp: Tes
     ],
 )
 def test_an_unsupported_subject_token_type_is_invalid_request(
-    server: LiveServer, idp: TestIdP, token_type: str
+    gateway: Gateway, token_type: str
 ) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, subject_token_type=token_type)
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, subject_token_type=token_type)
     body = assert_oauth_error(response, 400, "invalid_request", subject, token_type)
     assert body["error_description"] == "The token type is not supported."
 
 
-def test_an_unsupported_requested_token_type_is_invalid_request(
-    server: LiveServer, idp: TestIdP
-) -> None:
-    subject = idp.token()
-    response = server.exchange(
+def test_an_unsupported_requested_token_type_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(
         subject, requested_token_type="urn:ietf:params:oauth:token-type:refresh_token"
     )
     assert_oauth_error(response, 400, "invalid_request", subject)
@@ -206,11 +207,9 @@ def _not_a_jwt(idp: TestIdP) -> str:
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
-def test_a_bad_subject_token_is_invalid_request(
-    server: LiveServer, idp: TestIdP, make_token: Any
-) -> None:
-    subject = make_token(idp)
-    response = server.exchange(subject)
+def test_a_bad_subject_token_is_invalid_request(gateway: Gateway, make_token: Any) -> None:
+    subject = make_token(gateway.idp)
+    response = gateway.exchange(subject)
     body = assert_oauth_error(response, 400, "invalid_request", subject)
     assert body["error_description"] == "The token is invalid."
 
@@ -221,61 +220,53 @@ def test_a_bad_subject_token_is_invalid_request(
 @pytest.mark.parametrize(
     "make_actor", [_expired, _bad_signature, _not_a_jwt], ids=lambda f: f.__name__.strip("_")
 )
-def test_a_bad_actor_token_is_invalid_request(
-    server: LiveServer, idp: TestIdP, make_actor: Any
-) -> None:
-    subject, actor = idp.token(), make_actor(idp)
-    response = server.exchange(subject, actor_token=actor, actor_token_type=ACCESS_TOKEN_TYPE)
+def test_a_bad_actor_token_is_invalid_request(gateway: Gateway, make_actor: Any) -> None:
+    subject, actor = gateway.idp.token(), make_actor(gateway.idp)
+    response = gateway.exchange(subject, actor_token=actor, actor_token_type=ACCESS_TOKEN_TYPE)
     body = assert_oauth_error(response, 400, "invalid_request", subject, actor)
     assert body["error_description"] == "The token is invalid."
 
 
-def test_an_actor_token_without_its_type_is_invalid_request(
-    server: LiveServer, idp: TestIdP
-) -> None:
-    subject, actor = idp.token(), idp.token(sub="agent-7")
-    response = server.exchange(subject, actor_token=actor)
+def test_an_actor_token_without_its_type_is_invalid_request(gateway: Gateway) -> None:
+    subject, actor = gateway.idp.token(), gateway.idp.token(sub="agent-7")
+    response = gateway.exchange(subject, actor_token=actor)
     assert_oauth_error(response, 400, "invalid_request", subject, actor)
 
 
-def test_an_actor_token_type_without_an_actor_token_is_invalid_request(
-    server: LiveServer, idp: TestIdP
-) -> None:
-    subject = idp.token()
-    response = server.exchange(subject, actor_token_type=ACCESS_TOKEN_TYPE)
+def test_an_actor_token_type_without_an_actor_token_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    response = gateway.exchange(subject, actor_token_type=ACCESS_TOKEN_TYPE)
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_a_good_actor_token_is_accepted(server: LiveServer, idp: TestIdP) -> None:
+def test_a_good_actor_token_is_accepted(gateway: Gateway) -> None:
     # The counterpart of the refusals above: the same form with a valid actor token succeeds.
-    actor = idp.token(sub="agent-7")
-    response = server.exchange(idp.token(), actor_token=actor, actor_token_type=JWT_TOKEN_TYPE)
+    subject, actor = gateway.idp.token(), gateway.idp.token(sub="agent-7")
+    response = gateway.exchange(subject, actor_token=actor, actor_token_type=JWT_TOKEN_TYPE)
     assert response.status_code == 200, response.text
 
 
 # --- transport: where and how the parameters arrive -------------------------------------------
 
 
-def test_parameters_in_the_query_string_are_invalid_request(
-    server: LiveServer, idp: TestIdP
-) -> None:
-    subject = idp.token()
-    url = f"{server.token_url}?{urlencode({'subject_token': subject})}"
-    response = post_token(server, exchange_form(subject), url=url)
+def test_parameters_in_the_query_string_are_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
+    url = f"{gateway.token_url}?{urlencode({'subject_token': subject})}"
+    response = post_token(gateway, exchange_form(subject), url=url)
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_a_harmless_query_string_is_refused_too(server: LiveServer, idp: TestIdP) -> None:
+def test_a_harmless_query_string_is_refused_too(gateway: Gateway) -> None:
     # The body alone is complete and valid; only the query string is wrong.
-    subject = idp.token()
-    response = post_token(server, exchange_form(subject), url=f"{server.token_url}?debug=1")
+    subject = gateway.idp.token()
+    response = post_token(gateway, exchange_form(subject), url=f"{gateway.token_url}?debug=1")
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_a_json_body_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_a_json_body_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     response = requests.post(
-        server.token_url,
+        gateway.token_url,
         json=dict(exchange_form(subject)),
         auth=("gateway", GATEWAY_SECRET),
         timeout=10,
@@ -283,10 +274,10 @@ def test_a_json_body_is_invalid_request(server: LiveServer, idp: TestIdP) -> Non
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_a_multipart_body_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_a_multipart_body_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     response = requests.post(
-        server.token_url,
+        gateway.token_url,
         files={name: (None, value) for name, value in exchange_form(subject)},
         auth=("gateway", GATEWAY_SECRET),
         timeout=10,
@@ -295,47 +286,47 @@ def test_a_multipart_body_is_invalid_request(server: LiveServer, idp: TestIdP) -
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_a_text_plain_body_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_a_text_plain_body_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     response = post_token(
-        server, urlencode(exchange_form(subject)), headers={"Content-Type": "text/plain"}
+        gateway, urlencode(exchange_form(subject)), headers={"Content-Type": "text/plain"}
     )
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_a_form_with_a_charset_parameter_is_accepted(server: LiveServer, idp: TestIdP) -> None:
+def test_a_form_with_a_charset_parameter_is_accepted(gateway: Gateway) -> None:
     response = post_token(
-        server,
-        urlencode(exchange_form(idp.token())),
+        gateway,
+        urlencode(exchange_form(gateway.idp.token())),
         headers={"Content-Type": "application/x-www-form-urlencoded; charset=UTF-8"},
     )
     assert response.status_code == 200, response.text
 
 
-def test_a_body_over_64_kib_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_a_body_over_64_kib_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     body = urlencode([*exchange_form(subject), ("padding", "p" * (64 * 1024))])
     assert len(body) > 64 * 1024
     response = post_token(
-        server, body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        gateway, body, headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_a_body_without_a_length_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_a_body_without_a_length_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     chunks = iter([urlencode(exchange_form(subject)).encode()])  # sent chunked: no Content-Length
     response = post_token(
-        server, chunks, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        gateway, chunks, headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
     assert response.request.headers.get("Transfer-Encoding") == "chunked"
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_more_parameters_than_the_cap_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_more_parameters_than_the_cap_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     form = exchange_form(subject) + [("audience", CODE_SEARCH)] * 40
-    response = post_token(server, form)
+    response = post_token(gateway, form)
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
@@ -345,25 +336,23 @@ def test_more_parameters_than_the_cap_is_invalid_request(server: LiveServer, idp
 @pytest.mark.parametrize("character", ["\x00", "\r", "\n"], ids=["NUL", "CR", "LF"])
 @pytest.mark.parametrize("name", ["subject_token", "audience", "scope"])
 def test_a_control_character_in_a_parameter_is_invalid_request(
-    server: LiveServer, idp: TestIdP, character: str, name: str
+    gateway: Gateway, character: str, name: str
 ) -> None:
-    subject = idp.token()
+    subject = gateway.idp.token()
     values = {"subject_token": subject, "audience": CODE_SEARCH, "scope": "code.read"}
     tainted = values[name][:10] + character + values[name][10:]
-    response = post_token(server, exchange_form(subject, **{**values, name: tainted}))
+    response = post_token(gateway, exchange_form(subject, **{**values, name: tainted}))
     assert_oauth_error(response, 400, "invalid_request", subject, tainted)
 
 
 @pytest.mark.parametrize(
     "raw", [b"&scope=%FF%FE", b"&scope=caf%C3", b"&scope=\xc3\xa9", b"&scope=\xff"]
 )
-def test_invalid_utf8_or_raw_non_ascii_is_invalid_request(
-    server: LiveServer, idp: TestIdP, raw: bytes
-) -> None:
-    subject = idp.token()
+def test_invalid_utf8_or_raw_non_ascii_is_invalid_request(gateway: Gateway, raw: bytes) -> None:
+    subject = gateway.idp.token()
     body = urlencode(exchange_form(subject)).encode() + raw
     response = post_token(
-        server, body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        gateway, body, headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
     assert_oauth_error(response, 400, "invalid_request", subject)
 
@@ -371,18 +360,18 @@ def test_invalid_utf8_or_raw_non_ascii_is_invalid_request(
 @pytest.mark.parametrize(
     "name", ["grant_type", "subject_token", "subject_token_type", "audience", "scope"]
 )
-def test_an_empty_value_is_invalid_request(server: LiveServer, idp: TestIdP, name: str) -> None:
-    subject = idp.token()
-    response = post_token(server, exchange_form(subject, **{name: ""}))
+def test_an_empty_value_is_invalid_request(gateway: Gateway, name: str) -> None:
+    subject = gateway.idp.token()
+    response = post_token(gateway, exchange_form(subject, **{name: ""}))
     body = assert_oauth_error(response, 400, "invalid_request", subject)
     assert body["error_description"] == "A parameter has an empty value."
 
 
-def test_a_malformed_form_is_invalid_request(server: LiveServer, idp: TestIdP) -> None:
-    subject = idp.token()
+def test_a_malformed_form_is_invalid_request(gateway: Gateway) -> None:
+    subject = gateway.idp.token()
     body = urlencode(exchange_form(subject)) + "&novalue&&"
     response = post_token(
-        server, body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        gateway, body, headers={"Content-Type": "application/x-www-form-urlencoded"}
     )
     assert_oauth_error(response, 400, "invalid_request", subject)
 
@@ -390,26 +379,22 @@ def test_a_malformed_form_is_invalid_request(server: LiveServer, idp: TestIdP) -
 # --- client authentication methods -------------------------------------------------------------
 
 
-def test_basic_and_client_secret_post_at_once_is_invalid_request(
-    server: LiveServer, idp: TestIdP
-) -> None:
+def test_basic_and_client_secret_post_at_once_is_invalid_request(gateway: Gateway) -> None:
     # RFC 6749 §2.3: a client "MUST NOT use more than one authentication method in each request".
-    subject = idp.token()
+    subject = gateway.idp.token()
     form = exchange_form(subject, client_id="gateway", client_secret=GATEWAY_SECRET)
-    response = post_token(server, form, auth=("gateway", GATEWAY_SECRET))
+    response = post_token(gateway, form, auth=("gateway", GATEWAY_SECRET))
     assert_oauth_error(response, 400, "invalid_request", subject)
 
 
-def test_basic_and_a_client_assertion_at_once_is_invalid_request(
-    server: LiveServer, idp: TestIdP, client_keys: ClientKeys
-) -> None:
-    subject, assertion = idp.token(), client_keys.assertion()
+def test_basic_and_a_client_assertion_at_once_is_invalid_request(gateway: Gateway) -> None:
+    subject, assertion = gateway.idp.token(), gateway.client_keys.assertion()
     form = exchange_form(
         subject,
         client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
         client_assertion=assertion,
     )
-    response = post_token(server, form, auth=("gateway", GATEWAY_SECRET))
+    response = post_token(gateway, form, auth=("gateway", GATEWAY_SECRET))
     assert_oauth_error(response, 400, "invalid_request", subject, assertion)
 
 
