@@ -105,7 +105,6 @@ class Served:
             time.sleep(0.1)
         raise ServerFailed(f"sidecar serve not ready after {timeout}s:\n{self.log()}")
 
-
     def _admin_ready(self) -> bool:
         """The admin API's own listener (``admin.listen``), when there is one, answers too: it
         is served by a server of its own, which may start after the gateway's."""
