@@ -6,7 +6,7 @@ alphabet (GHSA-hxm8-2xgr-2p9m) with a Python generator over every byte of every 
 decoder below is PyJWT's own, with one method replaced by the same checks, in the same order,
 raising the same errors, where the alphabet test is one ``bytes.translate`` call. Everything else
 (the header, the algorithm allowlist, the signature, every claim) is PyJWT's code, as called in
-:mod:`sidecar.exchange.subject`. ``tests/exchange/test_jws.py`` checks the replacement against
+:mod:`sidecar.exchange.subject`. ``tests/unit/exchange/test_jws.py`` checks the replacement against
 PyJWT's method on a corpus of valid and hostile segments.
 
 If a PyJWT release no longer has the method (or the decoder attribute) this relies on, the stock

@@ -36,7 +36,7 @@ from tests.conftest import (
     LiveServer,
     TestIdP,
 )
-from tests.test_cli import SIDECAR
+from tests.launcher import SIDECAR
 
 CONDITIONAL = "https://payroll.internal/mcp"  # groups contains eng, mfa equals true
 FROM_IDP = "https://wiki.internal/mcp"  # only subjects of the test IdP

@@ -37,7 +37,7 @@ from tests.conftest import (
     make_services,
     start_served_gateway,
 )
-from tests.web.admin_support import (
+from tests.functional.http.admin_support import (
     AdminClient,
     PolicyTables,
     admin_credentials,

@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, Gateway
-from tests.web.helpers import assert_oauth_error, exchange_form, post_token
+from tests.functional.http.helpers import assert_oauth_error, exchange_form, post_token
 
 # --- unsupported_grant_type --------------------------------------------------------------------
 

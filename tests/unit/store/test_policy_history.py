@@ -18,7 +18,7 @@ from sidecar.store import migrate
 from sidecar.store.db import make_sessionmaker
 from sidecar.store.policies import PolicyInvalid, PolicyNotFound, PolicyStore
 from tests.conftest import CODE_SEARCH, TICKETS, FakeClock
-from tests.store.test_policies import snapshot
+from tests.unit.store.tables import snapshot
 
 IDP = "https://idp.test.example"  # the `idp` fixture's issuer, trusted by `settings`
 

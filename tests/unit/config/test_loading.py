@@ -107,7 +107,7 @@ def test_defaults_fill_what_is_left_out(tmp_path: Path) -> None:
 
 
 def test_the_demo_configuration_is_valid() -> None:
-    demo = Path(__file__).resolve().parents[1] / "deploy" / "demo.yaml"
+    demo = Path(__file__).resolve().parents[3] / "deploy" / "demo.yaml"
     assert load_settings(demo, env={}).issuer.startswith("http://127.0.0.1")
 
 

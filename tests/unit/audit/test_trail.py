@@ -77,8 +77,9 @@ class AuditDatabase:
         return [row.subject for row in self.rows()]
 
     def take_away(self) -> None:
-        # As tests/web/test_token_failures.py: the file (and its WAL side files) disappears, a
-        # directory takes its path, and the pool forgets the connections that hold the old file.
+        # As tests/functional/http/test_token_failures.py: the file (and its WAL side files)
+        # disappears, a directory takes its path, and the pool forgets the connections that hold
+        # the old file.
         for suffix in ("", "-wal", "-shm"):
             part = self.path.with_name(self.path.name + suffix)
             if part.exists():

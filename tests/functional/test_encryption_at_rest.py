@@ -3,7 +3,7 @@ encrypts the keys already stored, the service says once and loudly when it store
 and a wrong key-encryption key stops ``sidecar serve`` before any worker starts.
 
 (Encryption of new keys, the round trip and a wrong key on load are in
-tests/store/test_keys_store.py; `keys list` / `keys rotate` with a wrong key in tests/test_cli.py.)
+tests/unit/store/test_keys.py; `keys list` / `keys rotate` with a wrong key in tests/test_cli.py.)
 """
 
 from __future__ import annotations

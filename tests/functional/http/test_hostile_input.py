@@ -61,8 +61,8 @@ from tests.conftest import (
     make_services,
     start_served_gateway,
 )
+from tests.functional.http.helpers import assert_oauth_error
 from tests.loopback import CountingHttpServer
-from tests.web.helpers import assert_oauth_error
 
 FORM = "application/x-www-form-urlencoded"
 ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"

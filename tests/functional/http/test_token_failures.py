@@ -27,7 +27,7 @@ from tests.conftest import (
     audit_rows,
     make_services,
 )
-from tests.web.helpers import assert_oauth_error, exchange_form, post_token
+from tests.functional.http.helpers import assert_oauth_error, exchange_form, post_token
 
 
 def closed_loopback_port() -> int:

@@ -30,7 +30,7 @@ from bench import fixtures, load, run, servers
 from bench.baseline_app import create_app
 from bench.servers import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE_ARGS = [
     "--duration", "1", "--warmup", "0", "--connections", "2",
     "--tokens", "30", "--clients", "3", "--policies-per-client", "2",

@@ -22,7 +22,7 @@ from tests.conftest import (
     ClientKeys,
     Gateway,
 )
-from tests.web.helpers import assert_oauth_error, exchange_form, post_token
+from tests.functional.http.helpers import assert_oauth_error, exchange_form, post_token
 
 TOKEN_ENDPOINT = SIDECAR_ISSUER + "/token"
 WRONG_SECRET = "not-the-secret-" + "z" * 24

@@ -27,7 +27,7 @@ from tests.conftest import (
     Gateway,
     TestIdP,
 )
-from tests.web.helpers import assert_oauth_error, exchange_form, post_token
+from tests.functional.http.helpers import assert_oauth_error, exchange_form, post_token
 
 ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
 REPLICA = "https://code-search-replica.internal/mcp"

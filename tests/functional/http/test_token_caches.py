@@ -45,7 +45,7 @@ from tests.conftest import (
     audit_rows,
     make_services,
 )
-from tests.web.helpers import assert_oauth_error
+from tests.functional.http.helpers import assert_oauth_error
 
 REUSED = "reused a minted token"
 SECOND_CLIENT = "gateway-2"

@@ -49,9 +49,9 @@ from tests.conftest import (
     audit_rows,
     base_config,
 )
+from tests.functional.http.helpers import assert_oauth_error
 from tests.launcher import Served, start_serve
 from tests.loopback import CountingHttpServer, TcpProxy, wait_for
-from tests.web.helpers import assert_oauth_error
 
 # A dependency failure must be answered within this long (the database timeouts are 3 s).
 ANSWER_BOUND = 5.0

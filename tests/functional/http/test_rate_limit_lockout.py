@@ -42,7 +42,7 @@ from tests.conftest import (
     LiveServer,
     make_services,
 )
-from tests.web.helpers import assert_oauth_error, exchange_form
+from tests.functional.http.helpers import assert_oauth_error, exchange_form
 
 BURST = 3
 RATE_LIMIT = {"per_second": 1, "burst": BURST}

@@ -15,6 +15,7 @@ from sidecar.config import PolicyConfig
 from sidecar.store.models import PolicyVersionRow
 from sidecar.store.policies import PolicyStore
 from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, FakeClock
+from tests.unit.store.tables import snapshot
 
 
 def policy(audience: str, **overrides: Any) -> PolicyConfig:
@@ -27,15 +28,6 @@ def policy(audience: str, **overrides: Any) -> PolicyConfig:
     }
     values.update(overrides)
     return PolicyConfig.model_validate(values)
-
-
-def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the tables a policy apply writes, in a stable order."""
-    with engine.connect() as connection:
-        return {
-            table: sorted(tuple(row) for row in connection.execute(text(f"SELECT * FROM {table}")))
-            for table in ("policies", "policy_versions", "leases")
-        }
 
 
 def versions(engine: Engine) -> list[tuple[str, int, str, str]]:

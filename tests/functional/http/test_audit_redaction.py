@@ -17,7 +17,7 @@ from sidecar.exchange.subject import token_fingerprint
 from sidecar.services import Services
 from sidecar.store.models import AuditEventRow
 from tests.conftest import LiveServer, TestIdP, audit_rows
-from tests.web.helpers import exchange_form, post_token
+from tests.functional.http.helpers import exchange_form, post_token
 
 
 @pytest.fixture

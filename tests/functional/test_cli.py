@@ -34,7 +34,7 @@ from tests.conftest import (
     make_services,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "sidecar"
 SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidecar"]
 ENCRYPTION_KEY = "correct horse battery staple"

@@ -16,7 +16,7 @@ from openapi_spec_validator import validate as validate_spec
 from sidecar.services import Services
 from sidecar.web.app import create_app
 from tests.conftest import CODE_SEARCH, ClientKeys, LiveServer, TestIdP, base_config
-from tests.web.admin_support import AdminClient, admin_credentials, enable_admin
+from tests.functional.http.admin_support import AdminClient, admin_credentials, enable_admin
 
 CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
 IGNORED_METHODS = {"HEAD", "OPTIONS"}

@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.services import Services
 from tests.conftest import CODE_SEARCH, LiveServer, TestIdP, audit_rows
-from tests.web.helpers import exchange_form, post_token
+from tests.functional.http.helpers import exchange_form, post_token
 
 
 @pytest.fixture

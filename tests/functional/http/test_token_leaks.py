@@ -26,7 +26,7 @@ from tests.conftest import (
     LiveServer,
     TestIdP,
 )
-from tests.web.helpers import exchange_form, post_token
+from tests.functional.http.helpers import exchange_form, post_token
 
 WRONG_SECRET = "not-the-secret-" + "z" * 24
 

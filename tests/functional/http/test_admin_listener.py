@@ -33,8 +33,13 @@ from tests.conftest import (
     TestIdP,
     base_config,
 )
+from tests.functional.http.admin_support import (
+    AdminClient,
+    admin_credentials,
+    enable_admin,
+    policy_path,
+)
 from tests.launcher import SIDECAR, STARTED, Served, free_port
-from tests.web.admin_support import AdminClient, admin_credentials, enable_admin, policy_path
 
 CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
 
