@@ -52,12 +52,23 @@ def _path_text(loc: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
-def substitute_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()) -> Any:
-    """Replace ``${NAME}`` in every string of a parsed YAML tree."""
+def substitute_env(
+    value: Any,
+    env: Mapping[str, str],
+    loc: tuple[Any, ...] = (),
+    *,
+    base_dir: Path | None = None,
+) -> Any:
+    """Replace ``${NAME}`` in every string of a parsed YAML tree with the environment variable
+    NAME, and ``${file:PATH}`` with the content of the file PATH (relative paths resolve against
+    ``base_dir``, the configuration file's directory; one trailing line break is dropped): a
+    mounted Kubernetes Secret, read at start-up and again on every reload, so the secret never
+    needs to be in the process environment. Errors name the key path and the file, never a
+    value."""
     if isinstance(value, dict):
-        return {k: substitute_env(v, env, (*loc, k)) for k, v in value.items()}
+        return {k: substitute_env(v, env, (*loc, k), base_dir=base_dir) for k, v in value.items()}
     if isinstance(value, list):
-        return [substitute_env(v, env, (*loc, i)) for i, v in enumerate(value)]
+        return [substitute_env(v, env, (*loc, i), base_dir=base_dir) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
 
@@ -67,6 +78,8 @@ def substitute_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()
         name = match.group(1)
         if name is None:
             raise ConfigError(f"{_path_text(loc)}: unterminated ${{ (write $${{ for a literal)")
+        if name.startswith(FILE_PREFIX):
+            return read_secret_file(name.removeprefix(FILE_PREFIX), base_dir, loc)
         if not _ENV_NAME.match(name):
             raise ConfigError(f"{_path_text(loc)}: ${{{name}}} is not a valid variable name")
         if name not in env:
@@ -74,6 +87,32 @@ def substitute_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()
         return env[name]
 
     return _ENV_REF.sub(replace, value)
+
+
+FILE_PREFIX = "file:"
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+def read_secret_file(name: str, base_dir: Path | None, loc: tuple[Any, ...]) -> str:
+    """The text of a secret file named by ``${file:PATH}``."""
+    if not name:
+        raise ConfigError(f"{_path_text(loc)}: ${{file:}} names no file")
+    path = Path(name)
+    if not path.is_absolute():
+        path = (base_dir or Path(".")) / path
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{_path_text(loc)}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"{_path_text(loc)}: {path} is larger than 64 KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{_path_text(loc)}: {path} is not UTF-8 text") from None
+    # A Secret written with `echo` or an editor ends with a line break that is no part of it.
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -107,7 +146,7 @@ def format_validation_error(exc: ValidationError) -> str:
 def settings_from_mapping(
     data: dict[str, Any], *, env: Mapping[str, str] | None = None, config_dir: Path | None = None
 ) -> Settings:
-    data = substitute_env(data, os.environ if env is None else env)
+    data = substitute_env(data, os.environ if env is None else env, base_dir=config_dir)
     try:
         settings = Settings.model_validate({**data, "config_dir": config_dir or Path(".")})
     except ValidationError as exc:
@@ -138,7 +177,7 @@ def load_policies_file(path: Path, settings: Settings) -> list[PolicyConfig]:
     raw = data.get("policies")
     if raw is None:
         raise ConfigError(f"{path}: no 'policies' key")
-    raw = substitute_env(raw, os.environ, ("policies",))
+    raw = substitute_env(raw, os.environ, ("policies",), base_dir=path.resolve().parent)
     if not isinstance(raw, list):
         raise ConfigError("policies: must be a list")
     policies = []

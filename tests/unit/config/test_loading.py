@@ -137,6 +137,62 @@ def test_environment_variables_are_substituted(tmp_path: Path) -> None:
     assert settings.trusted_issuers[0].jwks_uri == "https://idp.example/jwks.json"
 
 
+def test_a_secret_is_read_from_a_file(tmp_path: Path) -> None:
+    # A mounted Kubernetes Secret: the value never passes through the environment.
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "gateway").write_text(SECRET + "\n")
+    data = config()
+    data["clients"][0]["client_secret"] = "${file:secrets/gateway}"
+
+    settings = load(tmp_path, data)
+
+    assert settings.clients[0].client_secret is not None
+    assert settings.clients[0].client_secret.get_secret_value() == SECRET
+
+
+def test_a_secret_file_is_read_again_on_every_load(tmp_path: Path) -> None:
+    secret_file = tmp_path / "gateway.secret"
+    secret_file.write_text(SECRET)
+    data = config()
+    data["clients"][0]["client_secret"] = f"${{file:{secret_file}}}"
+    first = load(tmp_path, data)
+    rotated = "rotated-secret-" + "z" * 24
+    secret_file.write_text(rotated)
+
+    second = load(tmp_path, data)
+
+    assert first.clients[0].client_secret is not None
+    assert second.clients[0].client_secret is not None
+    assert first.clients[0].client_secret.get_secret_value() == SECRET
+    assert second.clients[0].client_secret.get_secret_value() == rotated
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("${file:missing/secret}", "cannot read"),
+        ("${file:}", "names no file"),
+        ("${file:big}", "larger than 64 KiB"),
+        ("${file:binary}", "is not UTF-8 text"),
+    ],
+)
+def test_an_unusable_secret_file_names_the_key_and_never_a_value(
+    tmp_path: Path, reference: str, expected: str
+) -> None:
+    (tmp_path / "big").write_text("x" * (64 * 1024 + 1))
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" + SECRET.encode())
+    data = config()
+    data["clients"][0]["client_secret"] = reference
+
+    message = refused(tmp_path, data)
+
+    assert message.startswith("clients[0].client_secret: ")
+    assert expected in message
+    assert SECRET not in message
+    assert "xxxxxxxx" not in message
+
+
 def test_substitution_in_a_number_field_is_validated_as_that_type(tmp_path: Path) -> None:
     data = config()
     data["tokens"]["max_ttl"] = "${MAX_TTL}"
