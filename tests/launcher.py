@@ -106,12 +106,18 @@ class Served:
         raise ServerFailed(f"sidecar serve not ready after {timeout}s:\n{self.log()}")
 
     def _admin_ready(self) -> bool:
-        """The admin API's own listener (``admin.listen``), when there is one, answers too: it
-        is served by a server of its own, which may start after the gateway's."""
-        listen = (self.config.get("admin") or {}).get("listen")
-        if not listen:
-            return True
-        return requests.get(f"http://{listen}/admin/openapi.json", timeout=2).status_code == 200
+        """The admin API's and the management listener, when configured, answer too: each is
+        served by a server of its own, which may start after the gateway's."""
+        admin = (self.config.get("admin") or {}).get("listen")
+        if (
+            admin
+            and requests.get(f"http://{admin}/admin/openapi.json", timeout=2).status_code != 200
+        ):
+            return False
+        management = (self.config.get("management") or {}).get("listen")
+        return not management or (
+            requests.get(f"http://{management}/healthz", timeout=2).status_code == 200
+        )
 
 
 def start_serve(

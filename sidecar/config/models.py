@@ -191,6 +191,17 @@ class AdminConfig(StrictModel):
         return int(self.listen.rsplit(":", 1)[1]) if self.listen else None
 
 
+class ManagementConfig(StrictModel):
+    """A listener of its own for what upstreams and the orchestrator fetch (JWKS, metadata,
+    health, metrics), so that ``/token`` can stay on loopback for the pod's gateway alone."""
+
+    listen: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
 class SubjectTokenCacheConfig(StrictModel):
     """Verified subject and actor tokens, by SHA-256 of the token, each kept until its ``exp``."""
 
@@ -249,6 +260,7 @@ class Settings(StrictModel):
     # policy change takes to reach every worker of every replica.
     policy_refresh_interval: Duration = 5.0
     admin: AdminConfig | None = None
+    management: ManagementConfig | None = None
     caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.
     rate_limit: RateLimitConfig | None = None
@@ -290,6 +302,13 @@ class Settings(StrictModel):
             # Every worker must have loaded a new key, and verifiers refetched the JWKS, before
             # the key signs: see jwks_max_age.
             raise ValueError("keys.publish_ahead must be at least twice keys.refresh_interval")
+        if (
+            self.admin is not None
+            and self.admin.listen_port is not None
+            and self.management is not None
+            and self.admin.listen_port == self.management.listen_port
+        ):
+            raise ValueError("admin.listen and management.listen must use different ports")
         validate_policies(self.policies, self)
         return self
 

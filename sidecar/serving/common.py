@@ -80,9 +80,25 @@ def gateway_app() -> Any:
     return build_app(worker_settings(), "gateway")
 
 
+def management_app() -> Any:
+    """granian's factory for ``management.listen``."""
+    return build_app(worker_settings(), "management")
+
+
 def admin_app() -> Any:
     """granian's factory for ``admin.listen``."""
     return build_app(worker_settings(), "admin")
+
+
+def extra_listeners(settings: Settings) -> list[tuple[str, str]]:
+    """The listeners beside the gateway's, as (kind, HOST:PORT): the admin API's and the
+    management listener, when configured."""
+    found = []
+    if settings.admin is not None and settings.admin.listen:
+        found.append(("admin", settings.admin.listen))
+    if settings.management is not None:
+        found.append(("management", settings.management.listen))
+    return found
 
 
 def split_bind(bind: str) -> tuple[str, int]:

@@ -8,7 +8,8 @@ gthread worker is the supported alternative (``server.kind: gunicorn`` or ``--se
 gunicorn``).
 
 Process tree under granian: this process supervises one granian server per listener (the
-gateway's, and ``admin.listen`` when set), each with its own workers. It owns the signals:
+gateway's, and ``admin.listen`` and ``management.listen`` when set), each with its own workers.
+It owns the signals:
 
 - ``SIGTERM``/``SIGINT``: every server stops accepting and finishes what is in flight (up to
   ``server.graceful_timeout``);
@@ -37,6 +38,7 @@ from sidecar.serving.common import (
     CONFIG_DIR_ENV,
     SNAPSHOT_ENV,
     configure_logging,
+    extra_listeners,
     share_metrics,
     split_bind,
 )
@@ -178,13 +180,13 @@ def serve_granian(
             "sidecar.serving.common:gateway_app", host, port, workers or settings.server.workers
         )
     ]
-    if settings.admin is not None and settings.admin.listen:
-        admin_host, admin_port = split_bind(settings.admin.listen)
-        if admin_port == port:
+    for kind, bind_to in extra_listeners(settings):
+        extra_host, extra_port = split_bind(bind_to)
+        if extra_port == port:
             raise SystemExit(
-                f"sidecar: error: admin.listen port {admin_port} is also the gateway listener's"
+                f"sidecar: error: {kind}.listen port {extra_port} is also the gateway listener's"
             )
-        listeners.append(Listener("sidecar.serving.common:admin_app", admin_host, admin_port, 1))
+        listeners.append(Listener(f"sidecar.serving.common:{kind}_app", extra_host, extra_port, 1))
     share_metrics()
     configure_logging()
     sys.exit(Supervisor(config_path, settings, listeners).run())

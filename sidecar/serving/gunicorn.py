@@ -18,7 +18,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from sidecar.config import ConfigError, Settings, load_settings
-from sidecar.serving.common import build_app, configure_logging, share_metrics
+from sidecar.serving.common import build_app, configure_logging, extra_listeners, share_metrics
 
 DEFAULT_CONFIG = Path(__file__).with_name("gunicorn_conf.py")
 log = logging.getLogger("sidecar.serving")
@@ -63,16 +63,16 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
         for name, value in values.items():
             if name in self.cfg.settings:
                 self.cfg.set(name, value)
-        admin = self._settings.admin
-        if admin is not None and admin.listen:
-            port = admin.listen.rsplit(":", 1)[1]
+        for kind, bind_to in extra_listeners(self._settings):
+            # Each listener is recognised by its port, so no gateway listener may share it.
+            port = bind_to.rsplit(":", 1)[1]
             if any(
                 b.rsplit(":", 1)[-1] == port for b in self.cfg.bind if not b.startswith("unix:")
             ):
                 raise SystemExit(
-                    f"sidecar: error: admin.listen port {port} is also a gateway listener's port"
+                    f"sidecar: error: {kind}.listen port {port} is also a gateway listener's port"
                 )
-            self.cfg.set("bind", [*self.cfg.bind, admin.listen])
+            self.cfg.set("bind", [*self.cfg.bind, bind_to])
 
     def load(self) -> Any:
         # Runs in each worker (no preload): every worker owns its database pool and caches.

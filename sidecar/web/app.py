@@ -82,9 +82,10 @@ def create_app(
 ) -> Flask:
     """The application factory; ``services`` lets tests pass their own clock, fetcher or engine.
 
-    ``listener`` says which listener the app serves when ``admin.listen`` gives the admin API a
-    listener of its own: ``"gateway"`` (everything but /admin), ``"admin"`` (only /admin), or
-    ``"any"`` (a server that binds both in one process: told apart by the local port)."""
+    ``listener`` says which listener the app serves when ``admin.listen`` or
+    ``management.listen`` give listeners of their own: ``"gateway"``, ``"admin"`` (only /admin),
+    ``"management"`` (only the JWKS, metadata, health and metrics), or ``"any"`` (a server that
+    binds them all in one process: told apart by the local port)."""
     services = services or Services(settings)
     metrics = Metrics()
     metrics.add_collector(
@@ -108,7 +109,8 @@ def create_app(
 
     if settings.admin is not None:
         app.register_blueprint(admin_blueprint(services, settings.admin))
-        _separate_admin_listener(app, settings.admin.listen_port, listener)
+    listener_of = listener_classifier(settings, listener)
+    _separate_listeners(app, settings, listener_of)
 
     app.register_error_handler(ProtocolError, protocol_error_response)
     app.register_error_handler(Exception, unexpected_error_response)
@@ -160,41 +162,64 @@ def create_app(
     def prometheus() -> Response:
         return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
-    admin_port = settings.admin.listen_port if settings.admin is not None else None
     app.wsgi_app = TokenRouter(  # type: ignore[method-assign]
-        endpoint,
-        app.wsgi_app,
-        on_admin_listener=(
-            None if admin_port is None else _admin_listener_test(admin_port, listener)
-        ),
+        endpoint, app.wsgi_app, listener_of=listener_of
     )
     return app
 
 
-def _admin_listener_test(admin_port: int, listener: str) -> Callable[[dict[str, Any]], bool]:
-    if listener == "admin":
-        return lambda environ: True
-    if listener == "gateway":
-        return lambda environ: False
-    return lambda environ: _local_port(environ) == admin_port
+# What the management listener serves: what upstreams fetch to verify tokens, and what the
+# orchestrator and Prometheus poll.
+MANAGEMENT_PATHS = frozenset(
+    {
+        "/.well-known/jwks.json",
+        "/.well-known/oauth-authorization-server",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+)
+NOT_FOUND = {"error": "not_found", "error_description": "Not found."}
 
 
-def _separate_admin_listener(app: Flask, admin_port: int | None, listener: str) -> None:
-    """With ``admin.listen``, /admin answers only on that listener, and that listener answers
-    nothing else: the gateway's network path cannot reach the admin API. The listener is known
+def listener_classifier(settings: Settings, listener: str) -> Callable[[dict[str, Any]], str]:
+    """The listener a request arrived on: ``"gateway"``, ``"admin"`` or ``"management"``. Known
     from the server (a listener of its own) or from the socket the request arrived on, never
     from the Host header."""
-    if admin_port is None:
+    if listener != "any":
+        return lambda environ: listener
+    ports: dict[int, str] = {}
+    if settings.admin is not None and settings.admin.listen_port is not None:
+        ports[settings.admin.listen_port] = "admin"
+    if settings.management is not None:
+        ports[settings.management.listen_port] = "management"
+    if not ports:
+        return lambda environ: "gateway"
+    return lambda environ: ports.get(_local_port(environ) or 0, "gateway")
+
+
+def _separate_listeners(
+    app: Flask, settings: Settings, listener_of: Callable[[dict[str, Any]], str]
+) -> None:
+    """With ``admin.listen``, /admin answers only on that listener, and that listener answers
+    nothing else: the gateway's network path cannot reach the admin API. With
+    ``management.listen``, that listener answers only :data:`MANAGEMENT_PATHS`."""
+    admin_apart = settings.admin is not None and settings.admin.listen_port is not None
+    if not admin_apart and settings.management is None:
         return
-    on_admin = _admin_listener_test(admin_port, listener)
 
     @app.before_request
     def route_by_listener() -> Response | None:
-        on_admin_listener = on_admin(request.environ)
-        if request.path.startswith("/admin/") != on_admin_listener:
-            return json_response(
-                {"error": "not_found", "error_description": "Not found."}, 404, NO_STORE
-            )
+        kind = listener_of(request.environ)
+        path = request.path
+        if kind == "admin":
+            allowed = path.startswith("/admin/")
+        elif kind == "management":
+            allowed = path in MANAGEMENT_PATHS
+        else:
+            allowed = not (admin_apart and path.startswith("/admin/"))
+        if not allowed:
+            return json_response(NOT_FOUND, 404, NO_STORE)
         return None
 
 

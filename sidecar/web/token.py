@@ -159,26 +159,26 @@ class TokenEndpoint:
 
 
 class TokenRouter:
-    """The WSGI entry point: ``POST /token`` to :class:`TokenEndpoint`, the rest to Flask. With a
-    separate admin listener, requests arriving on it always go to Flask (which answers only
-    /admin there)."""
+    """The WSGI entry point: ``POST /token`` on the gateway's listener to
+    :class:`TokenEndpoint`, the rest to Flask (which answers only /admin on the admin listener
+    and only the management paths on the management listener)."""
 
     def __init__(
         self,
         token: WsgiApp,
         flask_app: WsgiApp,
         *,
-        on_admin_listener: Callable[[dict[str, Any]], bool] | None,
+        listener_of: Callable[[dict[str, Any]], str],
     ) -> None:
         self._token = token
         self._flask = flask_app
-        self._on_admin_listener = on_admin_listener
+        self._listener_of = listener_of
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if (
             environ.get("PATH_INFO") == "/token"
             and environ.get("REQUEST_METHOD") == "POST"
-            and (self._on_admin_listener is None or not self._on_admin_listener(environ))
+            and self._listener_of(environ) == "gateway"
         ):
             return self._token(environ, start_response)
         return self._flask(environ, start_response)

@@ -26,7 +26,7 @@ from tests.conftest import (
     TestIdP,
     base_config,
 )
-from tests.launcher import START_TIMEOUT, Served, start_serve
+from tests.launcher import START_TIMEOUT, Served, free_port, start_serve
 from tests.loopback import wait_for
 
 
@@ -212,3 +212,48 @@ def test_no_access_log_by_default(served: Served) -> None:
     time.sleep(0.3)
     assert '"POST /token"' not in served.log()
     assert "/token" not in served.log()
+
+
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
+def test_a_management_listener_serves_what_upstreams_and_probes_fetch(
+    tmp_path: Path, server: str
+) -> None:
+    idp = TestIdP(tmp_path)
+    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    management = f"127.0.0.1:{free_port()}"
+    config["management"] = {"listen": management}
+    served = start_serve(tmp_path, config, "--server", server)
+    try:
+        on_management = f"http://{management}"
+        for path in (
+            "/.well-known/jwks.json",
+            "/.well-known/oauth-authorization-server",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+        ):
+            assert requests.get(on_management + path, timeout=5).status_code == 200, path
+        # Never a token there, nor anything else.
+        refused = requests.post(
+            f"{on_management}/token",
+            data={"grant_type": TOKEN_EXCHANGE, "subject_token": idp.token()},
+            auth=("gateway", GATEWAY_SECRET),
+            timeout=5,
+        )
+        assert refused.status_code == 404
+        assert requests.get(f"{on_management}/admin/policies", timeout=5).status_code == 404
+        # The gateway's listener exchanges, and the JWKS it signs with is the management one's.
+        response = exchange(served, idp.token())
+        assert response.status_code == 200, response.text
+        token = response.json()["access_token"]
+        jwks = jwt.PyJWKClient(f"{on_management}/.well-known/jwks.json")
+        claims = jwt.decode(
+            token,
+            jwks.get_signing_key_from_jwt(token),
+            algorithms=["ES256"],
+            audience=CODE_SEARCH,
+            issuer=SIDECAR_ISSUER,
+        )
+        assert claims["client_id"] == "gateway"
+    finally:
+        served.kill()
