@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= deploy/demo.yaml
 
-.PHONY: run test lint typecheck check install clean bench
+.PHONY: run test lint typecheck check install tools clean bench
 
 $(BIN)/sidecar: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,17 @@ $(BIN)/sidecar: pyproject.toml
 	touch $@
 
 install: $(BIN)/sidecar
+
+## Offline checkers of deploy/ (kubernetes-validate, checkov), in a virtual environment of
+## their own so that their pins never touch the project's.
+TOOLS := .venv-tools
+$(TOOLS)/bin/checkov:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --upgrade pip
+	$(TOOLS)/bin/pip install --quiet 'kubernetes-validate>=1.30' 'checkov>=3.2'
+	touch $@
+
+tools: $(TOOLS)/bin/checkov
 
 ## make run: install, migrate the embedded SQLite database, create the demo IdP key and a
 ## signing key, apply the demo policies, and serve on 127.0.0.1:8080.
@@ -23,7 +34,7 @@ run: install
 	$(BIN)/sidecar --config $(CONFIG) serve
 
 ## make test: the whole suite.
-test: install
+test: install tools
 	$(BIN)/pytest
 
 ## make bench: the service against a bare baseline app under the same load (bench/run.py):
@@ -53,4 +64,4 @@ typecheck: install
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) var .pytest_cache .mypy_cache .ruff_cache

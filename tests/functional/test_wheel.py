@@ -1,12 +1,16 @@
-"""The package as a user installs it: a wheel built with `pip wheel .`, installed into a fresh
-virtual environment outside the checkout, runs every command a deployment needs from a
-directory that holds nothing but its configuration (no checkout on the path)."""
+"""The package as a user installs it, and the steps of deploy/Dockerfile: a wheel built with
+`pip wheel .`, installed into a fresh virtual environment outside the checkout, runs every
+command a deployment needs from a directory that holds nothing but its configuration (no
+checkout on the path), as a non-root user (``nobody`` when the suite runs as root)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,43 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
+NOBODY = 65534
+AS_USER: dict[str, int] = {"user": NOBODY, "group": NOBODY} if os.geteuid() == 0 else {}
+
+
+def reachable_directory(prefix: str) -> Path:
+    """A directory outside pytest's (root-only) temporary tree that the unprivileged user can
+    read (and, for the working directory, write)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+def base_python() -> str:
+    """The interpreter the fresh venv is made from: one the unprivileged user may run (this
+    suite's own may live under root's home, which nobody else can enter)."""
+    if not AS_USER:
+        return sys.executable
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        try:
+            probe = subprocess.run(
+                [candidate, "-c", "import sys, venv; sys.exit(sys.version_info < (3, 11))"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+                **AS_USER,
+            )
+        except OSError:  # missing, or not executable by that user
+            continue
+        if probe.returncode == 0:
+            return candidate
+    pytest.fail("no Python 3.11+ interpreter that an unprivileged user may run")
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def installed() -> Iterator[Path]:
     """The `sidecar` command of a fresh venv holding the wheel (and its dependencies)."""
-    root = tmp_path_factory.mktemp("wheel")
+    root = reachable_directory("sidecar-wheel-")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root), str(CHECKOUT)],
         check=True,
@@ -46,7 +83,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     [wheel] = root.glob("token_exchange_sidecar-*.whl")
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([base_python(), "-m", "venv", str(venv)], check=True, timeout=120)
     pip = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "-q", f"{wheel}[postgres]"],
         timeout=600,
@@ -57,7 +94,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     if pip.returncode != 0:
         pytest.fail(f"installing the wheel failed:\n{pip.stdout}\n{pip.stderr}")
-    return venv / "bin" / "sidecar"
+    yield venv / "bin" / "sidecar"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """The configuration's directory, owned by the unprivileged user."""
+    path = reachable_directory("sidecar-run-")
+    if AS_USER:
+        os.chown(path, NOBODY, NOBODY)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run(sidecar: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -65,6 +113,7 @@ def run(sidecar: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str
         [str(sidecar), "--config", str(cwd / "sidecar.yaml"), *args],
         cwd=cwd,
         env=_clean_env(),
+        **AS_USER,
         capture_output=True,
         text=True,
         timeout=120,
@@ -72,7 +121,10 @@ def run(sidecar: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str
     )
 
 
-def test_an_installed_wheel_runs_outside_the_checkout(installed: Path, tmp_path: Path) -> None:
+def test_an_installed_wheel_runs_outside_the_checkout_as_a_non_root_user(
+    installed: Path, workdir: Path
+) -> None:
+    tmp_path = workdir
     idp = TestIdP(tmp_path)
     config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
     (tmp_path / "sidecar.yaml").write_text(yaml.safe_dump(config))
@@ -114,11 +166,14 @@ def test_an_installed_wheel_runs_outside_the_checkout(installed: Path, tmp_path:
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **AS_USER,
         )
     STARTED.append(process)
     served = Served(process, f"http://127.0.0.1:{port}", port, config, tmp_path / "x", output)
     try:
         served.wait_ready()
+        if AS_USER:  # every process of the server runs as the unprivileged user
+            assert os.stat(f"/proc/{process.pid}").st_uid == NOBODY
         response = requests.post(
             served.token_url,
             data={
