@@ -13,7 +13,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from authlib.oauth2.base import OAuth2Error
 from authlib.oauth2.rfc6749 import ClientAuthentication, ClientMixin
@@ -32,7 +32,16 @@ from sidecar.errors import (
 )
 from sidecar.exchange.request import FormParams
 from sidecar.jwks import JwksUnavailable, fetch_json
-from sidecar.store.jtis import JtiStore
+
+
+class JtiRegistry(Protocol):
+    """What client authentication needs from storage (sidecar.store.jtis.JtiStore): RFC 7523
+    §3 item 7, a ``jti`` accepted once per client until it expires."""
+
+    def remember(self, client_id: str, jti: str, expires_at: float) -> bool:
+        """Record ``jti``; False if this client already used it (a replay)."""
+        ...
+
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
     CLIENT_AUTH_METHOD = "private_key_jwt"
 
     def __init__(
-        self, audiences: list[str], jtis: JtiStore, clock: Callable[[], float], leeway: int
+        self, audiences: list[str], jtis: JtiRegistry, clock: Callable[[], float], leeway: int
     ) -> None:
         super().__init__(validate_jti=True, leeway=leeway)
         self._audiences = audiences
@@ -193,7 +202,7 @@ class ClientAuthenticator:
     def __init__(
         self,
         settings: Settings,
-        jtis: JtiStore,
+        jtis: JtiRegistry,
         clock: Callable[[], float],
         fetch: Callable[[str, float], Any] = fetch_json,
     ) -> None:
