@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -25,18 +26,175 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from sidecar.config import RateLimitConfig, Settings
+from sidecar.config import RateLimitConfig, RedisConfig, Settings
+from sidecar.errors import TemporarilyUnavailableError
 from sidecar.exchange.request import FormParams
 
 # Enough for every peer a sidecar normally sees; an attacker with more addresses than this only
 # recycles buckets, and never grows the memory.
 MAX_PEERS = 10_000
+log = logging.getLogger(__name__)
+# A bucket: ("client", id), ("peer", address, per_second, burst) or ("unknown", per_second, burst).
+Key = tuple[str | float | int, ...]
+Charge = tuple[Key, RateLimitConfig]
 
 
 @dataclass(slots=True)
 class _Bucket:
     tokens: float
     updated_at: float
+
+
+class LocalBuckets:
+    """Token buckets in this process: each worker limits on its own."""
+
+    def __init__(self, max_peers: int = MAX_PEERS) -> None:
+        self._buckets: dict[Key, _Bucket] = {}  # clients and the unknown-id bucket: bounded
+        self._peers: OrderedDict[Key, _Bucket] = OrderedDict()  # least recently used first
+        self._max_peers = max(1, max_peers)
+        self._lock = threading.Lock()
+
+    @property
+    def peer_count(self) -> int:
+        return len(self._peers)
+
+    def peek(self, key: Key, limit: RateLimitConfig, now: float) -> int | None:
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                return None
+            _refill(bucket, limit, now)
+            return None if bucket.tokens >= 1.0 else _wait(bucket, limit)
+
+    def take(self, charges: list[Charge], now: float) -> int | None:
+        """One token from every bucket, or from none (a refused request costs nothing): None,
+        or the seconds after which a retry may succeed."""
+        with self._lock:
+            buckets = [(self._bucket(key, limit, now), limit) for key, limit in charges]
+            for bucket, limit in buckets:
+                _refill(bucket, limit, now)
+            waits = [_wait(bucket, limit) for bucket, limit in buckets if bucket.tokens < 1.0]
+            if waits:
+                return max(waits)
+            for bucket, _ in buckets:
+                bucket.tokens -= 1.0
+            return None
+
+    def _bucket(self, key: Key, limit: RateLimitConfig, now: float) -> _Bucket:
+        if key[0] != "peer":
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(float(limit.burst), now)
+            return bucket
+        bucket = self._peers.get(key)
+        if bucket is not None:
+            self._peers.move_to_end(key)
+            return bucket
+        while len(self._peers) >= self._max_peers:
+            self._peers.popitem(last=False)
+        bucket = self._peers[key] = _Bucket(float(limit.burst), now)
+        return bucket
+
+
+# One charge of several buckets, atomically, in one round trip: refill each from the time that
+# passed (Redis's own clock, so that replicas need no synchronised clocks), then take one token
+# from each only if every one has a token. Each bucket expires once it would be full again, so
+# idle buckets (an attacker's many addresses) do not accumulate. Returns the seconds to wait, 0
+# when the charge was taken.
+_TAKE_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local wait = 0
+local tokens = {}
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[2 * i - 1])
+  local burst = tonumber(ARGV[2 * i])
+  local state = redis.call('HMGET', KEYS[i], 't', 'u')
+  local level = tonumber(state[1]) or burst
+  local updated = tonumber(state[2]) or now
+  level = math.min(burst, level + math.max(0, now - updated) * rate)
+  tokens[i] = level
+  if level < 1 then
+    wait = math.max(wait, math.max(1, math.ceil((1 - level) / rate)))
+  end
+end
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[2 * i - 1])
+  local burst = tonumber(ARGV[2 * i])
+  local level = tokens[i]
+  if wait == 0 then level = level - 1 end
+  redis.call('HSET', KEYS[i], 't', tostring(level), 'u', tostring(now))
+  redis.call('PEXPIRE', KEYS[i], math.ceil((burst - level) / rate * 1000) + 1000)
+end
+return wait
+"""
+
+
+class RedisBuckets:
+    """Token buckets in Redis, shared by every worker of every replica. When Redis does not
+    answer within its timeout, ``on_failure`` decides: each worker's own buckets (``local``),
+    no limit (``open``) or a 503 (``closed``)."""
+
+    def __init__(self, config: RedisConfig, fallback: LocalBuckets) -> None:
+        import redis
+
+        self._prefix = config.key_prefix
+        self._on_failure = config.on_failure
+        self._fallback = fallback
+        self._client = redis.Redis.from_url(
+            config.url,
+            socket_timeout=config.timeout,
+            socket_connect_timeout=config.timeout,
+            health_check_interval=30,
+        )
+        self._take = self._client.register_script(_TAKE_SCRIPT)
+        self._errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+        # A client whose shared bucket refused it: peeked at without a round trip until then.
+        self._refused_until: dict[Key, float] = {}
+        self._failures = 0
+
+    @property
+    def peer_count(self) -> int:
+        return self._fallback.peer_count
+
+    def peek(self, key: Key, limit: RateLimitConfig, now: float) -> int | None:
+        until = self._refused_until.get(key)
+        if until is None or until <= now:
+            return None
+        return max(1, math.ceil(until - now))
+
+    def take(self, charges: list[Charge], now: float) -> int | None:
+        keys = [self._prefix + ":".join(str(part) for part in key) for key, _ in charges]
+        args: list[float | int] = []
+        for _, limit in charges:
+            args += [limit.per_second, limit.burst]
+        try:
+            wait = int(self._take(keys=keys, args=args))
+        except self._errors as exc:
+            return self._unavailable(charges, now, exc)
+        if wait:
+            for key, _ in charges:
+                if key[0] == "client":
+                    self._refused_until[key] = now + wait
+        return wait or None
+
+    def _unavailable(self, charges: list[Charge], now: float, exc: Exception) -> int | None:
+        self._failures += 1
+        if self._failures == 1 or self._failures % 1000 == 0:
+            log.warning(
+                "rate limit store unavailable (%s, %d times); on_failure=%s",
+                type(exc).__name__,
+                self._failures,
+                self._on_failure,
+            )
+        if self._on_failure == "open":
+            return None
+        if self._on_failure == "closed":
+            raise TemporarilyUnavailableError(reason="rate limit store unavailable")
+        return self._fallback.take(charges, now)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 class RateLimiter:
@@ -51,14 +209,12 @@ class RateLimiter:
             limit = client.rate_limit or settings.rate_limit
             if limit is not None:
                 self._limits[client.client_id] = limit
-        # Keyed by configured client id: bounded by the configuration.
-        self._clients: dict[str, _Bucket] = {}
-        # Apart from the clients', so that no client id (not even "(unknown)") can name it.
-        self._unknown: _Bucket | None = None
-        # Keyed by (peer, per_second, burst): a peer has one bucket per limit it was charged at.
-        self._peers: OrderedDict[tuple[str, float, int], _Bucket] = OrderedDict()
-        self._max_peers = max(1, max_peers)
-        self._lock = threading.Lock()
+        local = LocalBuckets(max_peers)
+        self._buckets: LocalBuckets | RedisBuckets = (
+            RedisBuckets(settings.redis, local)
+            if settings.redis is not None and self.active
+            else local
+        )
 
     @property
     def active(self) -> bool:
@@ -66,21 +222,20 @@ class RateLimiter:
         return self._default is not None or bool(self._limits)
 
     @property
+    def shared(self) -> bool:
+        """Whether the buckets are shared through Redis."""
+        return isinstance(self._buckets, RedisBuckets)
+
+    @property
     def peer_count(self) -> int:
-        return len(self._peers)
+        return self._buckets.peer_count
 
     def peek(self, claimed_client_id: str | None) -> int | None:
         """Before authentication: the seconds to wait if the claimed client's bucket is already
         empty, else None. Takes nothing, so an unauthenticated claim never costs the client."""
         if claimed_client_id is None or (limit := self._limits.get(claimed_client_id)) is None:
             return None
-        now = self._clock()
-        with self._lock:
-            bucket = self._clients.get(claimed_client_id)
-            if bucket is None:
-                return None
-            _refill(bucket, limit, now)
-            return None if bucket.tokens >= 1.0 else _wait(bucket, limit)
+        return self._buckets.peek(("client", claimed_client_id), limit, self._clock())
 
     def take(self, client_id: str) -> int | None:
         """One request of a client that has authenticated: None if allowed, else the seconds
@@ -88,9 +243,7 @@ class RateLimiter:
         limit = self._limits.get(client_id)
         if limit is None:
             return None
-        now = self._clock()
-        with self._lock:
-            return _take([(self._client_bucket(client_id, limit, now), limit)], now)
+        return self._buckets.take([(("client", client_id), limit)], self._clock())
 
     def take_failure(self, peer: str, claimed_client_id: str | None) -> int | None:
         """One failed authentication from ``peer``: None while the peer (and, for a claim naming
@@ -101,34 +254,14 @@ class RateLimiter:
             limit = self._limits.get(claimed_client_id)
         if limit is None:
             return None
-        now = self._clock()
-        with self._lock:
-            charged = [
-                (self._peer_bucket((peer, limit.per_second, limit.burst), limit, now), limit)
-            ]
-            if claimed_client_id not in self._configured:
-                if self._unknown is None:
-                    self._unknown = _Bucket(float(limit.burst), now)
-                charged.append((self._unknown, limit))
-            return _take(charged, now)
+        charges: list[Charge] = [(("peer", peer, limit.per_second, limit.burst), limit)]
+        if claimed_client_id not in self._configured:
+            charges.append((("unknown", limit.per_second, limit.burst), limit))
+        return self._buckets.take(charges, self._clock())
 
-    def _client_bucket(self, key: str, limit: RateLimitConfig, now: float) -> _Bucket:
-        bucket = self._clients.get(key)
-        if bucket is None:
-            bucket = self._clients[key] = _Bucket(float(limit.burst), now)
-        return bucket
-
-    def _peer_bucket(
-        self, key: tuple[str, float, int], limit: RateLimitConfig, now: float
-    ) -> _Bucket:
-        bucket = self._peers.get(key)
-        if bucket is not None:
-            self._peers.move_to_end(key)
-            return bucket
-        while len(self._peers) >= self._max_peers:
-            self._peers.popitem(last=False)
-        bucket = self._peers[key] = _Bucket(float(limit.burst), now)
-        return bucket
+    def close(self) -> None:
+        if isinstance(self._buckets, RedisBuckets):
+            self._buckets.close()
 
 
 def _refill(bucket: _Bucket, limit: RateLimitConfig, now: float) -> None:
@@ -139,18 +272,6 @@ def _refill(bucket: _Bucket, limit: RateLimitConfig, now: float) -> None:
 
 def _wait(bucket: _Bucket, limit: RateLimitConfig) -> int:
     return max(1, math.ceil((1.0 - bucket.tokens) / limit.per_second))
-
-
-def _take(charged: list[tuple[_Bucket, RateLimitConfig]], now: float) -> int | None:
-    """One token from every bucket, or from none (a refused request costs nothing)."""
-    for bucket, limit in charged:
-        _refill(bucket, limit, now)
-    waits = [_wait(bucket, limit) for bucket, limit in charged if bucket.tokens < 1.0]
-    if waits:
-        return max(waits)
-    for bucket, _ in charged:
-        bucket.tokens -= 1.0
-    return None
 
 
 def claimed_client_id(form: FormParams, authorization: str | None) -> str | None:

@@ -162,6 +162,7 @@ class Services:
             self.listener.stop()
         self.policies.stop()
         self.keyring.stop()
+        self.rate_limiter.close()
         self.audit.close()
         self.engine.dispose()
         if self.policies.report_loaded_at is not None:

@@ -206,6 +206,17 @@ def base_config(idp: TestIdP, client_keys: ClientKeys, database_url: str) -> dic
 # --- databases --------------------------------------------------------------------------------
 
 POSTGRES_URL = os.environ.get("SIDECAR_TEST_POSTGRES_URL")
+REDIS_URL = os.environ.get("SIDECAR_TEST_REDIS_URL")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis (SIDECAR_TEST_REDIS_URL); tests that need it skip without it."""
+    if not REDIS_URL:
+        pytest.skip("SIDECAR_TEST_REDIS_URL is not set: Redis tests skipped")
+    return REDIS_URL
+
+
 DATA_TABLES = (
     "policies",
     "policy_versions",

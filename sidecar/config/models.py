@@ -191,6 +191,19 @@ class AdminConfig(StrictModel):
         return int(self.listen.rsplit(":", 1)[1]) if self.listen else None
 
 
+class RedisConfig(StrictModel):
+    """Rate limits shared by every worker of every replica (one Redis round trip per charge);
+    without it, each worker keeps its own buckets."""
+
+    url: str = Field(pattern=r"^rediss?://")
+    # A charge waits at most this long for Redis.
+    timeout: Duration = Field(0.1, gt=0, le=5)
+    # When Redis does not answer: "local" (each worker's own buckets, the default), "open"
+    # (no limit) or "closed" (refuse with 503 temporarily_unavailable).
+    on_failure: Literal["local", "open", "closed"] = "local"
+    key_prefix: str = Field("sidecar:ratelimit:", min_length=1, max_length=64)
+
+
 class ManagementConfig(StrictModel):
     """A listener of its own for what upstreams and the orchestrator fetch (JWKS, metadata,
     health, metrics), so that ``/token`` can stay on loopback for the pod's gateway alone."""
@@ -261,6 +274,7 @@ class Settings(StrictModel):
     policy_refresh_interval: Duration = 5.0
     admin: AdminConfig | None = None
     management: ManagementConfig | None = None
+    redis: RedisConfig | None = None
     caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.
     rate_limit: RateLimitConfig | None = None

@@ -257,3 +257,21 @@ def test_a_management_listener_serves_what_upstreams_and_probes_fetch(
         assert claims["client_id"] == "gateway"
     finally:
         served.kill()
+
+
+def test_rate_limits_are_shared_by_every_worker_through_redis(
+    tmp_path: Path, redis_url: str
+) -> None:
+    idp = TestIdP(tmp_path)
+    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    config["rate_limit"] = {"per_second": 0.2, "burst": 4}
+    config["redis"] = {"url": redis_url, "key_prefix": f"sidecar-test:{tmp_path.name}:"}
+    served = start_serve(tmp_path, config)
+    try:
+        # A new connection per request: the kernel spreads them over both workers, which would
+        # each allow a burst of 4 on their own.
+        statuses = [exchange(served, idp.token()).status_code for _ in range(8)]
+    finally:
+        served.kill()
+    assert statuses[:4] == [200] * 4
+    assert statuses[4:] == [429] * 4
