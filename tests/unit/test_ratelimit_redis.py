@@ -173,5 +173,5 @@ def test_an_unreachable_redis_refuses_when_configured_closed(config: dict[str, A
 def test_a_redis_url_needs_a_redis_scheme(config: dict[str, Any]) -> None:
     from sidecar.config import ConfigError
 
-    with pytest.raises(ConfigError, match="redis.url"):
+    with pytest.raises(ConfigError, match=r"redis\.url"):
         settings_from_mapping({**config, "redis": {"url": "http://redis:6379"}}, env={})
