@@ -1,0 +1,256 @@
+"""``sidecar demo-init`` and ``sidecar demo-token`` (sidecar/cli/demo.py), in-process through
+click: the demo identity provider's key pair beside the first trusted issuer's ``jwks_file`` (or
+in ``keys/`` of the working directory without ``--config``), and subject tokens signed with it.
+tests/functional/test_cli.py runs them as the README does, on deploy/demo.yaml."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from sidecar.cli import main
+from sidecar.config import load_settings
+from tests.conftest import CODE_SEARCH, TestIdP, make_services
+
+KEY_NAME = "demo-idp.key.pem"
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), env={"SIDECAR_CONFIG": None})
+
+
+def cli(config_file: Path, *args: str) -> Result:
+    return invoke("--config", str(config_file), *args)
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code != 0, result.output
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("sidecar: error: ")
+    return line
+
+
+@pytest.fixture
+def demo_jwks(tmp_path: Path) -> Path:
+    """Where the configuration expects the demo IdP's JWKS (not there yet)."""
+    return tmp_path / "demo" / "idp.jwks.json"
+
+
+@pytest.fixture
+def config_file(config: dict[str, Any], demo_jwks: Path, tmp_path: Path) -> Path:
+    config["trusted_issuers"][0]["jwks_file"] = str(demo_jwks)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def initialised(config_file: Path) -> Path:
+    result = cli(config_file, "demo-init")
+    assert result.exit_code == 0, result.output
+    return config_file
+
+
+def verified(token: str, jwks: Path, idp: TestIdP, audience: str | None = None) -> dict[str, Any]:
+    """The claims of a demo token, verified with the published JWKS."""
+    key = jwt.PyJWKSet.from_json(jwks.read_text())[jwt.get_unverified_header(token)["kid"]]
+    claims: dict[str, Any] = jwt.decode(
+        token,
+        key,
+        algorithms=["ES256"],
+        audience=audience or idp.audience,
+        issuer=idp.issuer,
+    )
+    return claims
+
+
+# --- demo-init --------------------------------------------------------------------------------
+
+
+def test_demo_init_creates_the_key_pair_beside_the_configured_jwks_file(
+    config_file: Path, demo_jwks: Path
+) -> None:
+    result = cli(config_file, "demo-init")
+
+    private_key = demo_jwks.with_name(KEY_NAME)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"created {private_key} and {demo_jwks}\n"
+    assert stat.S_IMODE(private_key.stat().st_mode) == 0o600
+    assert b"PRIVATE KEY" in private_key.read_bytes()
+
+
+def test_the_demo_jwks_publishes_the_public_key_only(initialised: Path, demo_jwks: Path) -> None:
+    [key] = json.loads(demo_jwks.read_text())["keys"]
+
+    assert (key["kty"], key["crv"], key["alg"], key["use"]) == ("EC", "P-256", "ES256", "sig")
+    assert "d" not in key
+    assert key["kid"]
+
+
+def test_demo_init_again_keeps_the_key_pair(initialised: Path, demo_jwks: Path) -> None:
+    private_key = demo_jwks.with_name(KEY_NAME)
+    before = (private_key.read_bytes(), demo_jwks.read_bytes())
+
+    again = cli(initialised, "demo-init")
+
+    assert again.exit_code == 0, again.output
+    assert again.stdout == f"kept {private_key} and {demo_jwks}\n"
+    assert (private_key.read_bytes(), demo_jwks.read_bytes()) == before
+
+
+def test_demo_init_without_a_configuration_writes_to_keys_of_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = invoke("demo-init")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "created keys/demo-idp.key.pem and keys/demo-idp.jwks.json\n"
+    assert (tmp_path / "keys" / KEY_NAME).is_file()
+    assert (tmp_path / "keys" / "demo-idp.jwks.json").is_file()
+
+
+def test_a_relative_jwks_file_is_found_beside_the_configuration(
+    config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    config["trusted_issuers"][0]["jwks_file"] = "../keys/idp.jwks.json"
+    config_file = tmp_path / "deploy" / "sidecar.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    result = cli(config_file, "demo-init")
+
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [KEY_NAME, "idp.jwks.json"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="demo-init writes a new key over a jwks_file it did not create when the demo key is "
+    "absent: the trusted issuer's real JWKS is replaced (sidecar/demo.py, init_demo_idp)",
+)
+def test_demo_init_never_replaces_a_jwks_file_it_did_not_create(
+    config: dict[str, Any], idp: TestIdP, tmp_path: Path
+) -> None:
+    config_file = tmp_path / "sidecar.yaml"  # the test IdP's jwks_file, which exists
+    config_file.write_text(yaml.safe_dump(config))
+    published = idp.jwks_path.read_bytes()
+
+    cli(config_file, "demo-init")
+
+    assert idp.jwks_path.read_bytes() == published
+
+
+# --- demo-token -------------------------------------------------------------------------------
+
+
+def test_demo_token_is_signed_by_the_demo_key_for_the_first_trusted_issuer(
+    initialised: Path, demo_jwks: Path, idp: TestIdP
+) -> None:
+    result = cli(initialised, "demo-token")
+
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    claims = verified(token, demo_jwks, idp)
+    assert claims["sub"] == "alice@example.com"
+    assert claims["scope"] == "code.read code.search"
+    assert claims["exp"] - claims["iat"] == 3600
+    assert claims["jti"]
+    assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+
+
+def test_demo_token_options_set_its_claims(
+    initialised: Path, demo_jwks: Path, idp: TestIdP
+) -> None:
+    result = cli(
+        initialised,
+        "demo-token",
+        "--sub", "bob@example.com",
+        "--scope", "tickets.read",
+        "--ttl", "90",
+        "--audience", "https://other-gateway.test.example",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    claims = verified(
+        result.stdout.strip(), demo_jwks, idp, audience="https://other-gateway.test.example"
+    )
+    assert (claims["sub"], claims["scope"]) == ("bob@example.com", "tickets.read")
+    assert claims["exp"] - claims["iat"] == 90
+
+
+def test_each_demo_token_is_a_new_one(initialised: Path) -> None:
+    tokens = {cli(initialised, "demo-token").stdout for _ in range(2)}
+
+    assert len(tokens) == 2
+
+
+def test_a_demo_token_is_granted_by_the_service(initialised: Path, tmp_path: Path) -> None:
+    make_services(load_settings(initialised)).close()
+    token_file = tmp_path / "subject.jwt"
+    token_file.write_text(cli(initialised, "demo-token").stdout)
+
+    result = cli(
+        initialised,
+        "policy", "explain",
+        "--client", "gateway",
+        "--audience", CODE_SEARCH,
+        "--subject-token", str(token_file),
+        "--json",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["decision"] == "granted"
+
+
+def test_demo_token_before_demo_init_says_what_to_run(config_file: Path, demo_jwks: Path) -> None:
+    result = cli(config_file, "demo-token")
+
+    assert result.exit_code == 1
+    line = one_line_error(result)
+    assert str(demo_jwks.with_name(KEY_NAME)) in line
+    assert "run `sidecar demo-init`" in line
+
+
+@pytest.mark.parametrize("ttl", ["0", "86401", "soon"])
+def test_demo_token_refuses_a_ttl_out_of_range(initialised: Path, ttl: str) -> None:
+    result = cli(initialised, "demo-token", "--ttl", ttl)
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "--ttl" in result.stderr
+
+
+def test_demo_token_without_a_configuration_exits_2() -> None:
+    result = invoke("demo-token")
+
+    assert result.exit_code == 2
+    assert one_line_error(result) == (
+        "sidecar: error: no configuration: pass --config PATH or set SIDECAR_CONFIG"
+    )
+
+
+def test_demo_commands_with_an_invalid_configuration_exit_2(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    config["trusted_issuers"][0]["audiences"] = []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+
+    for command in ("demo-init", "demo-token"):
+        result = cli(bad, command)
+
+        assert result.exit_code == 2, command
+        assert "trusted_issuers[0].audiences" in one_line_error(result)

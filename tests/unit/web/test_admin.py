@@ -1,0 +1,480 @@
+"""The policy admin API (sidecar/web/admin.py) through Flask's test client: its own bearer
+credentials, reads, writes under optimistic concurrency (If-Match), history, and the guard that
+keeps a percent-encoded slash in a policy name from reaching another route.
+tests/functional/http/test_admin_api.py drives it over HTTP and through /token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from sidecar.services import Services
+from sidecar.web.app import create_app
+from tests.conftest import CODE_SEARCH, GATEWAY_SECRET, TICKETS
+from tests.functional.http.admin_support import (
+    admin_credentials,
+    enable_admin,
+    policy_path,
+    table_state,
+)
+
+CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
+TICKETS_POLICY = f"gateway -> {TICKETS}"
+WIKI = "https://wiki.internal/mcp"
+REALM = 'Bearer realm="token-exchange-sidecar-admin"'
+
+
+@pytest.fixture
+def credentials() -> dict[str, str]:
+    return admin_credentials()
+
+
+@pytest.fixture
+def config(config: dict[str, Any], credentials: dict[str, str]) -> dict[str, Any]:
+    return enable_admin(config, credentials)
+
+
+@pytest.fixture
+def app(services: Services) -> Flask:
+    return create_app(services.settings, services)
+
+
+class Admin:
+    """The admin API through the test client, with one credential."""
+
+    def __init__(self, client: FlaskClient, token: str) -> None:
+        self.client = client
+        self.token = token
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        if_match: str | None = None,
+        **kwargs: Any,
+    ) -> TestResponse:
+        headers = {"Authorization": f"Bearer {token or self.token}", **kwargs.pop("headers", {})}
+        if if_match is not None:
+            headers["If-Match"] = if_match
+        return self.client.open(path, method=method, headers=headers, **kwargs)
+
+    def list(self) -> TestResponse:
+        return self.request("GET", "/admin/policies")
+
+    def get(self, name: str) -> TestResponse:
+        return self.request("GET", policy_path(name))
+
+    def create(self, document: Any, **kwargs: Any) -> TestResponse:
+        return self.request("POST", "/admin/policies", json=document, **kwargs)
+
+    def put(self, name: str, document: Any, if_match: str | None, **kwargs: Any) -> TestResponse:
+        return self.request("PUT", policy_path(name), json=document, if_match=if_match, **kwargs)
+
+    def disable(self, name: str, if_match: str | None, **kwargs: Any) -> TestResponse:
+        return self.request("POST", policy_path(name, "/disable"), if_match=if_match, **kwargs)
+
+    def history(self, name: str) -> TestResponse:
+        return self.request("GET", policy_path(name, "/history"))
+
+
+@pytest.fixture
+def admin(app: Flask, credentials: dict[str, str]) -> Admin:
+    return Admin(app.test_client(), credentials["ops"])
+
+
+def wiki_policy(**changes: Any) -> dict[str, Any]:
+    return {
+        "name": "wiki",
+        "client_id": "gateway",
+        "audience": WIKI,
+        "scopes": ["wiki.read"],
+        "ttl": 60,
+        **changes,
+    }
+
+
+def document_of(admin: Admin, name: str) -> dict[str, Any]:
+    response = admin.get(name)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json
+    return body
+
+
+def error_of(response: TestResponse) -> str:
+    assert response.headers["Cache-Control"] == "no-store"
+    assert set(response.json) == {"error", "error_description"}
+    return str(response.json["error"])
+
+
+# --- credentials ------------------------------------------------------------------------------
+
+
+def test_a_request_without_credentials_is_401_with_a_bearer_challenge(app: Flask) -> None:
+    response = app.test_client().get("/admin/policies")
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == REALM
+    assert error_of(response) == "invalid_token"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Bearer not-an-admin-token-but-long-enough-0123",
+        "Basic {ops}",
+        "Bearer",
+        "Bearer ",
+        "Bearer {ops}x",
+        "{ops}",
+        f"Bearer {GATEWAY_SECRET}",
+    ],
+    ids=["unknown", "basic scheme", "no token", "empty token", "longer", "no scheme", "client"],
+)
+def test_anything_but_an_admin_bearer_token_is_401(
+    app: Flask, credentials: dict[str, str], authorization: str
+) -> None:
+    headers = {"Authorization": authorization.format(ops=credentials["ops"])}
+
+    response = app.test_client().get("/admin/policies", headers=headers)
+
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == REALM
+
+
+def test_the_bearer_scheme_is_case_insensitive(app: Flask, credentials: dict[str, str]) -> None:
+    headers = {"Authorization": f"bEaReR {credentials['ops']}"}
+
+    assert app.test_client().get("/admin/policies", headers=headers).status_code == 200
+
+
+def test_a_write_without_credentials_changes_nothing(app: Flask, services: Services) -> None:
+    before = table_state(services.engine)
+    client = app.test_client()
+
+    responses = [
+        client.post("/admin/policies", json=wiki_policy()),
+        client.put(policy_path(TICKETS_POLICY), json=wiki_policy(), headers={"If-Match": '"1"'}),
+        client.post(policy_path(TICKETS_POLICY, "/disable"), headers={"If-Match": '"1"'}),
+    ]
+
+    assert [r.status_code for r in responses] == [401, 401, 401]
+    assert table_state(services.engine) == before
+
+
+def test_each_credential_is_accepted_and_named_in_the_history(
+    admin: Admin, credentials: dict[str, str]
+) -> None:
+    created = admin.create(wiki_policy(), token=credentials["ci"])
+    updated = admin.put("wiki", wiki_policy(ttl=30), '"1"', token=credentials["ops"])
+
+    assert (created.status_code, updated.status_code) == (201, 200)
+    versions = admin.history("wiki").json["versions"]
+    assert [v["changed_by"] for v in versions] == ["admin:ci", "admin:ops"]
+
+
+def test_the_openapi_document_needs_no_credentials(app: Flask) -> None:
+    response = app.test_client().get("/admin/openapi.json")
+
+    assert response.status_code == 200
+    assert response.json["openapi"].startswith("3.1")
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+def test_list_returns_every_policy_with_its_version(admin: Admin, config: dict[str, Any]) -> None:
+    response = admin.list()
+
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    policies = response.json["policies"]
+    assert len(policies) == len(config["policies"])
+    assert {p["version"] for p in policies} == {1}
+    assert CODE_SEARCH_POLICY in {p["name"] for p in policies}
+
+
+def test_get_returns_the_document_with_its_version_as_a_strong_etag(admin: Admin) -> None:
+    response = admin.get(TICKETS_POLICY)
+
+    assert response.status_code == 200
+    assert response.headers["ETag"] == '"1"'
+    assert response.headers["Cache-Control"] == "no-store"
+    document = response.json
+    assert (document["client_id"], document["audience"], document["ttl"]) == (
+        "gateway",
+        TICKETS,
+        60,
+    )
+    assert document["version"] == 1
+
+
+def test_get_of_an_unknown_policy_is_404(admin: Admin) -> None:
+    response = admin.get("nope")
+
+    assert response.status_code == 404
+    assert error_of(response) == "not_found"
+
+
+def test_a_name_with_a_slash_is_read_back_percent_encoded(admin: Admin) -> None:
+    assert admin.create(wiki_policy(name="team/wiki")).status_code == 201
+
+    assert document_of(admin, "team/wiki")["audience"] == WIKI
+
+
+# --- create -----------------------------------------------------------------------------------
+
+
+def test_create_stores_the_policy_at_version_1(admin: Admin) -> None:
+    response = admin.create(wiki_policy())
+
+    assert response.status_code == 201
+    assert response.headers["ETag"] == '"1"'
+    assert document_of(admin, "wiki")["scopes"] == ["wiki.read"]
+
+
+def test_create_of_an_existing_name_is_409(admin: Admin) -> None:
+    admin.create(wiki_policy())
+
+    response = admin.create(wiki_policy(ttl=30))
+
+    assert response.status_code == 409
+    assert error_of(response) == "conflict"
+    assert document_of(admin, "wiki")["ttl"] == 60
+
+
+@pytest.mark.parametrize(
+    "document",
+    [wiki_policy(ttl="60"), wiki_policy(scopes="wiki.read"), ["not", "an", "object"], None],
+    ids=["string ttl", "string scopes", "a list", "no body"],
+)
+def test_create_of_an_invalid_document_is_400(admin: Admin, document: Any) -> None:
+    response = admin.create(document)
+
+    assert response.status_code == 400
+    assert error_of(response) == "invalid_policy"
+    assert admin.get("wiki").status_code == 404
+
+
+# --- update: If-Match -------------------------------------------------------------------------
+
+
+def test_update_without_if_match_is_428_and_changes_nothing(admin: Admin) -> None:
+    response = admin.put(TICKETS_POLICY, wiki_policy(name=TICKETS_POLICY), None)
+
+    assert response.status_code == 428
+    assert error_of(response) == "precondition_required"
+    assert document_of(admin, TICKETS_POLICY)["version"] == 1
+
+
+@pytest.mark.parametrize("if_match", ['"7"', 'W/"1"', '"0"'], ids=["stale", "weak", "zero"])
+def test_update_with_an_etag_that_is_not_the_current_one_is_412(
+    admin: Admin, if_match: str
+) -> None:
+    response = admin.put(
+        TICKETS_POLICY, {**document_of(admin, TICKETS_POLICY), "ttl": 30}, if_match
+    )
+
+    assert response.status_code == 412
+    assert response.headers["ETag"] == '"1"'
+    assert error_of(response) == "precondition_failed"
+    assert document_of(admin, TICKETS_POLICY)["ttl"] == 60
+
+
+def test_update_with_the_current_etag_replaces_the_policy_everywhere_at_once(
+    admin: Admin, services: Services
+) -> None:
+    services.policies.get()  # this worker holds the policies
+    document = {**document_of(admin, TICKETS_POLICY), "ttl": 30}
+
+    response = admin.put(TICKETS_POLICY, document, '"1"')
+
+    assert response.status_code == 200
+    assert response.headers["ETag"] == '"2"'
+    assert response.json["ttl"] == 30
+    assert document_of(admin, TICKETS_POLICY)["version"] == 2
+    held = services.policies.get().find("gateway", TICKETS)
+    assert held is not None
+    assert held.ttl == 30  # not after policy_refresh_interval (an hour here): at once
+
+
+def test_update_with_the_name_in_the_path_only_is_accepted(admin: Admin) -> None:
+    document = document_of(admin, TICKETS_POLICY)
+    del document["name"]
+
+    response = admin.put(TICKETS_POLICY, {**document, "ttl": 45}, '"1"')
+
+    assert response.status_code == 200
+    assert response.json["name"] == TICKETS_POLICY
+
+
+def test_update_with_another_name_in_the_body_is_400(admin: Admin) -> None:
+    document = {**document_of(admin, TICKETS_POLICY), "name": "renamed"}
+
+    response = admin.put(TICKETS_POLICY, document, '"1"')
+
+    assert response.status_code == 400
+    assert error_of(response) == "invalid_policy"
+    assert admin.get("renamed").status_code == 404
+
+
+@pytest.mark.parametrize(("padding", "status"), [(60_000, 200), (70_000, 400)])
+def test_an_update_body_is_read_up_to_64_kib(admin: Admin, padding: int, status: int) -> None:
+    document = {**document_of(admin, TICKETS_POLICY), "ttl": 30}
+    body = json.dumps(document) + " " * padding  # the same document, padded with whitespace
+
+    response = admin.request(
+        "PUT",
+        policy_path(TICKETS_POLICY),
+        if_match='"1"',
+        data=body,
+        content_type="application/json",
+    )
+
+    assert response.status_code == status
+    assert document_of(admin, TICKETS_POLICY)["ttl"] == (30 if status == 200 else 60)
+
+
+def test_update_of_an_unknown_policy_is_404(admin: Admin) -> None:
+    response = admin.put("wiki", wiki_policy(), '"1"')
+
+    assert response.status_code == 404
+    assert error_of(response) == "not_found"
+
+
+# --- disable ----------------------------------------------------------------------------------
+
+
+def test_disable_without_if_match_is_428(admin: Admin) -> None:
+    response = admin.disable(TICKETS_POLICY, None)
+
+    assert response.status_code == 428
+    assert document_of(admin, TICKETS_POLICY)["enabled"] is True
+
+
+def test_disable_with_the_current_etag_disables_the_policy(admin: Admin) -> None:
+    response = admin.disable(TICKETS_POLICY, '"1"')
+
+    assert response.status_code == 200
+    assert response.headers["ETag"] == '"2"'
+    assert response.json["enabled"] is False
+    assert document_of(admin, TICKETS_POLICY)["enabled"] is False
+
+
+def test_disable_with_a_stale_etag_is_412(admin: Admin) -> None:
+    admin.disable(TICKETS_POLICY, '"1"')
+
+    response = admin.disable(TICKETS_POLICY, '"1"')
+
+    assert response.status_code == 412
+    assert response.headers["ETag"] == '"2"'
+
+
+def test_disable_of_an_unknown_policy_is_404(admin: Admin) -> None:
+    assert admin.disable("nope", '"1"').status_code == 404
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def test_history_lists_every_version_oldest_first(admin: Admin) -> None:
+    admin.disable(TICKETS_POLICY, '"1"')
+
+    response = admin.history(TICKETS_POLICY)
+
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    body = response.json
+    assert body["name"] == TICKETS_POLICY
+    versions = body["versions"]
+    assert [(v["version"], v["action"], v["changed_by"]) for v in versions] == [
+        (1, "create", "bootstrap"),
+        (2, "update", "admin:ops"),
+    ]
+    assert [v["policy"]["enabled"] for v in versions] == [True, False]
+    assert versions[0]["changed_at"] <= versions[1]["changed_at"]
+
+
+def test_history_of_an_unknown_policy_is_404(admin: Admin) -> None:
+    assert admin.history("nope").status_code == 404
+
+
+def test_a_refused_write_records_no_version(admin: Admin) -> None:
+    admin.put(TICKETS_POLICY, {**document_of(admin, TICKETS_POLICY), "ttl": "30"}, '"1"')
+    admin.disable(TICKETS_POLICY, '"9"')
+
+    assert len(admin.history(TICKETS_POLICY).json["versions"]) == 1
+
+
+# --- an encoded slash in the name -------------------------------------------------------------
+
+
+@pytest.fixture
+def wiki(admin: Admin) -> Admin:
+    assert admin.create(wiki_policy()).status_code == 201
+    return admin
+
+
+def test_a_post_to_name_percent_2f_disable_is_405_and_disables_nothing(wiki: Admin) -> None:
+    # The router sees "/admin/policies/wiki/disable"; the raw URI says "wiki%2Fdisable".
+    response = wiki.request("POST", "/admin/policies/wiki%2Fdisable", if_match='"1"')
+
+    assert response.status_code == 405
+    allowed = {m.strip() for m in response.headers["Allow"].split(",")}
+    assert "POST" not in allowed
+    assert document_of(wiki, "wiki")["enabled"] is True
+    assert len(wiki.history("wiki").json["versions"]) == 1
+
+
+def test_a_get_of_name_percent_2f_history_reads_that_name_not_the_history(wiki: Admin) -> None:
+    response = wiki.request("GET", "/admin/policies/wiki%2Fhistory")
+
+    assert response.status_code == 404  # no policy is named "wiki/history"
+    assert error_of(response) == "not_found"
+
+
+def test_the_request_uri_serves_when_the_raw_uri_is_absent(wiki: Admin) -> None:
+    response = wiki.request(
+        "POST",
+        "/admin/policies/wiki%2Fdisable",
+        if_match='"1"',
+        environ_overrides={"RAW_URI": None},
+    )
+
+    assert response.status_code == 405
+    assert document_of(wiki, "wiki")["enabled"] is True
+
+
+def test_the_real_sub_resources_still_answer_beside_the_guard(wiki: Admin) -> None:
+    assert wiki.request("GET", "/admin/policies/wiki/history").status_code == 200
+    assert wiki.request("POST", "/admin/policies/wiki/disable", if_match='"1"').status_code == 200
+
+
+@pytest.fixture
+def without_request_uri(app: Flask) -> Iterator[None]:
+    """A server that gives the app neither RAW_URI nor REQUEST_URI."""
+    inner = app.wsgi_app
+
+    def strip(environ: dict[str, Any], start_response: Any) -> Any:
+        environ.pop("RAW_URI", None)
+        environ.pop("REQUEST_URI", None)
+        return inner(environ, start_response)
+
+    app.wsgi_app = strip  # type: ignore[method-assign]
+    yield
+    app.wsgi_app = inner  # type: ignore[method-assign]
+
+
+def test_without_the_raw_uri_the_router_is_trusted(wiki: Admin, without_request_uri: None) -> None:
+    # What the server decoded is all there is to go by: the request disables "wiki".
+    response = wiki.request("POST", "/admin/policies/wiki%2Fdisable", if_match='"1"')
+
+    assert response.status_code == 200
+    assert document_of(wiki, "wiki")["enabled"] is False
