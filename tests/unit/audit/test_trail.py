@@ -6,7 +6,6 @@ steps poll with short deadlines instead of sleeping."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -21,30 +20,20 @@ from typing import Any
 
 import jwt
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 from sqlalchemy import select
-from sqlalchemy.event import listen as event_listen
 from sqlalchemy.orm import Session
 
 from sidecar.audit import (
     BACKPRESSURE_WAIT,
     DENIED,
     GRANTED,
-    MAX_ROWS_PER_INSERT,
-    MAX_SCOPE_TEXT,
     MAX_TEXT,
-    ROWS_PER_INSERT,
     AuditEvent,
     AuditTrail,
-    fingerprint,
-    redact_value,
-    redact_words,
 )
 from sidecar.audit import log as auditlog
 from sidecar.audit.log import AUDIT_LOGGER
 from sidecar.errors import TemporarilyUnavailableError
-from sidecar.exchange.subject import token_fingerprint
 from sidecar.serving.common import LOG_FORMAT
 from sidecar.store.db import make_engine
 from sidecar.store.migrate import upgrade
@@ -216,93 +205,6 @@ def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None
     assert json.loads(second.audiences or "") == []  # JSON, even when empty
     assert second.jti is None
     assert second.expires_at is None
-
-
-def test_a_batch_is_one_insert_of_one_text_on_sqlite(db: AuditDatabase) -> None:
-    # One statement per batch: one step outside the GIL, and SQLite's write lock (shared by the
-    # workers) held only that long. One text for every batch size: the driver's statement cache
-    # keeps one prepared statement, not one per size.
-    statements: list[str] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("INSERT INTO audit_events"):
-            statements.append(statement)
-
-    event_listen(db.engine, "before_cursor_execute", seen)
-    trail = db.trail(flush_interval=SLOW, batch_size=500)
-    for size in (500, 7, 1):
-        for n in range(size):
-            trail.record(event(f"user-{size}-{n}"))
-        assert flushed(trail)
-    assert len(statements) == 3
-    assert len(set(statements)) == 1
-    assert len(db.rows()) == 508
-    assert db.subjects()[:2] == ["user-500-0", "user-500-1"]  # in the order recorded
-
-
-def test_a_batch_of_many_multi_row_inserts_writes_every_field_of_every_event(
-    database_url: str,
-) -> None:
-    # Full multi-row INSERTs and shorter last ones, on SQLite (parameters by position, up to
-    # MAX_ROWS_PER_INSERT rows a statement) and PostgreSQL (by name, ROWS_PER_INSERT rows): each
-    # value must land in its own row and column.
-    engine = make_engine(database_url)
-    upgrade(engine)
-    trail = AuditTrail(engine, flush_interval=SLOW, batch_size=2 * MAX_ROWS_PER_INSERT)
-    count = MAX_ROWS_PER_INSERT + 2 * ROWS_PER_INSERT + 7
-    events = [
-        AuditEvent(
-            at=1_700_000_000.0 + n,
-            decision=GRANTED if n % 2 else DENIED,
-            error=None if n % 2 else "invalid_target",
-            reason=f"reason-{n}",
-            client_id=f"client-{n}",
-            subject=f"user-{n}" if n % 3 else "üser-ñ",
-            subject_issuer=f"https://idp-{n}.example",
-            subject_token_sha256=f"{n:016x}",
-            actor=None if n % 5 else f"actor-{n}",
-            audiences=[f"https://up-{n}.example", "https://shared.example"],
-            scope=f"s{n}.read",
-            jti=f"jti-{n}",
-            expires_at=1_700_000_120.0 + n if n % 2 else None,
-            kid=f"kid-{n % 4}",
-        )
-        for n in range(count)
-    ]
-    try:
-        for item in events:
-            trail.record(item)
-        assert flushed(trail)
-        with Session(engine) as session:
-            rows = list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
-    finally:
-        trail.close(timeout=5)
-        engine.dispose()
-
-    assert len(rows) == count
-    for row, item in zip(rows, events, strict=True):
-        stored = {name: getattr(row, name) for name in EVENT_FIELDS - {"audiences"}}
-        assert stored == {name: getattr(item, name) for name in EVENT_FIELDS - {"audiences"}}
-        assert json.loads(row.audiences or "") == item.audiences
-
-
-def test_long_values_are_cut_to_the_column_size_instead_of_failing_the_batch(
-    db: AuditDatabase,
-) -> None:
-    trail = db.trail(flush_interval=0.01)
-    long = "s" * 1000
-
-    trail.record(event(long, reason="r" * 300, actor="a" * 256, client_id="c" * 400))
-    trail.record(event("after"))
-
-    assert trail.flush()
-    row, after = db.rows()
-    assert row.subject == "s" * 255
-    assert row.reason == "r" * 255
-    assert row.actor == "a" * 255
-    assert row.client_id == "c" * 255
-    assert after.subject == "after"
-    assert trail.healthy
 
 
 def test_events_are_written_in_batches_all_of_them_in_order(db: AuditDatabase) -> None:
@@ -706,7 +608,7 @@ def test_a_lone_surrogate_or_nul_in_a_claim_does_not_poison_the_writer(db: Audit
     trail.close()
 
 
-# --- redaction ------------------------------------------------------------------------------------
+# --- redaction on every path of the trail (its rules: test_redact.py) -----------------------------
 
 JWT_KEY = "k" * 32  # HS256: a JWT of realistic shape without a key pair
 
@@ -716,135 +618,8 @@ def a_jwt(**claims: Any) -> str:
     return jwt.encode(payload, JWT_KEY, algorithm="HS256")
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
 def sha256_prefix(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-JWT_SHAPES = {
-    "JWS": a_jwt(),
-    "JWE (five segments)": ".".join(
-        [b64url(b'{"alg":"RSA-OAEP","enc":"A256GCM"}'), "x" * 342, "y" * 16, "z" * 200, "t" * 22]
-    ),
-    "header with a space": ".".join([b64url(b'{ "alg": "HS256" }'), b64url(b"{}"), "s" * 43]),
-    "header with a newline": ".".join([b64url(b'{\n"alg":"HS256"}'), b64url(b"{}"), "s" * 43]),
-    "no JSON header, long segments": ".".join(["A" * 20, "B" * 64, "C" * 43]),
-    "starts with eyJ, no dots": "eyJhbGciOiJIUzI1NiJ9",
-    "unsigned (empty signature)": a_jwt().rpartition(".")[0] + ".",
-}
-
-
-@pytest.mark.parametrize("token", JWT_SHAPES.values(), ids=JWT_SHAPES.keys())
-def test_a_jwt_is_kept_only_as_its_sha256_prefix(token: str) -> None:
-    marker = redact_value(token)
-    assert marker == "sha256:" + sha256_prefix(token)
-    assert redact_words(f"code.read {token} code.search") == f"code.read {marker} code.search"
-
-
-def test_the_marker_uses_the_prefix_of_subject_token_sha256() -> None:
-    token = a_jwt()
-    assert redact_value(token) == fingerprint(token) == "sha256:" + token_fingerprint(token)
-
-
-@pytest.mark.parametrize(
-    "template",
-    ["Bearer {}", "https://api.example.com/x?access_token={}&y=1", "a,{},b", "x {} y"],
-)
-def test_a_jwt_inside_a_value_is_replaced_by_its_sha256_prefix(template: str) -> None:
-    token = a_jwt()
-    redacted = redact_value(template.format(token))
-    assert redacted == template.format("sha256:" + sha256_prefix(token))
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "gateway",
-        "api.example.com",
-        "eyes.example.com",  # begins like a JSON header, but a host name
-        "a.b.c.d.e",
-        "https://code-search.internal/mcp",
-        "https://api.example.com/v1/users/@alice",  # an @ in the path is no userinfo
-        "alice@example.com",
-        "mailto:alice@example.com",
-        "code.read",
-        "x" * 63 + ".y" * 3,  # a DNS label can be 63 characters long
-        "urn:ietf:params:oauth:token-type:access_token",
-    ],
-)
-def test_ordinary_values_are_kept_as_they_are(value: str) -> None:
-    assert redact_value(value) == value
-    assert redact_words(f"{value} {value}") == f"{value} {value}"
-
-
-@pytest.mark.parametrize(
-    "value", ["gateway", "https://code-search.internal/mcp", "alice@example.com", "code.read"]
-)
-def test_a_common_value_is_returned_without_a_copy(value: str) -> None:
-    # The cheap path taken on every /token request: the same object back, no scan beyond `in`.
-    value = "".join(value)  # not an interned literal
-    assert redact_value(value) is value
-
-
-@pytest.mark.parametrize(
-    ("value", "kept"),
-    [
-        ("https://user:s3cret@host/x", "https://host/x"),
-        ("https://user:s3cret@host", "https://host"),
-        ("https://user:s3cret@host?q=1#f", "https://host?q=1#f"),
-        ("https://:s3cret@host/x", "https://host/x"),
-        ("https://user@host/x", "https://host/x"),
-        ("//user:s3cret@host/x", "//host/x"),  # scheme-relative
-        ("HTTPS://USER:S3CRET@HOST/X", "HTTPS://HOST/X"),
-        ("https://user:s3c@ret@host/x", "https://host/x"),  # the last @ ends the userinfo
-        ("https://user:s3c ret@host/x", "https://host/x"),  # not a valid URI: dropped anyway
-        ("https://user:s3cret\\@host/x", "https://host/x"),  # a backslash does not hide it
-        ("https://user:s3cret@[::1", "https://[::1"),  # urlsplit would raise here
-        ("x https://a:s3cret@h/ and ftp://b:s3cret@g/", "x https://h/ and ftp://g/"),
-        ("https://a:s3cret@h//b:s3cret@g/x", "https://h//g/x"),
-        ("\ud800://u:s3cret@h/x", "\ud800://h/x"),  # a lone surrogate: no encoding attempted
-    ],
-)
-def test_userinfo_is_dropped_from_uris(value: str, kept: str) -> None:
-    assert redact_value(value) == kept
-
-
-def test_long_values_are_cut_to_a_short_bound() -> None:
-    assert MAX_TEXT == 255
-    assert redact_value("a" * 10_000) == "a" * MAX_TEXT
-    assert redact_value("https://u:s3cret@" + "h" * 10_000) == "https://" + "h" * (MAX_TEXT - 8)
-    assert redact_value("a" * 10_000, limit=16) == "a" * 16
-
-
-def test_a_scope_is_bounded_word_by_word_and_in_total() -> None:
-    scope = " ".join(["s" * 10_000, "code.read"])
-    assert redact_words(scope, MAX_SCOPE_TEXT) == "s" * MAX_TEXT + " code.read"
-    many = " ".join(f"scope.{n:04d}" for n in range(1_000))
-    assert redact_words(many, MAX_SCOPE_TEXT) == many[:MAX_SCOPE_TEXT]
-    assert redact_words("", MAX_SCOPE_TEXT) == ""
-
-
-@given(
-    prefix=st.text(max_size=40),
-    rest=st.text(max_size=40),
-    other=st.text(max_size=300),
-    limit=st.integers(min_value=23, max_value=MAX_TEXT),
-)
-@settings(max_examples=300, deadline=None)
-def test_any_text_is_redacted_without_raising_and_within_the_bound(
-    prefix: str, rest: str, other: str, limit: int
-) -> None:
-    assume("s3cret" not in prefix + rest)
-    value = f"{prefix}https://user:s3cret@{rest}"
-    for text in (value, other, f"{other} {value}"):
-        redacted = redact_value(text, limit)
-        assert len(redacted) <= limit
-        assert len(redact_words(text, limit)) <= limit
-    assert "s3cret" not in redact_value(value, limit)
-    assert "s3cret" not in redact_words(f"{other} {value}", MAX_SCOPE_TEXT)
 
 
 def test_request_input_is_redacted_alike_in_the_row_and_the_log_line(
