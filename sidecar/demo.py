@@ -21,16 +21,39 @@ from sidecar.keys.material import (
 DEMO_ALGORITHM = "ES256"
 
 
+class DemoKeyConflict(Exception):
+    """The JWKS file exists without the demo key that would have made it."""
+
+
 def init_demo_idp(private_path: Path, jwks_path: Path) -> bool:
-    """Create the demo IdP key pair if absent; True if created."""
+    """Create the demo IdP key pair if absent; True if created. Never writes over a JWKS file
+    it did not create: pointed at a real configuration, it would replace the trusted issuer's
+    keys with a key lying on local disk."""
     if private_path.exists() and jwks_path.exists():
         return False
+    if private_path.exists():  # the JWKS alone is missing: publish the key that exists
+        key = private_key_from_pem(private_path.read_bytes())
+        jwks_path.parent.mkdir(parents=True, exist_ok=True)
+        jwks_path.write_text(
+            json.dumps({"keys": [public_jwk(key, DEMO_ALGORITHM)]}, indent=2) + "\n"
+        )
+        return True
+    if jwks_path.exists():
+        raise DemoKeyConflict(
+            f"{jwks_path} exists but the demo key {private_path} does not: demo-init writes "
+            "only a JWKS it creates (remove the file, or point jwks_file elsewhere)"
+        )
     key = generate_private_key(DEMO_ALGORITHM)
     private_path.parent.mkdir(parents=True, exist_ok=True)
     private_path.write_bytes(private_key_to_pem(key))
     private_path.chmod(0o600)
-    jwks_path.write_text(json.dumps({"keys": [public_jwk(key, DEMO_ALGORITHM)]}, indent=2) + "\n")
+    _write_jwks(jwks_path, key)
     return True
+
+
+def _write_jwks(jwks_path: Path, key: Any) -> None:
+    jwks_path.parent.mkdir(parents=True, exist_ok=True)
+    jwks_path.write_text(json.dumps({"keys": [public_jwk(key, DEMO_ALGORITHM)]}, indent=2) + "\n")
 
 
 def demo_token(

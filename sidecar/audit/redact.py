@@ -35,7 +35,7 @@ def storable(text: str) -> str:
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]{2,}(?:\.[A-Za-z0-9_-]*){2,4}")
 # One inside a longer value ("https://host/x?token=eyJ...", "Bearer eyJ..."): a JOSE header is
 # a JSON object, so its base64url begins "eyJ" ('{"').
-_EMBEDDED_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){2,4}")
+_EMBEDDED_JWT = re.compile(r"(?:eyJ|eyA|ewo|ewk|ew0)[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){2,4}")
 _JSON_START = ("ey", "ew")  # base64url of '{' followed by '"', ' ' or a line break / tab
 _MIN_HEADER = 15  # characters of the shortest JOSE header, {"alg":"x"}, in base64url
 _MAX_LABEL = 63  # a DNS label: a longer dot-separated segment is no host name
@@ -93,15 +93,15 @@ def redact_value(text: str, limit: int = MAX_TEXT) -> str:
         len(text) <= _PLAIN
         and len(text) <= limit
         and ("@" not in text or "//" not in text)
-        and "eyJ" not in text
-        and not text.startswith(_JSON_START)
+        and "ey" not in text
+        and "ew" not in text
     ):
         return text  # the common case: a host name, a URI, an e-mail address, a scope token
     if _looks_like_jwt(text):
         return fingerprint(text)[:limit]
     if "@" in text:
         text = _drop_userinfo(text)
-    if "eyJ" in text:
+    if "ey" in text or "ew" in text:  # a JOSE header's base64url begins so
         text = _EMBEDDED_JWT.sub(lambda match: fingerprint(match[0]), text)
     return text[:limit]
 
@@ -133,10 +133,8 @@ def redact_audiences(audiences: list[str]) -> list[str]:
     return [redact_value(audience) for audience in audiences[:MAX_AUDIENCES]]
 
 
-_AUDIENCES = FIELDS.index("audiences")  # stored as its JSON text
 # Fields holding a str or None, and the columns cut to their size.
 _TEXT = tuple(name for name in FIELDS if name not in ("at", "expires_at", "audiences"))
-_CUT = tuple(FIELDS.index(name) for name in TRUNCATED)
 # Fields that may hold what a client sent, and how each is redacted. audiences: the request's
 # targets, recorded before any check. reason: quotes the requested scope tokens a policy refused
 # and the name of a repeated form parameter. scope (only on a grant, within what the policy
@@ -153,7 +151,7 @@ _REDACTED: tuple[tuple[str, Callable[[str], str]], ...] = (
 )
 
 
-def makestorable(values: dict[str, Any]) -> dict[str, Any]:
+def make_storable(values: dict[str, Any]) -> dict[str, Any]:
     """The event's values (in place) with what came from the request redacted, and every text
     as any database stores it: the log line and the row then hold the same text."""
     for name in _TEXT:
@@ -173,4 +171,4 @@ def makestorable(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def storable_values(event: AuditEvent) -> dict[str, Any]:
-    return makestorable(event_values(event))
+    return make_storable(event_values(event))

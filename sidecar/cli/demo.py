@@ -31,10 +31,13 @@ def _demo_paths(ctx: click.Context) -> tuple[Path, Path]:
 def demo_init(ctx: click.Context) -> None:
     """Create the demo identity provider's key pair (once): beside the configuration's first
     jwks_file, or in keys/ without --config."""
-    from sidecar.demo import init_demo_idp
+    from sidecar.demo import DemoKeyConflict, init_demo_idp
 
     private_key, jwks = _demo_paths(ctx)
-    created = init_demo_idp(private_key, jwks)
+    try:
+        created = init_demo_idp(private_key, jwks)
+    except DemoKeyConflict as exc:
+        fail(str(exc))
     click.echo(f"{'created' if created else 'kept'} {private_key} and {jwks}")
 
 

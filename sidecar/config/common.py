@@ -3,6 +3,7 @@ URL checks and the protocol constants the checks refer to."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -34,9 +35,11 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+        seconds = float(int(match.group(1)) * _UNITS[match.group(2)])
     else:
         raise ValueError("must be a duration such as 30s, 15m or 24h")
+    if not math.isfinite(seconds):  # YAML's .nan and .inf: every comparison with NaN is false
+        raise ValueError("must be a finite duration")
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds

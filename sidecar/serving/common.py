@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sidecar.audit import log as auditlog
 from sidecar.config import Settings, load_settings
@@ -102,7 +103,19 @@ def extra_listeners(settings: Settings) -> list[tuple[str, str]]:
 
 
 def split_bind(bind: str) -> tuple[str, int]:
-    host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (RFC 3986 §3.2.2 authority syntax), port 0 to 65535."""
+    try:
+        parts = urlsplit("//" + bind)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # an out-of-range port, an unbracketed or half-bracketed IPv6 address
+        host = port = None
+    text_port = bind.rpartition(":")[2]
+    if (
+        not host
+        or port is None
+        or parts.path
+        or parts.username is not None
+        or not text_port.isdigit()
+    ):
         raise SystemExit(f"sidecar: error: bind address {bind!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    return host, port

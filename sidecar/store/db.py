@@ -18,7 +18,9 @@ from sidecar.store.models import LeaseRow
 CONNECT_TIMEOUT_SECONDS = 2
 STATEMENT_TIMEOUT_MS = 2000
 # The client-side bound on any one wait for the server (PostgreSQL); see BoundedConnection.
-CLIENT_WAIT_SECONDS = 2.0
+# Longer than the statement timeout, so that a slow statement is cancelled by the server (the
+# connection stays usable) before the client gives the connection up.
+CLIENT_WAIT_SECONDS = 3.0
 SQLITE_BUSY_TIMEOUT_MS = 3000
 
 

@@ -160,7 +160,8 @@ def create_app(
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST)
+        # content_type, not mimetype: werkzeug would append a second charset parameter.
+        return Response(metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
     app.wsgi_app = TokenRouter(  # type: ignore[method-assign]
         endpoint, app.wsgi_app, listener_of=listener_of

@@ -25,7 +25,7 @@ from sidecar.audit import (
     redact_words,
 )
 from sidecar.audit.log import event_values
-from sidecar.audit.redact import makestorable, redact_audiences, storable, storable_values
+from sidecar.audit.redact import make_storable, redact_audiences, storable, storable_values
 from sidecar.exchange.subject import token_fingerprint
 
 JWT_KEY = "k" * 32  # HS256: a JWT of realistic shape without a key pair
@@ -228,36 +228,36 @@ def values(**fields: Any) -> dict[str, Any]:
     return event_values(AuditEvent(at=1.0, **fields))
 
 
-def test_makestorable_changes_the_values_in_place_and_returns_them() -> None:
+def test_make_storable_changes_the_values_in_place_and_returns_them() -> None:
     given_values = values(subject=a_jwt())
-    assert makestorable(given_values) is given_values
+    assert make_storable(given_values) is given_values
     assert given_values["subject"].startswith("sha256:")
 
 
 @pytest.mark.parametrize("name", ["client_id", "subject", "actor", "reason", "scope"])
 def test_each_field_a_client_or_an_idp_fills_is_redacted(name: str) -> None:
     token = a_jwt()
-    stored = makestorable(values(**{name: f"x https://u:s3cret@host/ {token}"}))
+    stored = make_storable(values(**{name: f"x https://u:s3cret@host/ {token}"}))
     assert stored[name] == f"x https://host/ sha256:{sha256_prefix(token)}"
 
 
 def test_a_single_value_field_is_redacted_as_one_value_not_word_by_word() -> None:
     token = a_jwt()
-    stored = makestorable(values(subject="s" * 200 + " " + token))
+    stored = make_storable(values(subject="s" * 200 + " " + token))
     # One value: cut at MAX_TEXT after the embedded JWT is replaced.
     assert stored["subject"] == ("s" * 200 + " sha256:" + sha256_prefix(token))[:MAX_TEXT]
 
 
 def test_the_scope_keeps_up_to_max_scope_text_characters() -> None:
     scope = " ".join(f"scope.{n:04d}" for n in range(200))  # 2,199 characters of short words
-    stored = makestorable(values(scope=scope))
+    stored = make_storable(values(scope=scope))
     assert stored["scope"] == scope[:MAX_SCOPE_TEXT]
     assert len(stored["scope"]) == MAX_SCOPE_TEXT > MAX_TEXT
 
 
 @pytest.mark.parametrize("name", ["client_id", "subject", "actor", "reason"])
 def test_the_other_client_fields_keep_up_to_max_text_characters(name: str) -> None:
-    assert makestorable(values(**{name: "v" * 1000}))[name] == "v" * MAX_TEXT
+    assert make_storable(values(**{name: "v" * 1000}))[name] == "v" * MAX_TEXT
 
 
 def test_the_sidecars_own_fields_are_not_redacted() -> None:
@@ -270,14 +270,14 @@ def test_the_sidecars_own_fields_are_not_redacted() -> None:
         "subject_token_sha256": "0123456789abcdef",
         "subject_issuer": "https://idp.example/" + "p" * 300,
     }
-    assert {name: value for name, value in makestorable(values(**own)).items() if name in own} == (
+    assert {name: value for name, value in make_storable(values(**own)).items() if name in own} == (
         own
     )
 
 
 def test_every_text_field_is_made_storable() -> None:
     text_fields = [name for name in FIELDS if name not in ("at", "expires_at", "audiences")]
-    stored = makestorable(values(**dict.fromkeys(text_fields, "nul\x00")))
+    stored = make_storable(values(**dict.fromkeys(text_fields, "nul\x00")))
     assert {name: stored[name] for name in text_fields} == dict.fromkeys(text_fields, "nul\ufffd")
 
 

@@ -136,11 +136,6 @@ def test_a_relative_jwks_file_is_found_beside_the_configuration(
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="demo-init writes a new key over a jwks_file it did not create when the demo key is "
-    "absent: the trusted issuer's real JWKS is replaced (sidecar/demo.py, init_demo_idp)",
-)
 def test_demo_init_never_replaces_a_jwks_file_it_did_not_create(
     config: dict[str, Any], idp: TestIdP, tmp_path: Path
 ) -> None:

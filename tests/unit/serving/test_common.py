@@ -66,20 +66,12 @@ def test_split_bind_refuses_anything_else_with_a_one_line_error(bind: str) -> No
     assert message == f"sidecar: error: bind address {bind!r} is not HOST:PORT"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="split_bind accepts any digits as the port (sidecar/serving/common.py)"
-)
 @pytest.mark.parametrize("bind", ["localhost:65536", "localhost:99999"])
 def test_split_bind_refuses_a_port_out_of_range(bind: str) -> None:
     with pytest.raises(SystemExit):
         split_bind(bind)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="split_bind takes an IPv6 address without its brackets, or with one of them, apart "
-    "at its last colon (sidecar/serving/common.py)",
-)
 @pytest.mark.parametrize("bind", ["::1:8080", "[::1:8080", "::1]:8080"])
 def test_split_bind_refuses_an_ipv6_address_not_in_brackets(bind: str) -> None:
     with pytest.raises(SystemExit):

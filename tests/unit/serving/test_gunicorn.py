@@ -264,11 +264,6 @@ def test_a_reload_keeps_the_command_line_options(config: dict[str, Any], config_
     assert server.cfg.workers == 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_config raises SystemExit in the master on SIGHUP when the new admin.listen "
-    "takes a gateway port, instead of refusing the file (sidecar/serving/gunicorn.py)",
-)
 def test_a_reload_moving_the_admin_listener_onto_a_gateway_port_is_refused(
     config: dict[str, Any], tmp_path: Path, serving_log: pytest.LogCaptureFixture
 ) -> None:
@@ -283,11 +278,6 @@ def test_a_reload_moving_the_admin_listener_onto_a_gateway_port_is_refused(
     assert server.cfg.bind == ["127.0.0.1:8080", "127.0.0.1:9901"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_config truncates keepalive and graceful_timeout with int(): a sub-second "
-    "value becomes 0, no keep-alive and no grace (sidecar/serving/gunicorn.py)",
-)
 @pytest.mark.parametrize("name", ["keepalive", "graceful_timeout"])
 def test_a_sub_second_duration_is_never_rounded_down_to_zero(
     config: dict[str, Any], tmp_path: Path, name: str

@@ -189,11 +189,6 @@ def test_metrics_are_in_the_prometheus_text_format(client: FlaskClient) -> None:
     assert {"sidecar_token_requests", "sidecar_signing_keys_published"} <= names
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the metrics view passes CONTENT_TYPE_LATEST as mimetype=, and werkzeug appends a "
-    "second charset parameter (sidecar/web/app.py, prometheus())",
-)
 def test_metrics_content_type_is_prometheus_clients_exactly(client: FlaskClient) -> None:
     content_type = client.get("/metrics").headers["Content-Type"]
 
