@@ -8,7 +8,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 # Only asymmetric algorithms: an HMAC "key" would be the issuer's public key, which is the
 # classic algorithm-confusion attack, and "none" is never acceptable.
@@ -71,3 +71,25 @@ def refuse_duplicates(what: str, values: list[str]) -> None:
         if value in seen:
             raise ValueError(f"{what}: {value!r} appears twice")
         seen.add(value)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (the RFC 3986 §3.2.2 authority syntax), a port from 0 to
+    65535 in plain digits; raises ValueError otherwise."""
+    try:
+        parts = urlsplit("//" + text)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # an out-of-range port, an unbracketed or half-bracketed IPv6 address
+        host = port = None
+    digits = text.rpartition(":")[2]
+    if not host or port is None or parts.path or parts.username is not None or not digits.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, port
+
+
+def check_listen(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
+Listen = Annotated[str, AfterValidator(check_listen)]

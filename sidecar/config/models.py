@@ -10,10 +10,12 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from sidecar.config.common import (
     Duration,
+    Listen,
     SigningAlgorithm,
     StrictModel,
     SubjectAlgorithm,
     check_http_url,
+    parse_listen,
     refuse_duplicates,
 )
 from sidecar.config.policies import PolicyConfig, validate_policies
@@ -178,7 +180,7 @@ class AdminConfig(StrictModel):
     """The policy admin API; absent, it is disabled (404)."""
 
     # HOST:PORT of a separate listener; when set, /admin is served there and only there.
-    listen: str | None = Field(default=None, pattern=r"^[^\s:]+:\d{1,5}$")
+    listen: Listen | None = None
     credentials: list[AdminCredential] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -188,7 +190,7 @@ class AdminConfig(StrictModel):
 
     @property
     def listen_port(self) -> int | None:
-        return int(self.listen.rsplit(":", 1)[1]) if self.listen else None
+        return parse_listen(self.listen)[1] if self.listen else None
 
 
 class RedisConfig(StrictModel):
@@ -208,11 +210,11 @@ class ManagementConfig(StrictModel):
     """A listener of its own for what upstreams and the orchestrator fetch (JWKS, metadata,
     health, metrics), so that ``/token`` can stay on loopback for the pod's gateway alone."""
 
-    listen: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")
+    listen: Listen
 
     @property
     def listen_port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
+        return parse_listen(self.listen)[1]
 
 
 class SubjectTokenCacheConfig(StrictModel):

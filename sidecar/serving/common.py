@@ -11,10 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sidecar.audit import log as auditlog
 from sidecar.config import Settings, load_settings
+from sidecar.config.common import parse_listen
 
 # The same name as sidecar.metrics.MULTIPROCESS_ENV; not imported from there because
 # prometheus_client must not be imported in the master before this variable is set.
@@ -103,19 +103,8 @@ def extra_listeners(settings: Settings) -> list[tuple[str, str]]:
 
 
 def split_bind(bind: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` (RFC 3986 §3.2.2 authority syntax), port 0 to 65535."""
+    """``HOST:PORT`` or ``[IPv6]:PORT``, or a one-line exit."""
     try:
-        parts = urlsplit("//" + bind)
-        host, port = parts.hostname, parts.port
-    except ValueError:  # an out-of-range port, an unbracketed or half-bracketed IPv6 address
-        host = port = None
-    text_port = bind.rpartition(":")[2]
-    if (
-        not host
-        or port is None
-        or parts.path
-        or parts.username is not None
-        or not text_port.isdigit()
-    ):
-        raise SystemExit(f"sidecar: error: bind address {bind!r} is not HOST:PORT")
-    return host, port
+        return parse_listen(bind)
+    except ValueError:
+        raise SystemExit(f"sidecar: error: bind address {bind!r} is not HOST:PORT") from None

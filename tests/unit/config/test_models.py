@@ -255,7 +255,9 @@ def test_admin_needs_a_credential() -> None:
     assert refusal(AdminConfig, credentials=[]).startswith("credentials: ")
 
 
-@pytest.mark.parametrize(("listen", "port"), [(None, None), ("127.0.0.1:9001", 9001)])
+@pytest.mark.parametrize(
+    ("listen", "port"), [(None, None), ("127.0.0.1:9001", 9001), ("[::1]:9001", 9001)]
+)
 def test_the_admin_listener_port(listen: str | None, port: int | None) -> None:
     admin = AdminConfig.model_validate(
         {"listen": listen, "credentials": [{"name": "ops", "token": ADMIN_TOKEN}]}
@@ -263,7 +265,9 @@ def test_the_admin_listener_port(listen: str | None, port: int | None) -> None:
     assert admin.listen_port == port
 
 
-@pytest.mark.parametrize("listen", ["9001", "127.0.0.1", "host:", "[::1]:9001", "host:123456"])
+@pytest.mark.parametrize(
+    "listen", ["9001", "127.0.0.1", "host:", "::1:9001", "[::1:9001", "host:123456", "host:65536"]
+)
 def test_the_admin_listener_is_host_colon_port(listen: str) -> None:
     credentials = [{"name": "ops", "token": ADMIN_TOKEN}]
     assert refusal(AdminConfig, listen=listen, credentials=credentials).startswith("listen: ")
