@@ -45,7 +45,7 @@ class Services:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.engine = engine or make_engine(settings.database_url)
+        self.engine = engine or make_engine(settings.database_url, settings.database)
         sessions = make_sessionmaker(self.engine)
         self.keys: KeyStore | DirectoryKeyStore
         if settings.keys.directory is not None:

@@ -212,5 +212,64 @@ def db_upgrade(ctx: click.Context) -> None:
     click.echo(f"database at revision {migrate.current_revision(services.engine)}")
 
 
+@db.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def db_check(ctx: click.Context, as_json: bool) -> None:
+    """Connect, and report the schema revision against the newest one (exit 1: unreachable or
+    not current)."""
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    from sidecar.store import migrate
+    from sidecar.store.db import make_engine, ping
+
+    settings = settings_of(ctx)
+    url = make_url(settings.database_url)
+    result: dict[str, Any] = {
+        "backend": url.get_backend_name(),
+        # Host and database only: never the user or the password.
+        "database": url.database,
+        "host": url.host,
+        "head_revision": migrate.head_revision(),
+    }
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        # Checking must not create the database it checks.
+        result.update(reachable=False, revision=None, error=f"no database file at {url.database}")
+        _report_db_check(result, as_json)
+    engine = make_engine(settings.database_url, settings.database)
+    started = time.monotonic()
+    try:
+        ping(engine)
+        result["reachable"] = True
+        result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
+        result["revision"] = migrate.current_revision(engine)
+    except Exception as exc:
+        result["reachable"] = False
+        result["revision"] = None
+        result["error"] = _database_reason(exc)
+    finally:
+        engine.dispose()
+    _report_db_check(result, as_json)
+
+
+def _report_db_check(result: dict[str, Any], as_json: bool) -> NoReturn:
+    import json
+
+    result["current"] = result["revision"] == result["head_revision"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif result["reachable"]:
+        state = "current" if result["current"] else "NOT current: run `sidecar db upgrade`"
+        click.echo(
+            f"{result['backend']} reachable in {result['latency_ms']} ms; schema revision "
+            f"{result['revision']} (newest {result['head_revision']}): {state}"
+        )
+    else:
+        click.echo(f"{result['backend']} unreachable: {result['error']}")
+    sys.exit(0 if result["reachable"] and result["current"] else 1)
+
+
 # The command groups live in modules of their own; importing them registers their commands.
 from sidecar.cli import demo, keys, policy  # noqa: E402, F401

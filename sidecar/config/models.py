@@ -193,6 +193,26 @@ class AdminConfig(StrictModel):
         return parse_listen(self.listen)[1] if self.listen else None
 
 
+class DatabaseConfig(StrictModel):
+    """PostgreSQL connection settings (SQLite ignores all but nothing: it has none of these).
+    Every wait on the database is bounded: a slow or unreachable database is a 503, not a
+    hang."""
+
+    pool_size: int = Field(5, ge=1, le=100)  # connections each worker keeps open
+    max_overflow: int = Field(5, ge=0, le=100)  # more, opened under load and closed after
+    pool_timeout: Duration = Field(2.0, gt=0, le=60)  # a request waits this long for one
+    connect_timeout: Duration = Field(2.0, ge=1, le=60)
+    # Server-side (PostgreSQL cancels the statement); the client gives up one second later.
+    statement_timeout: Duration = Field(2.0, gt=0, le=600)
+    # libpq TLS parameters: disable | allow | prefer | require | verify-ca | verify-full.
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        None
+    )
+    sslrootcert: Path | None = None
+    sslcert: Path | None = None
+    sslkey: Path | None = None
+
+
 class RedisConfig(StrictModel):
     """Rate limits shared by every worker of every replica (one Redis round trip per charge);
     without it, each worker keeps its own buckets."""
@@ -277,6 +297,7 @@ class Settings(StrictModel):
     admin: AdminConfig | None = None
     management: ManagementConfig | None = None
     redis: RedisConfig | None = None
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)  # type: ignore[arg-type]
     caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.
     rate_limit: RateLimitConfig | None = None

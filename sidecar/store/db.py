@@ -12,14 +12,18 @@ from sqlalchemy import Engine, create_engine, event, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from sidecar.config import DatabaseConfig
 from sidecar.store.models import LeaseRow
 
-# Every database operation is bounded: a slow or unreachable database becomes a 503, not a hang.
-CONNECT_TIMEOUT_SECONDS = 2
-STATEMENT_TIMEOUT_MS = 2000
+# Every database operation is bounded: a slow or unreachable database becomes a 503, not a hang
+# (database.connect_timeout, database.statement_timeout; these are their defaults).
+DEFAULTS = DatabaseConfig.model_validate({})
+CONNECT_TIMEOUT_SECONDS = round(DEFAULTS.connect_timeout)
+STATEMENT_TIMEOUT_MS = round(DEFAULTS.statement_timeout * 1000)
 # The client-side bound on any one wait for the server (PostgreSQL); see BoundedConnection.
-# Longer than the statement timeout, so that a slow statement is cancelled by the server (the
-# connection stays usable) before the client gives the connection up.
+# Longer than the statement timeout (make_engine sets it one second longer), so that a slow
+# statement is cancelled by the server (the connection stays usable) before the client gives
+# the connection up.
 CLIENT_WAIT_SECONDS = 3.0
 SQLITE_BUSY_TIMEOUT_MS = 3000
 
@@ -39,7 +43,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, options: DatabaseConfig | None = None) -> Engine:
+    """The engine of ``database_url``, with ``database:``'s pool, timeouts and TLS on
+    PostgreSQL."""
+    options = options or DEFAULTS
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -50,21 +57,33 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    global CLIENT_WAIT_SECONDS
+    CLIENT_WAIT_SECONDS = options.statement_timeout + 1.0
     engine = create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=5,
-        max_overflow=5,
-        pool_timeout=CONNECT_TIMEOUT_SECONDS,
-        connect_args={
-            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            "application_name": "token-exchange-sidecar",
-        },
+        pool_size=options.pool_size,
+        max_overflow=options.max_overflow,
+        pool_timeout=options.pool_timeout,
+        connect_args=postgres_connect_args(options),
     )
     if parsed.get_driver_name() == "psycopg":
         event.listen(engine, "do_connect", _connect_bounded)
     return engine
+
+
+def postgres_connect_args(options: DatabaseConfig) -> dict[str, Any]:
+    """libpq's connection parameters of ``database:``."""
+    connect_args: dict[str, Any] = {
+        "connect_timeout": max(1, round(options.connect_timeout)),
+        "options": f"-c statement_timeout={round(options.statement_timeout * 1000)}",
+        "application_name": "token-exchange-sidecar",
+    }
+    for name in ("sslmode", "sslrootcert", "sslcert", "sslkey"):
+        value = getattr(options, name)
+        if value is not None:
+            connect_args[name] = str(value)
+    return connect_args
 
 
 def _connect_bounded(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:

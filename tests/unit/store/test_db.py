@@ -245,3 +245,32 @@ def test_a_lease_is_held_until_commit_across_connections(postgres_engine: Engine
             other.execute(text("SET lock_timeout = '100ms'"))
             with pytest.raises(exc.OperationalError, match="lock timeout"):
                 other.execute(text("UPDATE leases SET holder = 'other' WHERE name = 'keyring'"))
+
+
+def test_the_database_section_sets_the_pool_timeouts_and_tls() -> None:
+    from sidecar.config import DatabaseConfig
+    from sidecar.store.db import postgres_connect_args
+
+    options = DatabaseConfig.model_validate(
+        {
+            "pool_size": 3,
+            "pool_timeout": "4s",
+            "connect_timeout": "7s",
+            "statement_timeout": "9s",
+            "sslmode": "verify-full",
+            "sslrootcert": "/etc/sidecar/ca.pem",
+        }
+    )
+    engine = make_engine("postgresql+psycopg://sidecar@db.invalid:5432/sidecar", options)
+    try:
+        assert engine.pool.size() == 3  # type: ignore[attr-defined]
+        assert engine.pool.timeout() == 4  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+    assert postgres_connect_args(options) == {
+        "connect_timeout": 7,
+        "options": "-c statement_timeout=9000",
+        "application_name": "token-exchange-sidecar",
+        "sslmode": "verify-full",
+        "sslrootcert": "/etc/sidecar/ca.pem",
+    }
