@@ -8,7 +8,9 @@ endpoint, with a short ``exp`` and a ``jti`` that is accepted once). RFC 6749 §
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import Callable, Mapping
@@ -198,6 +200,91 @@ def _method_used(form: FormParams, authorization: str | None) -> str | None:
     return methods[0] if methods else None
 
 
+class ServiceAccountTokens:
+    """Kubernetes service-account tokens as client assertions (RFC 7523 §2.2 with a third-party
+    issuer, RFC 7521 §5.1): the projected token a pod's kubelet writes, audience-bound to this
+    service, signed by the cluster. Verified like a subject token (issuer, kid in the cluster's
+    JWKS only, algorithm allowlist, exp/nbf/iat with leeway, audience), then bound to the one
+    client configured with its ``sub`` (``system:serviceaccount:<namespace>:<name>``), which the
+    ``kubernetes.io`` claim must confirm. The kubelet hands the same token to every call until it
+    rotates it, so there is no one-time ``jti``: the audience and the lifetime bound it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clients: Mapping[str, Client],
+        clock: Callable[[], float],
+        fetch: Callable[[str, float], Any],
+    ) -> None:
+        from sidecar.issuers import IssuerDirectory
+
+        assert settings.kubernetes is not None
+        self.issuer = settings.kubernetes.issuer
+        self._max_lifetime = settings.kubernetes.max_token_lifetime
+        self._leeway = settings.tokens.leeway
+        self._directory = IssuerDirectory(settings, clock, fetch, entries=[settings.kubernetes])
+        self._clients = {
+            client.config.kubernetes_service_account: client
+            for client in clients.values()
+            if client.config.kubernetes_service_account is not None
+        }
+
+    def claims_issuer(self, assertion: str) -> bool:
+        """Whether the (unverified) assertion names the cluster as its issuer."""
+        return unverified_issuer(assertion) == self.issuer
+
+    def authenticate(self, assertion: str) -> Client:
+        from sidecar.exchange.subject import verify_token
+
+        try:
+            verified = verify_token(
+                assertion, self._directory, leeway=self._leeway, role="service account"
+            )
+        except InvalidRequestError as exc:
+            raise InvalidClientError(reason=exc.reason) from exc
+        claims = verified.claims
+        iat = claims.get("iat")
+        if not isinstance(iat, int | float) or isinstance(iat, bool):
+            raise InvalidClientError(reason="service account token without iat")
+        # (exp is required and numeric: verify_token checked it.)
+        if verified.expires_at - float(iat) > self._max_lifetime:
+            raise InvalidClientError(reason="service account token lifetime too long")
+        _, namespace, name = _service_account_parts(verified.subject)
+        kubernetes = claims.get("kubernetes.io")
+        account = kubernetes.get("serviceaccount") if isinstance(kubernetes, Mapping) else None
+        if (
+            not isinstance(account, Mapping)
+            or kubernetes.get("namespace") != namespace  # type: ignore[union-attr]
+            or account.get("name") != name
+        ):
+            raise InvalidClientError(reason="service account token claims disagree with its sub")
+        client = self._clients.get(verified.subject)
+        if client is None:
+            raise InvalidClientError(reason="no client for this service account")
+        return client
+
+
+def _service_account_parts(subject: str) -> tuple[str, str, str]:
+    prefix, _, rest = subject.partition("system:serviceaccount:")
+    namespace, _, name = rest.partition(":")
+    if prefix or not namespace or not name:
+        raise InvalidClientError(reason="service account token sub is not a service account")
+    return prefix, namespace, name
+
+
+def unverified_issuer(assertion: str) -> str | None:
+    """The ``iss`` an assertion names, read without verification (to choose the verifier)."""
+    parts = assertion.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, RecursionError):
+        return None
+    issuer = claims.get("iss") if isinstance(claims, dict) else None
+    return issuer if isinstance(issuer, str) else None
+
+
 class ClientAuthenticator:
     def __init__(
         self,
@@ -217,6 +304,11 @@ class ClientAuthenticator:
         self._unknown = Client(
             ClientConfig(client_id="unknown", client_secret=SecretStr(secrets.token_urlsafe(32))),
             None,
+        )
+        self._service_accounts = (
+            ServiceAccountTokens(settings, self.clients, clock, fetch)
+            if settings.kubernetes is not None
+            else None
         )
         self._authlib = ClientAuthentication(self._find_client)
         self._authlib.register(
@@ -240,6 +332,15 @@ class ClientAuthenticator:
             and form.single("client_assertion_type") != CLIENT_ASSERTION_TYPE
         ):
             raise InvalidClientError(reason="unsupported client_assertion_type")
+        assertion = form.single("client_assertion")
+        if (
+            method == "private_key_jwt"
+            and self._service_accounts is not None
+            and assertion is not None
+            and self._service_accounts.claims_issuer(assertion)
+        ):
+            account_client = self._service_accounts.authenticate(assertion)
+            return self._matching_claimed_id(form, account_client, basic=False)
         request = _AuthlibRequest(
             headers={"Authorization": authorization} if authorization else {},
             form={name: values[0] for name, values in form.values.items()},
@@ -254,6 +355,13 @@ class ClientAuthenticator:
             raise InvalidClientError(reason=f"{method} failed", basic=basic) from exc
         if client is self._unknown:  # cannot happen (its secret is random); fail closed anyway
             raise InvalidClientError(reason="unknown client", basic=basic)
+        if client.config.kubernetes_service_account is not None:
+            # Only the cluster's token authenticates such a client, never a key of its own.
+            raise InvalidClientError(reason="client authenticates with its service account")
+        return self._matching_claimed_id(form, client, basic=basic)
+
+    @staticmethod
+    def _matching_claimed_id(form: FormParams, client: Client, *, basic: bool) -> Client:
         claimed = form.single("client_id")
         if claimed is not None and claimed != client.client_id:
             # RFC 6749 §3.2.1 / RFC 7521 §4.2: a client_id parameter must name the same client.

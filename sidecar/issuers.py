@@ -7,7 +7,7 @@ key of another.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidecar.config import Settings, TrustedIssuerConfig
@@ -52,7 +52,10 @@ class IssuerDirectory:
         settings: Settings,
         clock: Callable[[], float],
         fetch: Callable[[str, float], object] = fetch_json,
+        *,
+        entries: Sequence[TrustedIssuerConfig] | None = None,
     ) -> None:
+        """The issuers of ``entries`` (default: the settings' ``trusted_issuers``)."""
         self._issuers = {
             entry.issuer: TrustedIssuer(
                 entry,
@@ -60,7 +63,7 @@ class IssuerDirectory:
                 clock=clock,
                 fetch=fetch,
             )
-            for entry in settings.trusted_issuers
+            for entry in (settings.trusted_issuers if entries is None else entries)
         }
 
     def find_issuer(self, issuer: str) -> TrustedIssuer | None:

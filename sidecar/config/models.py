@@ -111,6 +111,25 @@ class TrustedIssuerConfig(StrictModel):
         return self
 
 
+class KubernetesConfig(TrustedIssuerConfig):
+    """The cluster's service-account token issuer: a client may authenticate with its projected,
+    audience-bound service-account token as an RFC 7523 client assertion, verified with these
+    keys (the API server's ``/openid/v1/jwks``, or that document in a file)."""
+
+    audiences: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["token-exchange-sidecar"], min_length=1
+    )
+    # A projected token lives 1 h by default (expirationSeconds); longer-lived tokens (the
+    # legacy extended ones) are refused.
+    max_token_lifetime: Duration = Field(3600.0 * 24, gt=0)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        # A cluster issuer may be an in-cluster https URL; compared byte for byte with `iss`.
+        return check_http_url(value)
+
+
 class RateLimitConfig(StrictModel):
     """A token bucket: ``per_second`` requests sustained, ``burst`` at once (per worker)."""
 
@@ -123,6 +142,11 @@ class ClientConfig(StrictModel):
     client_secret: SecretStr | None = None
     jwks: dict[str, Any] | None = None
     jwks_uri: str | None = None
+    # Authenticates with its projected Kubernetes service-account token (kubernetes: issuer).
+    kubernetes_service_account: str | None = Field(
+        default=None,
+        pattern=r"^system:serviceaccount:[a-z0-9]([-a-z0-9.]*[a-z0-9])?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    )
     # This client's own limit, instead of the top-level rate_limit.
     rate_limit: RateLimitConfig | None = None
     # The grants this client may use; token exchange is the only grant this service offers, so
@@ -146,10 +170,15 @@ class ClientConfig(StrictModel):
     @model_validator(mode="after")
     def _one_credential(self) -> ClientConfig:
         has_keys = self.jwks is not None or self.jwks_uri is not None
-        if (self.client_secret is None) == (not has_keys):
+        credentials = [
+            self.client_secret is not None,
+            has_keys,
+            self.kubernetes_service_account is not None,
+        ]
+        if credentials.count(True) != 1:
             raise ValueError(
-                "exactly one credential is required: client_secret, or jwks / jwks_uri "
-                "(private_key_jwt)"
+                "exactly one credential is required: client_secret, jwks / jwks_uri "
+                "(private_key_jwt) or kubernetes_service_account"
             )
         if self.jwks is not None and self.jwks_uri is not None:
             raise ValueError("jwks and jwks_uri are mutually exclusive")
@@ -161,6 +190,8 @@ class ClientConfig(StrictModel):
     def auth_methods(self) -> tuple[str, ...]:
         if self.client_secret is not None:
             return ("client_secret_basic", "client_secret_post")
+        # A service-account token is a JWT client assertion too (RFC 7523 §2.2), signed by the
+        # cluster rather than by the client.
         return ("private_key_jwt",)
 
 
@@ -297,6 +328,7 @@ class Settings(StrictModel):
     admin: AdminConfig | None = None
     management: ManagementConfig | None = None
     redis: RedisConfig | None = None
+    kubernetes: KubernetesConfig | None = None
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)  # type: ignore[arg-type]
     caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.
@@ -346,6 +378,13 @@ class Settings(StrictModel):
             and self.admin.listen_port == self.management.listen_port
         ):
             raise ValueError("admin.listen and management.listen must use different ports")
+        if self.kubernetes is not None and self.kubernetes.issuer == self.issuer:
+            raise ValueError("kubernetes.issuer must not be this service's own issuer")
+        accounts = [c.kubernetes_service_account for c in self.clients]
+        named = [account for account in accounts if account is not None]
+        if named and self.kubernetes is None:
+            raise ValueError("clients with kubernetes_service_account need a kubernetes: issuer")
+        refuse_duplicates("clients[].kubernetes_service_account", named)
         validate_policies(self.policies, self)
         return self
 
@@ -368,6 +407,10 @@ class Settings(StrictModel):
             path = self.resolve_path(entry.jwks_file) if entry.jwks_file else None
             if path is not None and not path.is_file():
                 missing.append(f"trusted_issuers[{index}].jwks_file: {path} is not a file")
+        if self.kubernetes is not None and self.kubernetes.jwks_file is not None:
+            path = self.resolve_path(self.kubernetes.jwks_file)
+            if not path.is_file():
+                missing.append(f"kubernetes.jwks_file: {path} is not a file")
         if self.keys.directory is not None and not self.resolve_path(self.keys.directory).is_dir():
             missing.append(
                 f"keys.directory: {self.resolve_path(self.keys.directory)} is not a directory"

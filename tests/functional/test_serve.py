@@ -275,3 +275,81 @@ def test_rate_limits_are_shared_by_every_worker_through_redis(
         served.kill()
     assert statuses[:4] == [200] * 4
     assert statuses[4:] == [429] * 4
+
+
+def test_a_gateway_authenticates_with_its_kubernetes_service_account_token(
+    tmp_path: Path,
+) -> None:
+    import json as json_module
+    import uuid
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    cluster = "https://kubernetes.default.svc.cluster.local"
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwk.update(kid="cluster-1", alg="RS256", use="sig")
+    (tmp_path / "cluster.jwks.json").write_text(json_module.dumps({"keys": [jwk]}))
+    idp = TestIdP(tmp_path)
+    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    config["kubernetes"] = {
+        "issuer": cluster,
+        "jwks_file": "cluster.jwks.json",
+        "audiences": ["token-exchange-sidecar"],
+    }
+    config["clients"].append(
+        {"client_id": "k8s-gateway", "kubernetes_service_account": "system:serviceaccount:gw:gw"}
+    )
+    config["policies"].append(
+        {
+            "name": "k8s-code-search",
+            "client_id": "k8s-gateway",
+            "audience": CODE_SEARCH,
+            "scopes": ["code.read"],
+            "default_scopes": ["code.read"],
+        }
+    )
+    now = int(time.time())
+    service_account_token = jwt.encode(
+        {
+            "aud": ["token-exchange-sidecar"],
+            "exp": now + 3600,
+            "iat": now,
+            "nbf": now,
+            "iss": cluster,
+            "jti": str(uuid.uuid4()),
+            "kubernetes.io": {"namespace": "gw", "serviceaccount": {"name": "gw", "uid": "1"}},
+            "sub": "system:serviceaccount:gw:gw",
+        },
+        key,
+        algorithm="RS256",
+        headers={"kid": "cluster-1"},
+    )
+    served = start_serve(tmp_path, config)
+    try:
+        response = requests.post(
+            served.token_url,
+            data={
+                "grant_type": TOKEN_EXCHANGE,
+                "subject_token": idp.token(),
+                "subject_token_type": ACCESS_TOKEN_TYPE,
+                "audience": CODE_SEARCH,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": service_account_token,
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        token = response.json()["access_token"]
+        jwks = jwt.PyJWKClient(f"{served.url}/.well-known/jwks.json")
+        claims = jwt.decode(
+            token,
+            jwks.get_signing_key_from_jwt(token),
+            algorithms=["ES256"],
+            audience=CODE_SEARCH,
+            issuer=SIDECAR_ISSUER,
+        )
+    finally:
+        served.kill()
+    assert claims["client_id"] == "k8s-gateway"
