@@ -139,7 +139,9 @@ def test_every_volume_mount_names_a_volume_and_every_volume_a_source_that_exists
     mounted = {m["name"] for c in containers for m in c.get("volumeMounts", [])}
     assert mounted <= set(volumes)
     assert set(volumes) <= mounted  # no volume left unused
-    config_maps = {d["metadata"]["name"] for d in of_kind("ConfigMap")}
+    config_maps = {d["metadata"]["name"] for d in of_kind("ConfigMap")} | {
+        g["name"] for g in kustomization(OVERLAY).get("configMapGenerator", [])
+    }
     generated = {g["name"] for g in kustomization(OVERLAY).get("secretGenerator", [])}
     for volume in volumes.values():
         if "configMap" in volume:
@@ -174,10 +176,31 @@ def test_the_configuration_in_the_config_map_is_valid_and_matches_the_ports(
         for entry in generator["files"]:
             key, _, source = entry.partition("=")
             shutil.copy(OVERLAY / source, secrets_dir / key)
+    cluster_dir = tmp_path / "cluster"
+    cluster_dir.mkdir()
+    for generator in kustomization(OVERLAY)["configMapGenerator"]:
+        for entry in generator["files"]:
+            key, _, source = entry.partition("=")
+            shutil.copy(OVERLAY / source, cluster_dir / key)
     config_file = tmp_path / "sidecar.yaml"
-    config_file.write_text(text.replace("/etc/sidecar/secrets/", f"{secrets_dir}/"))
+    config_file.write_text(
+        text.replace("/etc/sidecar/secrets/", f"{secrets_dir}/").replace(
+            "/etc/sidecar/cluster/", f"{cluster_dir}/"
+        )
+    )
 
-    settings = load_settings(config_file, env={})
+    settings = load_settings(config_file, env={"POD_NAMESPACE": "gateway-example"})
+
+    assert settings.missing_files() == []
+    assert settings.kubernetes is not None
+    [client] = settings.clients
+    # The gateway's identity is its service account; the pod's token is bound to that audience.
+    assert client.kubernetes_service_account == "system:serviceaccount:gateway-example:gateway"
+    projected = {
+        v["name"]: v for v in pod_spec("Deployment", "gateway")["volumes"] if "projected" in v
+    }
+    [source] = projected["token-exchange-token"]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] in settings.kubernetes.audiences
 
     assert settings.management is not None
     container = sidecar_container()
