@@ -3,6 +3,7 @@ SQLite file or PostgreSQL database, and the real app served over HTTP on loopbac
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,18 +19,22 @@ from typing import Any, ClassVar
 import jwt
 import pytest
 import requests
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from flask import Flask
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import sessionmaker
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from sidecar.config import Settings, settings_from_mapping
+from sidecar.config import Settings, load_settings, settings_from_mapping
 from sidecar.services import Services
+from sidecar.store import migrate
 from sidecar.store.db import make_engine
 from sidecar.store.models import AuditEventRow
 from sidecar.store.policies import PolicyStore
 from sidecar.web.app import create_app
+from tests.functional.http.admin_support import admin_credentials
 from tests.launcher import Served, start_serve
 
 SIDECAR_ISSUER = "https://sidecar.test.example"
@@ -128,7 +133,11 @@ class ClientKeys:
         jwk.update(kid="client-1", alg="ES256", use="sig")
         self.jwks = {"keys": [jwk]}
 
-    def assertion(self, *, audience: str = SIDECAR_ISSUER, **claims: Any) -> str:
+    def assertion(
+        self, *, audience: str = SIDECAR_ISSUER, signing_key: Any = None, **claims: Any
+    ) -> str:
+        """An RFC 7523 client assertion under the client's kid, signed with its key (or
+        ``signing_key``); claims override the defaults."""
         now = int(time.time())
         payload = {
             "iss": self.client_id,
@@ -139,7 +148,41 @@ class ClientKeys:
             "jti": secrets.token_urlsafe(12),
         }
         payload.update(claims)
-        return jwt.encode(payload, self.key, algorithm="ES256", headers={"kid": "client-1"})
+        key = signing_key if signing_key is not None else self.key
+        return jwt.encode(payload, key, algorithm="ES256", headers={"kid": "client-1"})
+
+    def impostor_assertion(self, **claims: Any) -> str:
+        """Claims to be the client, under its kid, but signed with a key that is not its own."""
+        return self.assertion(signing_key=ec.generate_private_key(ec.SECP256R1()), **claims)
+
+    def unsigned_assertion(self, **claims: Any) -> str:
+        """The client's assertion under its kid, but with ``"alg": "none"`` and no signature."""
+        payload = self.assertion(**claims).split(".")[1]
+        header = base64.urlsafe_b64encode(b'{"alg":"none","kid":"client-1"}').rstrip(b"=")
+        return f"{header.decode()}.{payload}."
+
+
+def exchange_params(subject_token: str | None, /, **params: Any) -> dict[str, Any]:
+    """The gateway's token-exchange form for CODE_SEARCH; params override or add (None drops
+    one)."""
+    form: dict[str, Any] = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": subject_token,
+        "subject_token_type": ACCESS_TOKEN_TYPE,
+        "audience": CODE_SEARCH,
+    }
+    form.update(params)
+    return {name: value for name, value in form.items() if value is not None}
+
+
+# ``keys:`` for the tests of key rotation: a new key every hour, published ten minutes before it
+# signs, the old one kept ten minutes after; each instance reloads the keyring every second.
+HOURLY_KEYS = {
+    "rotate_every": "1h",
+    "publish_ahead": "10m",
+    "retain_after": "10m",
+    "refresh_interval": "1s",
+}
 
 
 def base_config(idp: TestIdP, client_keys: ClientKeys, database_url: str) -> dict[str, Any]:
@@ -217,6 +260,14 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+# Authorization headers that say Basic but carry no usable client credentials.
+MALFORMED_BASIC_HEADERS = [
+    pytest.param("Basic !!!not-base64!!!", id="not-base64"),
+    pytest.param("Basic " + base64.b64encode(b"gateway").decode(), id="no-secret"),  # no colon
+    pytest.param("Basic " + base64.b64encode(b"gateway:\xff\xfe").decode(), id="not-utf8"),
+    pytest.param("Basic", id="no-credentials"),
+]
+
 DATA_TABLES = (
     "policies",
     "policy_versions",
@@ -247,9 +298,6 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, migrated, dropped at the end."""
-    from sidecar.store import migrate
-    from sidecar.store.db import make_engine
-
     with fresh_postgres_database("sidecar_test") as url:
         engine = make_engine(url)
         migrate.upgrade(engine)
@@ -297,15 +345,63 @@ def client_keys() -> ClientKeys:
     return ClientKeys()
 
 
+ConfigEdit = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def edit_config() -> ConfigEdit:
+    """What a module changes in ``base_config`` for all its tests, whichever target runs them
+    (``config`` in-process, ``gateway_config`` under sidecar serve): nothing, unless the module
+    overrides this fixture."""
+    return lambda config: config
+
+
 @pytest.fixture
-def config(idp: TestIdP, client_keys: ClientKeys, sqlite_url: str) -> dict[str, Any]:
+def config(
+    idp: TestIdP, client_keys: ClientKeys, sqlite_url: str, edit_config: ConfigEdit
+) -> dict[str, Any]:
     """The configuration as a YAML-shaped mapping; tests may edit it before ``settings``."""
-    return base_config(idp, client_keys, sqlite_url)
+    return edit_config(base_config(idp, client_keys, sqlite_url))
 
 
 @pytest.fixture
 def settings(config: dict[str, Any]) -> Settings:
     return settings_from_mapping(config, env={})
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """``config`` as a YAML configuration file at ``path``."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, config: dict[str, Any]) -> Path:
+    """``config`` as the file ``sidecar --config`` reads: ``sidecar.yaml`` in the test's
+    directory."""
+    return write_config(tmp_path / "sidecar.yaml", config)
+
+
+# Set-up for the command line's tests, done in-process: ``config_file`` with its database as a
+# command would find it.
+
+
+@pytest.fixture
+def migrated(config_file: Path, config: dict[str, Any]) -> Path:
+    """``config_file``, its database as ``sidecar db upgrade`` leaves it: the schema, no keys, no
+    policies."""
+    engine = make_engine(config["database_url"])
+    migrate.upgrade(engine)
+    engine.dispose()
+    return config_file
+
+
+@pytest.fixture
+def started(config_file: Path) -> Path:
+    """``config_file``, its database as ``sidecar serve`` leaves it: migrated, one signing key,
+    the policies bootstrapped from the file."""
+    make_services(load_settings(config_file)).close()
+    return config_file
 
 
 def make_services(settings: Settings, **kwargs: Any) -> Services:
@@ -330,10 +426,11 @@ def audit_rows(services: Services, *, after_id: int = 0) -> list[AuditEventRow]:
 
 
 class LiveServer:
-    """The real WSGI app served over HTTP on 127.0.0.1 in a background thread."""
+    """The real WSGI app served over HTTP on 127.0.0.1 in a background thread, on ``port`` or
+    one the system chooses."""
 
-    def __init__(self, app: Any) -> None:
-        self._server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
+    def __init__(self, app: Any, port: int = 0) -> None:
+        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self.token_url = f"{self.url}/token"
         # A short poll interval: stop() returns at once instead of after up to half a second.
@@ -353,16 +450,22 @@ class LiveServer:
         auth: tuple[str, str] | None = ("gateway", GATEWAY_SECRET),
         **params: Any,
     ) -> requests.Response:
-        """POST /token with a token-exchange form; params override or add (None drops one)."""
-        form: dict[str, Any] = {
-            "grant_type": TOKEN_EXCHANGE,
-            "subject_token": subject_token,
-            "subject_token_type": ACCESS_TOKEN_TYPE,
-            "audience": CODE_SEARCH,
-        }
-        form.update(params)
-        form = {k: v for k, v in form.items() if v is not None}
+        """POST /token with :func:`exchange_params`."""
+        form = exchange_params(subject_token, **params)
         return requests.post(self.token_url, data=form, auth=auth, timeout=10)
+
+
+@pytest.fixture
+def app(services: Services) -> Flask:
+    """The app of ``services``, as a worker builds it (for Flask's test client)."""
+    return create_app(services.settings, services)
+
+
+@pytest.fixture
+def credentials() -> dict[str, str]:
+    """Admin API credentials (name -> token), new for each test: a module that enables the
+    admin API gives its ``config`` these (``enable_admin``)."""
+    return admin_credentials()
 
 
 @pytest.fixture
@@ -370,6 +473,20 @@ def server(services: Services) -> Iterator[LiveServer]:
     live = LiveServer(create_app(services.settings, services))
     yield live
     live.stop()
+
+
+@contextmanager
+def live_service(config: dict[str, Any], **kwargs: Any) -> Iterator[tuple[Services, LiveServer]]:
+    """For a test or fixture that builds its own: the service of ``config`` (``kwargs`` go to
+    :class:`Services`), prepared, and its app on a :class:`LiveServer`; at the end the server
+    stops and the service closes."""
+    services = make_services(settings_from_mapping(config, env={}), **kwargs)
+    server = LiveServer(create_app(services.settings, services))
+    try:
+        yield services, server
+    finally:
+        server.stop()
+        services.close()
 
 
 @pytest.fixture
@@ -408,8 +525,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # above (``server`` and the function-scoped fixtures it chains: a new database per test), and
 # "serve", the production command (``sidecar serve``: granian, its default two workers), started
 # once per test module on a SQLite file of its own. A module edits the configuration of both by
-# overriding ``config`` (in-process) and ``gateway_config`` (served, module-scoped), normally
-# with one function called from both.
+# overriding ``edit_config``; ``config`` (in-process) and ``gateway_config`` (served,
+# module-scoped) may each be overridden too, for one target alone.
 
 GATEWAY_TARGETS = ("in-process", "serve")
 # How long a test waits for ``sidecar serve`` to write the audit rows it expects (seconds).
@@ -459,16 +576,8 @@ class Gateway:
         auth: tuple[str, str] | None = ("gateway", GATEWAY_SECRET),
         **params: Any,
     ) -> requests.Response:
-        """POST /token with a token-exchange form; params override or add (None drops one)."""
-        form: dict[str, Any] = {
-            "grant_type": TOKEN_EXCHANGE,
-            "subject_token": subject_token,
-            "subject_token_type": ACCESS_TOKEN_TYPE,
-            "audience": CODE_SEARCH,
-        }
-        form.update(params)
-        form = {k: v for k, v in form.items() if v is not None}
-        return self.post(self.token_url, data=form, auth=auth)
+        """POST /token with :func:`exchange_params`."""
+        return self.post(self.token_url, data=exchange_params(subject_token, **params), auth=auth)
 
     @property
     def engine(self) -> Engine:
@@ -643,13 +752,16 @@ def gateway_client_keys() -> ClientKeys:
 
 @pytest.fixture(scope="module")
 def gateway_config(
-    gateway_idp: TestIdP, gateway_client_keys: ClientKeys, gateway_directory: Path
+    gateway_idp: TestIdP,
+    gateway_client_keys: ClientKeys,
+    gateway_directory: Path,
+    edit_config: ConfigEdit,
 ) -> dict[str, Any]:
-    """The configuration of the module's ``sidecar serve``: ``base_config``; a module overrides
-    this fixture (module-scoped) to edit it, as it overrides ``config`` for the in-process
-    target."""
+    """The configuration of the module's ``sidecar serve``: ``base_config`` as ``edit_config``
+    leaves it; a module may also override this fixture (module-scoped) to edit it for this
+    target alone."""
     database_url = f"sqlite:///{gateway_directory / 'sidecar.db'}"
-    return base_config(gateway_idp, gateway_client_keys, database_url)
+    return edit_config(base_config(gateway_idp, gateway_client_keys, database_url))
 
 
 @pytest.fixture(scope="module")

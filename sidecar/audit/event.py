@@ -29,9 +29,19 @@ class AuditEvent:
     jti: str | None = None
     expires_at: float | None = None
     kid: str | None = None
+    request_id: str | None = None
+    latency_ms: float | None = None
+    policies: str | None = None  # on a grant: "name@version ..." of the granting policies
 
 
-def granted_event(at: float, client_id: str, granted: Granted) -> AuditEvent:
+def granted_event(
+    at: float,
+    client_id: str,
+    granted: Granted,
+    *,
+    request_id: str | None = None,
+    latency_ms: float | None = None,
+) -> AuditEvent:
     return AuditEvent(
         at=at,
         decision=GRANTED,
@@ -41,12 +51,21 @@ def granted_event(at: float, client_id: str, granted: Granted) -> AuditEvent:
         jti=granted.jti,
         expires_at=granted.expires_at,
         kid=granted.kid,
+        request_id=request_id,
+        latency_ms=latency_ms,
+        policies=" ".join(granted.policies) or None,
         **_facts(granted.facts),
     )
 
 
 def denied_event(
-    at: float, client_id: str | None, error: ProtocolError, facts: Facts | None = None
+    at: float,
+    client_id: str | None,
+    error: ProtocolError,
+    facts: Facts | None = None,
+    *,
+    request_id: str | None = None,
+    latency_ms: float | None = None,
 ) -> AuditEvent:
     """A refusal: no token was sent, so none is recorded (not even a grant refused late, when its
     audit record could not be queued)."""
@@ -56,6 +75,8 @@ def denied_event(
         error=error.error,
         reason=error.reason,
         client_id=client_id,
+        request_id=request_id,
+        latency_ms=latency_ms,
         **(_facts(facts) if facts is not None else {}),
     )
 

@@ -19,7 +19,10 @@ import json
 import logging
 from typing import IO, Any
 
+from pythonjsonlogger.json import JsonFormatter
+
 from sidecar.audit.event import FIELDS, AuditEvent
+from sidecar.logs import RequestIdFilter
 
 AUDIT_LOGGER = "sidecar.audit"
 MESSAGE = "exchange "  # each audit line is "exchange {json}"
@@ -28,14 +31,25 @@ MESSAGE = "exchange "  # each audit line is "exchange {json}"
 class AuditLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that also writes many audit lines at once (:meth:`write_lines`)."""
 
+    json = False  # set by install() when the formatter writes JSON objects
+
     def write_lines(self, lines: list[str]) -> None:
         """The JSON lines, each after the formatter's prefix and ``exchange``, in one write."""
         if not lines:
             return
-        record = logging.LogRecord(AUDIT_LOGGER, logging.INFO, __file__, 0, "", None, None)
+        record = logging.LogRecord(
+            AUDIT_LOGGER, logging.INFO, __file__, 0, "exchange" if self.json else "", None, None
+        )
+        record.request_suffix = ""  # a batch belongs to no request (its events name theirs)
         try:
-            prefix = self.format(record) + MESSAGE
-            text = "".join([prefix + line + self.terminator for line in lines])
+            if self.json:
+                # One JSON object per event: the formatter's object for the batch (time, level,
+                # logger, message, process), the event's own object merged in.
+                head = self.format(record)[:-1] + ","
+                text = "".join([head + line[1:] + self.terminator for line in lines])
+            else:
+                prefix = self.format(record) + MESSAGE
+                text = "".join([prefix + line + self.terminator for line in lines])
             with self.lock:  # type: ignore[union-attr]
                 self.stream.write(text)
                 self.flush()
@@ -52,6 +66,8 @@ def install(stream: IO[str] | None, formatter: logging.Formatter) -> AuditLogHan
             logger.removeHandler(handler)
     handler = AuditLogHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(RequestIdFilter())  # the request id fields the formats name
+    handler.json = isinstance(formatter, JsonFormatter)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False

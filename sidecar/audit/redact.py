@@ -134,7 +134,9 @@ def redact_audiences(audiences: list[str]) -> list[str]:
 
 
 # Fields holding a str or None, and the columns cut to their size.
-_TEXT = tuple(name for name in FIELDS if name not in ("at", "expires_at", "audiences"))
+_TEXT = tuple(
+    name for name in FIELDS if name not in ("at", "expires_at", "latency_ms", "audiences")
+)
 # Fields that may hold what a client sent, and how each is redacted. audiences: the request's
 # targets, recorded before any check. reason: quotes the requested scope tokens a policy refused
 # and the name of a repeated form parameter. scope (only on a grant, within what the policy

@@ -136,6 +136,9 @@ def serve(
     kind = server_name or settings.server.kind
     if gunicorn_config is not None and kind != "gunicorn":
         fail("--gunicorn-config applies to the gunicorn server only", 2)
+    from sidecar.serving.common import configure_logging
+
+    configure_logging(settings.log.format)  # the preparation's warnings too, in the format
     _in_child_process(_prepare_to_serve, settings)
     if kind == "gunicorn":
         from sidecar.serving.gunicorn import serve_gunicorn

@@ -244,6 +244,11 @@ class DatabaseConfig(StrictModel):
     sslkey: Path | None = None
 
 
+class LogConfig(StrictModel):
+    # json: one JSON object per line; text: plain lines; auto: json unless stderr is a terminal.
+    format: Literal["auto", "json", "text"] = "auto"
+
+
 class RedisConfig(StrictModel):
     """Rate limits shared by every worker of every replica (one Redis round trip per charge);
     without it, each worker keeps its own buckets."""
@@ -329,6 +334,7 @@ class Settings(StrictModel):
     management: ManagementConfig | None = None
     redis: RedisConfig | None = None
     kubernetes: KubernetesConfig | None = None
+    log: LogConfig = Field(default_factory=LogConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)  # type: ignore[arg-type]
     caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.

@@ -76,6 +76,7 @@ class Granted:
     kid: str
     expires_at: int
     reused: bool  # a still-fresh token minted earlier for the same request (caches.minted_tokens)
+    policies: tuple[str, ...] = ()  # the granting policies, "name@version"
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +230,7 @@ class TokenExchangeGrant:
                 int(now),
                 cache_key,
                 facts,
+                _versions(decision, policies),
             )
         except ProtocolError as error:
             return Refused(error, facts)
@@ -244,6 +246,7 @@ class TokenExchangeGrant:
         now: int,
         cache_key: MintedKey,
         facts: Facts,
+        granted_by: tuple[str, ...],
     ) -> Granted:
         """A token for the decision: a still-fresh one minted for the same request, or a new one."""
         if self.minted_cache is not None:
@@ -256,7 +259,13 @@ class TokenExchangeGrant:
                     scope=reused.scope,
                 )
                 return Granted(
-                    response, facts, reused.jti, reused.kid, reused.expires_at, reused=True
+                    response,
+                    facts,
+                    reused.jti,
+                    reused.kid,
+                    reused.expires_at,
+                    reused=True,
+                    policies=granted_by,
                 )
         claims = build_claims(
             issuer=self._issuer,
@@ -287,4 +296,17 @@ class TokenExchangeGrant:
             expires_in=decision.lifetime,
             scope=claims["scope"],
         )
-        return Granted(response, facts, claims["jti"], key.kid, claims["exp"], reused=False)
+        return Granted(
+            response,
+            facts,
+            claims["jti"],
+            key.kid,
+            claims["exp"],
+            reused=False,
+            policies=granted_by,
+        )
+
+
+def _versions(decision: Decision, policies: PolicySet) -> tuple[str, ...]:
+    """The granting policies as ``name@version`` (the version the store loaded them at)."""
+    return tuple(f"{p.name}@{policies.version_of(p.name) or '?'}" for p in decision.policies)

@@ -141,12 +141,17 @@ class PolicySet:
 
     def __init__(self, policies: Iterable[Policy]) -> None:
         self._policies = tuple(policies)
-        # Set by the store: what the table looked like when this set was read from it.
+        # Set by the store: what the table looked like when this set was read from it, and the
+        # version of each policy.
         self.marker: tuple[Any, ...] | None = None
+        self.versions: dict[str, int] = {}
         self._by_target: dict[tuple[str, str], list[Policy]] = {}
         for policy in self._policies:
             key = (policy.client_id, normalize_audience(policy.audience))
             self._by_target.setdefault(key, []).append(policy)
+
+    def version_of(self, name: str) -> int | None:
+        return self.versions.get(name)
 
     def __len__(self) -> int:
         return len(self._policies)

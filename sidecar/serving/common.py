@@ -4,7 +4,6 @@ each worker builds from the validated configuration."""
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import shutil
 import sys
@@ -12,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sidecar import logs
 from sidecar.audit import log as auditlog
 from sidecar.config import Settings, load_settings
 from sidecar.config.common import parse_listen
@@ -23,15 +23,15 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # in it resolve against (the original file's).
 SNAPSHOT_ENV = "SIDECAR_CONFIG_SNAPSHOT"
 CONFIG_DIR_ENV = "SIDECAR_CONFIG_DIR"
-LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = logs.TEXT_FORMAT
 
 
-def configure_logging() -> None:
-    """The service's own log lines (audit, key and issuer events) on stderr, beside the
-    server's; the audit lines through the handler that the audit writer feeds a batch at a
+def configure_logging(kind: str = "auto") -> None:
+    """Every log line of the process on stderr in one format (``log.format``), the server's
+    included; the audit lines through the handler that the audit writer feeds a batch at a
     time."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    auditlog.install(sys.stderr, logging.Formatter(LOG_FORMAT))
+    formatter = logs.configure(kind, sys.stderr)
+    auditlog.install(sys.stderr, formatter)
 
 
 def share_metrics() -> None:
@@ -66,7 +66,7 @@ def build_app(settings: Settings, listener: str) -> Any:
 
     from sidecar.web.app import create_app
 
-    configure_logging()
+    configure_logging(settings.log.format)
     app = create_app(settings, listener=listener)
     services = app.extensions["sidecar"]
     services.start_background()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar import logs
 from sidecar.config import ConfigError, Settings, load_settings
 from sidecar.serving.common import (
     CONFIG_DIR_ENV,
@@ -80,6 +81,7 @@ def _run_granian(listener: Listener, settings: Settings) -> None:
         ),
         factory=True,
         log_access=False,
+        log_dictconfig=logs.dict_config(settings.log.format),
         workers_kill_timeout=max(1, int(server.graceful_timeout)),
         # SIGHUP: each new worker gets this long to boot before the old one is stopped.
         respawn_interval=1.0,
@@ -188,5 +190,5 @@ def serve_granian(
             )
         listeners.append(Listener(f"sidecar.serving.common:{kind}_app", extra_host, extra_port, 1))
     share_metrics()
-    configure_logging()
+    configure_logging(settings.log.format)
     sys.exit(Supervisor(config_path, settings, listeners).run())

@@ -18,6 +18,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from sidecar import logs
 from sidecar.config import ConfigError, Settings, load_settings
 from sidecar.serving.common import (
     build_app,
@@ -84,6 +85,7 @@ class SidecarServer(BaseApplication):  # type: ignore[misc]
             "graceful_timeout": max(1, math.ceil(server.graceful_timeout)),
             "workers": server.workers,
             "bind": ["127.0.0.1:8080"],
+            "logconfig_dict": logs.dict_config(settings.log.format),
         }
         values.update(runpy.run_path(str(self._server_config)))
         values.update({k: v for k, v in self._overrides.items() if v is not None})
@@ -118,7 +120,7 @@ def serve_gunicorn(
     server_config: Path | None,
 ) -> None:
     share_metrics()
-    configure_logging()
+    configure_logging(settings.log.format)
     SidecarServer(
         config_path,
         settings,

@@ -97,7 +97,12 @@ class AuditEventRow(Base):
     """One exchange decision. Never a token or secret: tokens appear as ``jti`` or fingerprint."""
 
     __tablename__ = "audit_events"
-    __table_args__ = (Index("ix_audit_events_at", "at"),)
+    __table_args__ = (
+        Index("ix_audit_events_at", "at"),
+        Index("ix_audit_events_jti", "jti"),
+        Index("ix_audit_events_subject", "subject"),
+        Index("ix_audit_events_client_id", "client_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[float] = mapped_column(Float)
@@ -114,6 +119,10 @@ class AuditEventRow(Base):
     jti: Mapped[str | None] = mapped_column(String(64), nullable=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     kid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # On a grant: the granting policies, "name@version", space-separated.
+    policies: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class LeaseRow(Base):

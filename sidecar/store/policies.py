@@ -189,6 +189,7 @@ class PolicyStore:
         self._loaded = loaded
         policies = PolicySet(policy for _, policy in loaded.values())
         policies.marker = marker
+        policies.versions = {name: version for name, (version, _) in loaded.items()}
         return policies
 
     def load_if_changed(self, previous: PolicySet | None) -> PolicySet:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from sidecar import logs
 from sidecar.audit import AuditEvent, denied_event, granted_event
 from sidecar.clients import Client
 from sidecar.errors import (
@@ -70,9 +71,19 @@ class TokenEndpoint:
         except Exception as exc:
             log_unexpected(exc)
             outcome = Refused(ServerError(reason=type(exc).__name__), Facts())
+        request_id = logs.REQUEST_ID.get()
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
         if isinstance(outcome, Granted):
             try:
-                self._audit.record(granted_event(at, client.client_id, outcome))
+                self._audit.record(
+                    granted_event(
+                        at,
+                        client.client_id,
+                        outcome,
+                        request_id=request_id,
+                        latency_ms=latency_ms,
+                    )
+                )
             except ProtocolError as exc:  # the grant could not be recorded: no token is sent
                 outcome = Refused(exc, outcome.facts)
             except Exception as exc:
@@ -82,7 +93,16 @@ class TokenEndpoint:
             status, headers, body = token_answer(outcome.response.as_dict())
             self._granted.inc()
         else:
-            self._deny(denied_event(at, client_id, outcome.error, outcome.facts))
+            self._deny(
+                denied_event(
+                    at,
+                    client_id,
+                    outcome.error,
+                    outcome.facts,
+                    request_id=request_id,
+                    latency_ms=latency_ms,
+                )
+            )
             status, headers, body = error_answer(outcome.error)
         start_response(STATUS_LINES[status], headers)
         self._latency.observe(time.perf_counter() - started)
@@ -177,10 +197,18 @@ class TokenRouter:
         self._listener_of = listener_of
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        # Every request has an id: the client's X-Request-ID when it is a short token, else a
+        # new one; in every log line and audit record of the request, and in the response.
+        request_id = logs.request_id_from(environ.get("HTTP_X_REQUEST_ID"))
+        logs.REQUEST_ID.set(request_id)
+
+        def answer(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            return start_response(status, [*headers, (logs.REQUEST_ID_HEADER, request_id)], *args)
+
         if (
             environ.get("PATH_INFO") == "/token"
             and environ.get("REQUEST_METHOD") == "POST"
             and self._listener_of(environ) == "gateway"
         ):
-            return self._token(environ, start_response)
-        return self._flask(environ, start_response)
+            return self._token(environ, answer)
+        return self._flask(environ, answer)

@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-import yaml
 from click.testing import CliRunner
 from sqlalchemy import text
 
@@ -32,11 +33,11 @@ from tests.conftest import (
     TICKETS,
     LiveServer,
     make_services,
+    write_config,
 )
+from tests.launcher import SIDECAR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = Path(sys.executable).parent / "sidecar"
-SIDECAR = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "sidecar"]
 ENCRYPTION_KEY = "correct horse battery staple"
 
 
@@ -64,43 +65,25 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def write_config(path: Path, config: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-@pytest.fixture
-def config_file(tmp_path: Path, config: dict[str, Any]) -> Path:
-    return write_config(tmp_path / "sidecar.yaml", config)
-
-
 # Set-up and checks run in-process (a subprocess costs a second of imports); only the command
-# under test runs as a subprocess.
+# under test runs as a subprocess. The set-up: ``config_file``, ``migrated`` and ``started`` of
+# tests/conftest.py.
 
 
-@pytest.fixture
-def migrated(config_file: Path, config: dict[str, Any]) -> Path:
-    """A database as `sidecar db upgrade` leaves it: the schema, no keys, no policies."""
-    engine = make_engine(config["database_url"])
-    migrate.upgrade(engine)
-    engine.dispose()
-    return config_file
-
-
-@pytest.fixture
-def started(config_file: Path) -> Path:
-    """A database as `sidecar serve` leaves it: migrated, one signing key, policies bootstrapped."""
-    services = make_services(load_settings(config_file))
-    services.engine.dispose()
-    return config_file
+@contextmanager
+def stores_of(config_file: Path) -> Iterator[Services]:
+    """The stores of ``config_file``'s database, read as the service reads them (nothing
+    prepared, nothing written)."""
+    services = Services(load_settings(config_file))
+    try:
+        yield services
+    finally:
+        services.engine.dispose()
 
 
 def key_states(config_file: Path) -> dict[str, str]:
-    services = Services(load_settings(config_file))
-    try:
+    with stores_of(config_file) as services:
         keyring = services.keys.load()
-    finally:
-        services.engine.dispose()
     now = time.time()
     current = keyring.current(now)
     return {
@@ -111,11 +94,8 @@ def key_states(config_file: Path) -> dict[str, str]:
 
 def policy_ttls(config_file: Path) -> dict[str, int]:
     """The ttl of each of the gateway's policies, by audience."""
-    services = Services(load_settings(config_file))
-    try:
+    with stores_of(config_file) as services:
         policies = services.policy_store.load()
-    finally:
-        services.engine.dispose()
     return {p.audience: p.ttl for p in policies if p.client_id == "gateway"}
 
 
@@ -274,12 +254,18 @@ def test_policy_apply_prints_each_change_then_none(migrated: Path) -> None:
     assert second.stdout.strip() == "0 change(s), 5 unchanged"
 
 
-def test_policy_apply_dry_run_exits_3_when_something_would_change(
-    started: Path, tmp_path: Path, config: dict[str, Any]
-) -> None:
-    migrated = started
+@pytest.fixture
+def shorter_ttl(started: Path, tmp_path: Path, config: dict[str, Any]) -> Path:
+    """A policies file of ``started``'s policies, but for the gateway's CODE_SEARCH ttl: 30, not
+    120."""
     config["policies"][0]["ttl"] = 30
-    changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
+    return write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
+
+
+def test_policy_apply_dry_run_exits_3_when_something_would_change(
+    started: Path, shorter_ttl: Path
+) -> None:
+    migrated, changed = started, shorter_ttl
 
     dry_run = run("policy", "apply", str(changed), "--dry-run", config=migrated)
 
@@ -453,12 +439,10 @@ def test_policy_apply_dry_run_of_an_overlapping_file_exits_2(
 
 
 def test_policy_apply_records_the_actor_and_history_shows_every_version(
-    started: Path, tmp_path: Path, config: dict[str, Any]
+    started: Path, shorter_ttl: Path
 ) -> None:
     name = f"gateway -> {CODE_SEARCH}"
-    config["policies"][0]["ttl"] = 30
-    changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
-    applied = cli(started, "policy", "apply", str(changed), "--actor", "alice@example.com")
+    applied = cli(started, "policy", "apply", str(shorter_ttl), "--actor", "alice@example.com")
     assert applied.exit_code == 0, applied.output
 
     listed = cli(started, "policy", "history", name, "--json")
@@ -487,13 +471,9 @@ def test_policy_history_of_an_unknown_policy_fails(started: Path) -> None:
     assert result.stderr.strip() == "sidecar: error: no history for policy nope"
 
 
-def test_policy_rollback_restores_a_version_as_a_new_one(
-    started: Path, tmp_path: Path, config: dict[str, Any]
-) -> None:
+def test_policy_rollback_restores_a_version_as_a_new_one(started: Path, shorter_ttl: Path) -> None:
     name = f"gateway -> {CODE_SEARCH}"
-    config["policies"][0]["ttl"] = 30
-    changed = write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
-    assert cli(started, "policy", "apply", str(changed)).exit_code == 0
+    assert cli(started, "policy", "apply", str(shorter_ttl)).exit_code == 0
     assert policy_ttls(started)[CODE_SEARCH] == 30
 
     result = cli(started, "policy", "rollback", name, "--to", "1", "--actor", "carol")

@@ -30,24 +30,22 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from sidecar.config import settings_from_mapping
 from sidecar.services import Services
 from sidecar.serving.gunicorn import DEFAULT_CONFIG
 from sidecar.store.db import make_engine
 from sidecar.web.app import create_app
 from tests.conftest import (
-    ACCESS_TOKEN_TYPE,
     CLIENT_ASSERTION_TYPE,
-    CODE_SEARCH,
     GATEWAY_SECRET,
     SIDECAR_ISSUER,
-    TOKEN_EXCHANGE,
     ClientKeys,
     FakeClock,
     LiveServer,
     TestIdP,
     audit_rows,
     base_config,
+    exchange_params,
+    live_service,
 )
 from tests.functional.http.helpers import assert_oauth_error
 from tests.launcher import Served, start_serve
@@ -55,15 +53,6 @@ from tests.loopback import CountingHttpServer, TcpProxy, wait_for
 
 # A dependency failure must be answered within this long (the database timeouts are 3 s).
 ANSWER_BOUND = 5.0
-
-
-def exchange_form(subject_token: str) -> dict[str, str]:
-    return {
-        "grant_type": TOKEN_EXCHANGE,
-        "subject_token": subject_token,
-        "subject_token_type": ACCESS_TOKEN_TYPE,
-        "audience": CODE_SEARCH,
-    }
 
 
 def assert_retry_later(response: requests.Response) -> None:
@@ -96,7 +85,7 @@ class Sidecar(Served):
     ) -> requests.Response:
         return (session or requests).post(
             f"{self.url}/token",
-            data=exchange_form(subject_token),
+            data=exchange_params(subject_token),
             auth=("gateway", GATEWAY_SECRET),
             timeout=timeout,
         )
@@ -240,28 +229,36 @@ class IssuerFault:
     idp: TestIdP
 
 
+def keys_served_by_the_test(
+    config: dict[str, Any], idp: TestIdP, **issuer_settings: Any
+) -> Iterator[IssuerFault]:
+    """The app of ``config`` over real HTTP on a clock the test moves, its trusted issuer's JWKS
+    (``issuer_settings`` added to the issuer's) served by a loopback server that counts the
+    fetches."""
+    jwks = CountingHttpServer(idp.public_jwks())
+    issuer = config["trusted_issuers"][0]
+    del issuer["jwks_file"]
+    issuer.update(jwks_uri=f"{jwks.url}/jwks.json", **issuer_settings)
+    clock = FakeClock()
+    try:
+        with live_service(config, clock=clock) as (services, server):
+            yield IssuerFault(server, services, jwks, clock, idp)
+    finally:
+        jwks.stop()
+
+
 @pytest.fixture
 def issuer_fault(config: dict[str, Any], idp: TestIdP) -> Iterator[IssuerFault]:
     """The app over real HTTP, its trusted issuer's JWKS served by a loopback server the test
     breaks, and a clock the test moves (PyJWT still checks exp against the real time)."""
-    jwks = CountingHttpServer(idp.public_jwks())
-    issuer = config["trusted_issuers"][0]
-    del issuer["jwks_file"]
-    issuer.update(
-        jwks_uri=f"{jwks.url}/jwks.json",
+    yield from keys_served_by_the_test(
+        config,
+        idp,
         refresh_interval=REFRESH,
         min_refetch_interval=MIN_REFETCH,
         max_stale=MAX_STALE,
         fetch_timeout=FETCH_TIMEOUT,
     )
-    clock = FakeClock()
-    services = Services(settings_from_mapping(config, env={}), clock=clock)
-    services.prepare()
-    server = LiveServer(create_app(services.settings, services))
-    yield IssuerFault(server, services, jwks, clock, idp)
-    server.stop()
-    jwks.stop()
-    services.engine.dispose()
 
 
 def refresh_failed(logs: pytest.LogCaptureFixture) -> bool:
@@ -374,18 +371,7 @@ def rate_limited(
     fetched yet, so that any signature work on a subject token shows as a fetch; a frozen
     clock, so that no bucket refills while the test runs."""
     config["rate_limit"] = {"per_second": 5, "burst": 5}
-    jwks = CountingHttpServer(idp.public_jwks())
-    issuer = config["trusted_issuers"][0]
-    del issuer["jwks_file"]
-    issuer["jwks_uri"] = f"{jwks.url}/jwks.json"
-    clock = FakeClock()
-    services = Services(settings_from_mapping(config, env={}), clock=clock)
-    services.prepare()
-    server = LiveServer(create_app(services.settings, services))
-    yield IssuerFault(server, services, jwks, clock, idp)
-    server.stop()
-    jwks.stop()
-    services.engine.dispose()
+    yield from keys_served_by_the_test(config, idp)
 
 
 def test_the_request_over_the_burst_gets_429_before_any_signature_work(
@@ -447,10 +433,7 @@ def test_a_per_client_rate_limit_applies_to_that_client_only(
     config["rate_limit"] = {"per_second": 5, "burst": 5}
     [gateway] = [c for c in config["clients"] if c["client_id"] == "gateway"]
     gateway["rate_limit"] = {"per_second": 1, "burst": 2}
-    services = Services(settings_from_mapping(config, env={}), clock=FakeClock())
-    services.prepare()
-    server = LiveServer(create_app(services.settings, services))
-    try:
+    with live_service(config, clock=FakeClock()) as (_, server):
         gateway_statuses = [server.exchange(idp.token()).status_code for _ in range(3)]
         other_statuses = [
             server.exchange(
@@ -463,9 +446,6 @@ def test_a_per_client_rate_limit_applies_to_that_client_only(
         ]
         # Names no configured client: the shared bucket of unknown clients, not gateway's.
         unknown = server.exchange(idp.token(), auth=("nobody", "x")).status_code
-    finally:
-        server.stop()
-        services.engine.dispose()
 
     assert gateway_statuses == [200, 200, 429]  # its own burst of 2
     assert other_statuses == [200] * 5 + [429]  # the top-level burst of 5
@@ -492,7 +472,7 @@ def load_loop(url: str, idp_tokens: list[str], stop_at: float, outcomes: list[Ou
         try:
             response = session.post(
                 f"{url}/token",
-                data=exchange_form(idp_tokens[index % len(idp_tokens)]),
+                data=exchange_params(idp_tokens[index % len(idp_tokens)]),
                 auth=("gateway", GATEWAY_SECRET),
                 timeout=10,
             )

@@ -34,12 +34,12 @@ from sidecar.services import Services
 from sidecar.web.app import create_app
 from tests.conftest import (
     CODE_SEARCH,
-    SIDECAR_ISSUER,
     FakeClock,
     LiveServer,
     TestIdP,
     make_services,
 )
+from tests.functional.http.helpers import verify_as_upstream
 
 ROTATE_EVERY = 60.0  # the shortest rotation the configuration accepts
 PUBLISH_AHEAD = 20.0
@@ -123,24 +123,6 @@ def advertised_max_age(worker: Worker) -> int:
     match = re.search(r"max-age=(\d+)", response.headers["Cache-Control"])
     assert match, response.headers["Cache-Control"]
     return int(match.group(1))
-
-
-def verify_as_upstream(client: PyJWKClient, token: str) -> dict[str, Any]:
-    """An RFC 9068 resource server: key by kid from the cached JWKS, then the signature, the one
-    algorithm we publish, issuer, audience, the required claims, exp and iat, and typ."""
-    verified = jwt.api_jwt.decode_complete(
-        token,
-        client.get_signing_key_from_jwt(token),
-        algorithms=["ES256"],
-        audience=CODE_SEARCH,
-        issuer=SIDECAR_ISSUER,
-        options={"require": ["exp", "iat", "iss", "aud", "sub", "jti", "client_id"]},
-    )
-    # RFC 9068 §4: the resource server MUST check that typ is at+jwt.
-    if verified["header"].get("typ") not in ("at+jwt", "application/at+jwt"):
-        raise jwt.InvalidTokenError("not an RFC 9068 access token")
-    claims: dict[str, Any] = verified["payload"]
-    return claims
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,8 @@ def test_gunicorn_access_log_never_contains_the_query_string(tmp_path: Path) -> 
 
         assert response.status_code == 400
         assert response.json()["error"] == "invalid_request"
-        assert wait_for(lambda: '"POST /token" 400' in served.log(), 5)
+        # The access line (a JSON log record, quotes escaped) names the path without its query.
+        assert wait_for(lambda: 'POST /token\\" 400' in served.log(), 5), served.log()
         assert secret not in served.log()
     finally:
         served.kill()
@@ -353,3 +354,50 @@ def test_a_gateway_authenticates_with_its_kubernetes_service_account_token(
     finally:
         served.kill()
     assert claims["client_id"] == "k8s-gateway"
+
+
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
+def test_json_logs_carry_every_record_and_the_request_id(tmp_path: Path, server: str) -> None:
+    import json as json_module
+
+    idp = TestIdP(tmp_path)
+    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    config["log"] = {"format": "json"}
+    served = start_serve(tmp_path, config, "--server", server)
+    subject = idp.token()
+    try:
+        response = requests.post(
+            served.token_url,
+            data={
+                "grant_type": TOKEN_EXCHANGE,
+                "subject_token": subject,
+                "subject_token_type": ACCESS_TOKEN_TYPE,
+                "audience": CODE_SEARCH,
+            },
+            auth=("gateway", GATEWAY_SECRET),
+            headers={"X-Request-ID": "gw-req-0001"},
+            timeout=10,
+        )
+        generated = requests.get(f"{served.url}/healthz", timeout=5).headers["X-Request-ID"]
+        assert wait_for(lambda: '"gw-req-0001"' in served.log(), 5)
+    finally:
+        served.stop()
+    assert response.status_code == 200
+    assert response.headers["X-Request-ID"] == "gw-req-0001"
+    assert len(generated) == 32
+    lines = [line for line in served.log().splitlines() if line.strip()]
+    records = [json_module.loads(line) for line in lines]  # every line is one JSON object
+    assert {"granian" if server == "granian" else "gunicorn.error"} & {
+        r["logger"].lstrip("_") for r in records
+    }
+    for record in records:
+        assert record["time"].endswith("Z")
+        assert {"level", "logger", "message"} <= record.keys()
+    [exchange] = [r for r in records if r.get("message") == "exchange"]
+    assert exchange["request_id"] == "gw-req-0001"
+    assert exchange["decision"] == "granted"
+    assert exchange["client_id"] == "gateway"
+    assert exchange["latency_ms"] > 0
+    assert exchange["policies"].endswith("@1")
+    assert subject not in served.log()
+    assert response.json()["access_token"] not in served.log()

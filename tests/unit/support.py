@@ -1,20 +1,28 @@
 """In-memory stand-ins shared by the unit tests of the grant, client authentication and the token
 endpoint: what those pieces need from the world (an issuer directory, a ``jti`` store, a signing
 key, policies), built from keys and values generated in the test, with no database, file or
-network behind them."""
+network behind them. And the command line run in-process, for the unit tests of its commands."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
+from click.testing import CliRunner, Result
+
+from sidecar.cli import main
 from sidecar.config.policies import PolicyConfig
 from sidecar.exchange.policy import Policy, PolicySet
 from sidecar.exchange.subject import VerificationKey
 from sidecar.keys.keyring import SigningKey
-from sidecar.keys.material import generate_private_key, public_jwk
-from tests.conftest import TestIdP
+from sidecar.keys.material import PrivateKey, generate_private_key, public_jwk
+from tests.conftest import CODE_SEARCH, TestIdP
+
+Item = TypeVar("Item")
+Result_ = TypeVar("Result_")
 
 # --- the issuer directory (sidecar.exchange.subject.IssuerDirectory) ---------------------------
 
@@ -86,18 +94,59 @@ def never_fetch(url: str, timeout: float) -> Any:
 # --- signing keys and policies ------------------------------------------------------------------
 
 
-def new_signing_key(now: float, algorithm: str = "ES256") -> SigningKey:
-    """A freshly generated key (sidecar.keys.material), current from ``now`` on."""
-    private_key = generate_private_key(algorithm)
+def signing_key(
+    private_key: PrivateKey,
+    *,
+    activates_at: float,
+    retires_at: float | None = None,
+    removes_at: float | None = None,
+    created_at: float | None = None,
+    algorithm: str = "ES256",
+) -> SigningKey:
+    """``private_key`` as a keyring holds it, its kid that of its public JWK (sidecar.keys
+    .material); created when it activates unless ``created_at`` says otherwise."""
     jwk = public_jwk(private_key, algorithm)
     return SigningKey(
         kid=jwk["kid"],
         algorithm=algorithm,
         private_key=private_key,
         public_jwk=jwk,
-        created_at=now,
-        activates_at=now,
+        created_at=activates_at if created_at is None else created_at,
+        activates_at=activates_at,
+        retires_at=retires_at,
+        removes_at=removes_at,
     )
+
+
+def new_signing_key(now: float, algorithm: str = "ES256") -> SigningKey:
+    """A freshly generated key (sidecar.keys.material), current from ``now`` on."""
+    return signing_key(generate_private_key(algorithm), activates_at=now, algorithm=algorithm)
+
+
+# The gateway's code-search policy, as the YAML keys of a ``policies:`` entry.
+GATEWAY_CODE_SEARCH: dict[str, Any] = {
+    "client_id": "gateway",
+    "audience": CODE_SEARCH,
+    "scopes": ["code.read", "code.search"],
+    "default_scopes": ["code.read"],
+    "ttl": 120,
+}
+
+
+def gateway_policy(audience: str = CODE_SEARCH, **fields: Any) -> Policy:
+    """:data:`GATEWAY_CODE_SEARCH` for ``audience`` as a :class:`Policy` built directly (no
+    configuration validation, so any value goes), ``fields`` changed; the scope collections
+    become frozensets."""
+    values: dict[str, Any] = {**GATEWAY_CODE_SEARCH, "audience": audience, **fields}
+    for name in ("scopes", "default_scopes"):
+        values[name] = frozenset(values[name])
+    return Policy(**values)
+
+
+def gateway_policy_config(audience: str = CODE_SEARCH, **fields: Any) -> PolicyConfig:
+    """:data:`GATEWAY_CODE_SEARCH` for ``audience`` as a configuration file gives it (validated),
+    ``fields`` (YAML keys) changed."""
+    return PolicyConfig.model_validate({**GATEWAY_CODE_SEARCH, "audience": audience, **fields})
 
 
 def new_policy(**fields: Any) -> Policy:
@@ -114,3 +163,56 @@ class PolicyHolder:
 
     def get(self) -> PolicySet:
         return self.policies
+
+
+# --- the command line, in-process through click (sidecar.cli) ----------------------------------
+
+
+def invoke(*args: str) -> Result:
+    """``sidecar ARGS...`` as the installed script parses them, without SIDECAR_CONFIG."""
+    return CliRunner().invoke(main, list(args), env={"SIDECAR_CONFIG": None})
+
+
+def cli(config_file: Path, *args: str) -> Result:
+    """``sidecar --config CONFIG_FILE ARGS...``"""
+    return invoke("--config", str(config_file), *args)
+
+
+def one_line_error(result: Result) -> str:
+    """A failed command: non-zero exit, nothing on stdout, one ``sidecar: error:`` line on
+    stderr (returned)."""
+    assert result.exit_code != 0, result.output
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("sidecar: error: ")
+    return line
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+
+def race(
+    items: Sequence[Item], action: Callable[[Item], Result_], timeout: float = 15
+) -> list[Result_]:
+    """``action`` on every item at once, each from a thread of its own, all released together
+    by a barrier: the results, in the order they came. An exception in any thread fails the
+    test."""
+    barrier = threading.Barrier(len(items))
+    results: list[Result_] = []
+    errors: list[BaseException] = []
+
+    def run(item: Item) -> None:
+        barrier.wait()
+        try:
+            results.append(action(item))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert errors == []
+    assert len(results) == len(items)
+    return results

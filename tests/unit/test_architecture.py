@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "sidecar.refreshing": 3,
     "sidecar.metrics": 3,
     "sidecar.demo": 3,
+    "sidecar.logs": 3,
     "sidecar.services": 4,
     "sidecar.web": 5,
     "sidecar.serving": 6,

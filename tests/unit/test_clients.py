@@ -26,7 +26,6 @@ from urllib.parse import quote, quote_plus
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.clients import CLIENT_ASSERTION_TYPE, MAX_ASSERTION_LIFETIME, ClientAuthenticator
 from sidecar.config import Settings, settings_from_mapping
@@ -37,7 +36,13 @@ from sidecar.errors import (
     TemporarilyUnavailableError,
 )
 from sidecar.exchange.request import FormParams
-from tests.conftest import GATEWAY_SECRET, SIDECAR_ISSUER, ClientKeys, FakeClock
+from tests.conftest import (
+    GATEWAY_SECRET,
+    MALFORMED_BASIC_HEADERS,
+    SIDECAR_ISSUER,
+    ClientKeys,
+    FakeClock,
+)
 from tests.unit.support import InMemoryJtis
 
 # A client whose id and secret hold every character RFC 6749 §2.3.1's form-urlencoding changes.
@@ -117,6 +122,14 @@ def assert_invalid_client(error: ProtocolError, *, basic: bool) -> None:
         assert error.response_headers() == {}
 
 
+def refused_assertion(authenticator: ClientAuthenticator, assertion: str) -> ProtocolError:
+    """The refusal of a request authenticated by ``assertion`` alone: ``invalid_client``, with no
+    Basic challenge."""
+    error = refusal(authenticator, assertion_form(assertion), None)
+    assert_invalid_client(error, basic=False)
+    return error
+
+
 # --- client_secret_basic -----------------------------------------------------------------------
 
 
@@ -182,16 +195,7 @@ def test_another_clients_secret_does_not_authenticate(
     assert_invalid_client(error, basic=True)
 
 
-@pytest.mark.parametrize(
-    "authorization",
-    [
-        "Basic !!!not-base64!!!",
-        "Basic " + base64.b64encode(b"gateway").decode(),  # no colon, no secret
-        "Basic " + base64.b64encode(b"gateway:\xff\xfe").decode(),  # not UTF-8
-        "Basic",
-    ],
-    ids=["not-base64", "no-secret", "not-utf8", "no-credentials"],
-)
+@pytest.mark.parametrize("authorization", MALFORMED_BASIC_HEADERS)
 def test_a_malformed_basic_header_is_invalid_client_with_a_basic_challenge(
     authenticator: ClientAuthenticator, authorization: str
 ) -> None:
@@ -344,7 +348,7 @@ def test_an_assertion_without_a_jti_is_refused(
     }
     assertion = jwt.encode(claims, client_keys.key, algorithm="ES256", headers={"kid": "client-1"})
 
-    assert_invalid_client(refusal(authenticator, assertion_form(assertion), None), basic=False)
+    refused_assertion(authenticator, assertion)
 
 
 def test_an_expired_assertion_is_refused(
@@ -353,7 +357,7 @@ def test_an_expired_assertion_is_refused(
     now = int(clock.now)
     assertion = client_keys.assertion(iat=now - 600, exp=now - 300)  # beyond the 30 s leeway
 
-    assert_invalid_client(refusal(authenticator, assertion_form(assertion), None), basic=False)
+    refused_assertion(authenticator, assertion)
 
 
 def test_an_assertion_living_longer_than_the_maximum_is_refused(
@@ -361,9 +365,8 @@ def test_an_assertion_living_longer_than_the_maximum_is_refused(
 ) -> None:
     assertion = client_keys.assertion(exp=int(clock.now) + MAX_ASSERTION_LIFETIME + 1)
 
-    error = refusal(authenticator, assertion_form(assertion), None)
+    error = refused_assertion(authenticator, assertion)
 
-    assert_invalid_client(error, basic=False)
     assert error.reason == "client assertion lifetime too long"
 
 
@@ -378,9 +381,8 @@ def test_an_assertion_without_exp_is_refused(
     }
     assertion = jwt.encode(claims, client_keys.key, algorithm="ES256", headers={"kid": "client-1"})
 
-    error = refusal(authenticator, assertion_form(assertion), None)
+    error = refused_assertion(authenticator, assertion)
 
-    assert_invalid_client(error, basic=False)
     assert error.reason == "client assertion without numeric exp"
 
 
@@ -389,31 +391,22 @@ def test_an_assertion_whose_iss_is_not_its_sub_is_refused(
 ) -> None:
     assertion = client_keys.assertion(iss="someone-else")
 
-    assert_invalid_client(refusal(authenticator, assertion_form(assertion), None), basic=False)
+    refused_assertion(authenticator, assertion)
 
 
 def test_an_assertion_signed_by_another_key_is_refused(
     authenticator: ClientAuthenticator, client_keys: ClientKeys, jtis: InMemoryJtis
 ) -> None:
-    impostor = ec.generate_private_key(ec.SECP256R1())
-    genuine = jwt.decode(client_keys.assertion(), options={"verify_signature": False})
-    forged = jwt.encode(genuine, impostor, algorithm="ES256", headers={"kid": "client-1"})
+    forged = client_keys.impostor_assertion()
 
-    assert_invalid_client(refusal(authenticator, assertion_form(forged), None), basic=False)
+    refused_assertion(authenticator, forged)
     assert jtis.calls == []  # the jti is recorded only once the signature verified
 
 
 def test_an_unsigned_assertion_is_refused(
     authenticator: ClientAuthenticator, client_keys: ClientKeys
 ) -> None:
-    claims = jwt.decode(client_keys.assertion(), options={"verify_signature": False})
-
-    def segment(value: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
-
-    unsigned = f"{segment({'alg': 'none', 'kid': 'client-1'})}.{segment(claims)}."
-
-    assert_invalid_client(refusal(authenticator, assertion_form(unsigned), None), basic=False)
+    refused_assertion(authenticator, client_keys.unsigned_assertion())
 
 
 def test_another_client_assertion_type_is_invalid_client(
@@ -436,7 +429,7 @@ def test_a_secret_client_cannot_authenticate_with_an_assertion(
     # Signed by a key, but naming the secret client: it has no keys to verify it with.
     assertion = client_keys.assertion(iss="gateway", sub="gateway")
 
-    assert_invalid_client(refusal(authenticator, assertion_form(assertion), None), basic=False)
+    refused_assertion(authenticator, assertion)
 
 
 def test_an_assertion_and_a_secret_together_are_invalid_request(

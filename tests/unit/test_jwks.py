@@ -180,6 +180,23 @@ def source(
     return JwksSource(name="idp", allowed=ALLOWED, rules=rules, clock=clock, url=URL, fetch=fetch)
 
 
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1000.0)
+
+
+@pytest.fixture
+def issuer() -> FakeIdP:
+    """An issuer publishing the one key k1."""
+    return FakeIdP("k1")
+
+
+@pytest.fixture
+def keys(issuer: FakeIdP, clock: FakeClock) -> JwksSource:
+    """``issuer``'s keys, on ``clock``, none fetched yet."""
+    return source(issuer, clock)
+
+
 def test_keys_are_fetched_once_and_cached() -> None:
     idp, clock = FakeIdP("k1", "k2"), FakeClock(1000.0)
     keys = source(idp, clock)
@@ -192,65 +209,64 @@ def test_keys_are_fetched_once_and_cached() -> None:
     assert idp.calls == [(URL, RULES.fetch_timeout)]
 
 
-def test_keys_are_refreshed_after_the_refresh_interval() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
+def test_keys_are_refreshed_after_the_refresh_interval(
+    issuer: FakeIdP, clock: FakeClock, keys: JwksSource
+) -> None:
     keys.find_key("k1")
 
-    idp.jwks = {"keys": [ec_jwk("k2")]}  # the issuer rotated and dropped k1
+    issuer.jwks = {"keys": [ec_jwk("k2")]}  # the issuer rotated and dropped k1
     clock.advance(RULES.refresh_interval)
 
     assert keys.find_key("k2") is not None
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
     assert keys.find_key("k1") is None
 
 
-def test_unknown_kid_triggers_a_refetch_that_finds_a_new_key() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
+def test_unknown_kid_triggers_a_refetch_that_finds_a_new_key(
+    issuer: FakeIdP, clock: FakeClock, keys: JwksSource
+) -> None:
     keys.find_key("k1")
 
-    idp.add_key("k2")
+    issuer.add_key("k2")
     clock.advance(RULES.min_refetch_interval)
 
     assert keys.find_key("k2") is not None
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
 
 
-def test_unknown_kid_right_after_a_fetch_does_not_refetch() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
-
+def test_unknown_kid_right_after_a_fetch_does_not_refetch(
+    issuer: FakeIdP, keys: JwksSource
+) -> None:
     assert keys.find_key("unknown") is None
     assert keys.find_key("unknown") is None
-    assert len(idp.calls) == 1
+    assert len(issuer.calls) == 1
 
 
-def test_flood_of_unknown_kids_fetches_at_most_once_per_min_refetch_interval() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
+def test_flood_of_unknown_kids_fetches_at_most_once_per_min_refetch_interval(
+    issuer: FakeIdP, clock: FakeClock, keys: JwksSource
+) -> None:
     keys.find_key("k1")
     clock.advance(RULES.min_refetch_interval)
 
     for i in range(200):
         assert keys.find_key(f"attacker-{i}") is None
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
 
     for _ in range(10):
         clock.advance(RULES.min_refetch_interval / 10 - 0.01)
         for i in range(20):
             keys.find_key(f"attacker-more-{i}")
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
 
     clock.advance(1)
     for i in range(20):
         keys.find_key(f"attacker-again-{i}")
-    assert len(idp.calls) == 3
+    assert len(issuer.calls) == 3
 
 
-def test_flood_of_unknown_kids_from_many_threads_fetches_once() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
+def test_flood_of_unknown_kids_from_many_threads_fetches_once(
+    issuer: FakeIdP, clock: FakeClock, keys: JwksSource
+) -> None:
     keys.find_key("k1")
     clock.advance(RULES.min_refetch_interval)
 
@@ -260,44 +276,44 @@ def test_flood_of_unknown_kids_from_many_threads_fetches_once() -> None:
     for thread in threads:
         thread.join(5)
 
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
 
 
-def test_fetch_failure_keeps_the_cached_keys() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
+def test_fetch_failure_keeps_the_cached_keys(
+    issuer: FakeIdP, clock: FakeClock, keys: JwksSource
+) -> None:
     cached = keys.find_key("k1")
 
-    idp.down = True
+    issuer.down = True
     clock.advance(RULES.refresh_interval)
 
     assert keys.find_key("k1") is cached
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
     # Still down: retried no more than once per min_refetch_interval, cached keys still served.
     clock.advance(1)
     assert keys.find_key("k1") is cached
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
 
 
-def test_recovery_after_a_failed_refresh() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    keys = source(idp, clock)
+def test_recovery_after_a_failed_refresh(
+    issuer: FakeIdP, clock: FakeClock, keys: JwksSource
+) -> None:
     keys.find_key("k1")
-    idp.down = True
+    issuer.down = True
     clock.advance(RULES.refresh_interval)
     keys.find_key("k1")
 
-    idp.down = False
-    idp.add_key("k2")
+    issuer.down = False
+    issuer.add_key("k2")
     clock.advance(RULES.min_refetch_interval)
 
     assert keys.find_key("k2") is not None
 
 
-def test_failure_with_nothing_cached_is_temporarily_unavailable() -> None:
-    idp, clock = FakeIdP("k1"), FakeClock(1000.0)
-    idp.down = True
-    keys = source(idp, clock)
+def test_failure_with_nothing_cached_is_temporarily_unavailable(
+    issuer: FakeIdP, clock: FakeClock, keys: JwksSource
+) -> None:
+    issuer.down = True
 
     with pytest.raises(TemporarilyUnavailableError) as caught:
         keys.find_key("k1")
@@ -309,12 +325,12 @@ def test_failure_with_nothing_cached_is_temporarily_unavailable() -> None:
     for _ in range(20):
         with pytest.raises(TemporarilyUnavailableError):
             keys.find_key("k1")
-    assert len(idp.calls) == 1
+    assert len(issuer.calls) == 1
 
-    idp.down = False
+    issuer.down = False
     clock.advance(1)
     assert keys.find_key("k1") is not None
-    assert len(idp.calls) == 2
+    assert len(issuer.calls) == 2
 
 
 def test_an_unparseable_document_counts_as_a_failure() -> None:

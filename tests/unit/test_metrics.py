@@ -29,13 +29,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_counts_of_a_forked_process_go_to_its_own_file_and_are_summed(tmp_path: Path) -> None:
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+def run_with_metrics_in(directory: Path, script: str) -> tuple[str, str]:
+    """``script`` run by a new interpreter with its metrics files in ``directory`` (as under
+    ``sidecar serve``): the first line it printed, and the rest (an exposition)."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    child, _, exposition = done.stdout.partition("\n")
+    first, _, rest = done.stdout.partition("\n")
+    return first, rest
+
+
+def test_counts_of_a_forked_process_go_to_its_own_file_and_are_summed(tmp_path: Path) -> None:
+    child, exposition = run_with_metrics_in(tmp_path, SCRIPT)
 
     files = {path.name for path in tmp_path.iterdir()}
     assert f"counter_{child}.db" in files
@@ -90,12 +97,7 @@ def ages_by_pid(exposition: str) -> dict[tuple[str, str], float]:
 def test_every_workers_state_age_is_reported_by_a_scrape_of_any_worker(tmp_path: Path) -> None:
     import json
 
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, "-c", AGES_SCRIPT], capture_output=True, text=True, env=env, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    pids, _, exposition = done.stdout.partition("\n")
+    pids, exposition = run_with_metrics_in(tmp_path, AGES_SCRIPT)
     processes = json.loads(pids)
     scraper, (first, second) = str(processes["scraper"]), map(str, processes["workers"])
 

@@ -6,7 +6,6 @@ one budget, charges are atomic, idle buckets expire, and when Redis does not ans
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ import redis
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.ratelimit import RateLimiter
+from tests.unit.support import race
 
 BURST = 5
 
@@ -77,26 +77,16 @@ def test_concurrent_charges_never_overspend(
 ) -> None:
     settings = settings_with_redis(config, redis_url, prefix)
     limiters = [RateLimiter(settings, time.time) for _ in range(4)]
-    allowed: list[bool] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(len(limiters))
 
-    def charge(limiter: RateLimiter) -> None:
-        barrier.wait()
-        for _ in range(10):
-            result = limiter.take("gateway") is None
-            with lock:
-                allowed.append(result)
+    def charge(limiter: RateLimiter) -> list[bool]:
+        return [limiter.take("gateway") is None for _ in range(10)]
 
-    threads = [threading.Thread(target=charge, args=(limiter,)) for limiter in limiters]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        charged = race(limiters, charge, timeout=30)
     finally:
         for limiter in limiters:
             limiter.close()
+    allowed = [each for charges in charged for each in charges]
     assert len(allowed) == 40
     # The burst, plus at most the refill of the seconds the test took (0.5 per second).
     assert BURST <= allowed.count(True) <= BURST + 2

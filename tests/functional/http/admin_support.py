@@ -1,15 +1,18 @@
-"""The policy admin API over real HTTP: the configuration that enables it, and a small client."""
+"""The policy admin API: the configuration that enables it, and a small client (over real HTTP
+here; tests/unit/web/test_admin.py sends the same calls through Flask's test client)."""
 
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import requests
 from sqlalchemy import Engine, delete, func, insert, select
 
 from sidecar.store.models import PolicyRow, PolicyVersionRow
+
+Response = TypeVar("Response")
 
 
 def admin_credentials() -> dict[str, str]:
@@ -71,14 +74,13 @@ def restore_policy_tables(engine: Engine, snapshot: PolicyTables) -> None:
                 connection.execute(insert(model), rows)
 
 
-class AdminClient:
-    """Calls the admin API at ``base_url`` with a bearer token; with a ``session``, over its
-    kept-alive connection."""
+class AdminCalls(Generic[Response]):
+    """The admin API's calls with one bearer ``token``; a subclass sends them (``send``)."""
 
-    def __init__(self, base_url: str, token: str, session: requests.Session | None = None) -> None:
-        self.base_url = base_url
-        self.token = token
-        self.session = session
+    token: str
+
+    def send(self, method: str, path: str, headers: dict[str, str], **kwargs: Any) -> Response:
+        raise NotImplementedError
 
     def request(
         self,
@@ -89,31 +91,49 @@ class AdminClient:
         if_match: str | None = None,
         headers: dict[str, str] | None = None,
         **kwargs: Any,
-    ) -> requests.Response:
+    ) -> Response:
         sent = {"Authorization": f"Bearer {token or self.token}", **(headers or {})}
         if if_match is not None:
             sent["If-Match"] = if_match
-        send = self.session.request if self.session is not None else requests.request
-        return send(
-            method, self.base_url + path, headers=sent, timeout=10, allow_redirects=False, **kwargs
-        )
+        return self.send(method, path, sent, **kwargs)
 
-    def list(self) -> requests.Response:
+    def list(self) -> Response:
         return self.request("GET", "/admin/policies")
 
-    def get(self, name: str) -> requests.Response:
+    def get(self, name: str) -> Response:
         return self.request("GET", policy_path(name))
 
-    def create(self, document: Any, **kwargs: Any) -> requests.Response:
+    def create(self, document: Any, **kwargs: Any) -> Response:
         return self.request("POST", "/admin/policies", json=document, **kwargs)
 
-    def put(
-        self, name: str, document: Any, if_match: str | None, **kwargs: Any
-    ) -> requests.Response:
+    def put(self, name: str, document: Any, if_match: str | None, **kwargs: Any) -> Response:
         return self.request("PUT", policy_path(name), json=document, if_match=if_match, **kwargs)
 
-    def disable(self, name: str, if_match: str | None, **kwargs: Any) -> requests.Response:
+    def disable(self, name: str, if_match: str | None, **kwargs: Any) -> Response:
         return self.request("POST", policy_path(name, "/disable"), if_match=if_match, **kwargs)
 
-    def history(self, name: str) -> requests.Response:
+    def history(self, name: str) -> Response:
         return self.request("GET", policy_path(name, "/history"))
+
+
+class AdminClient(AdminCalls[requests.Response]):
+    """Calls the admin API at ``base_url`` over HTTP; with a ``session``, over its kept-alive
+    connection."""
+
+    def __init__(self, base_url: str, token: str, session: requests.Session | None = None) -> None:
+        self.base_url = base_url
+        self.token = token
+        self.session = session
+
+    def send(
+        self, method: str, path: str, headers: dict[str, str], **kwargs: Any
+    ) -> requests.Response:
+        send = self.session.request if self.session is not None else requests.request
+        return send(
+            method,
+            self.base_url + path,
+            headers=headers,
+            timeout=10,
+            allow_redirects=False,
+            **kwargs,
+        )

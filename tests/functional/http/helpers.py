@@ -1,21 +1,40 @@
-"""Assertions and raw requests shared by the HTTP tests of the token endpoint."""
+"""Assertions and raw requests shared by the HTTP tests of the token endpoint, and the check an
+upstream makes of the tokens it mints."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import jwt
 import requests
 
 from tests.conftest import (
-    ACCESS_TOKEN_TYPE,
+    CLIENT_ASSERTION_TYPE,
     CODE_SEARCH,
     GATEWAY_SECRET,
     OTHER_SECRET,
-    TOKEN_EXCHANGE,
+    SIDECAR_ISSUER,
     Gateway,
     LiveServer,
+    exchange_params,
 )
+
+# The parameters of a token-exchange request (RFC 8693 §2.1, and RFC 6749 §2.3.1's client_id) ...
+REQUEST_PARAMETERS = (
+    "grant_type",
+    "subject_token",
+    "subject_token_type",
+    "audience",
+    "resource",
+    "scope",
+    "requested_token_type",
+    "actor_token",
+    "actor_token_type",
+    "client_id",
+)
+# ... and those that carry the client's credentials (RFC 6749 §2.3.1, RFC 7523 §2.2).
+CLIENT_CREDENTIAL_PARAMETERS = ("client_secret", "client_assertion", "client_assertion_type")
 
 # RFC 6749 §5.2 bodies carry short, fixed descriptions (docs/design.md §2): every description the
 # token endpoint may answer with, by error code. A description outside this catalogue is either new
@@ -91,12 +110,68 @@ def post_token(
 
 
 def exchange_form(subject_token: str, /, **params: str | None) -> list[tuple[str, str]]:
-    """A valid token-exchange form as (name, value) pairs; params override (None drops one)."""
-    form: dict[str, str | None] = {
-        "grant_type": TOKEN_EXCHANGE,
-        "subject_token": subject_token,
-        "subject_token_type": ACCESS_TOKEN_TYPE,
-        "audience": CODE_SEARCH,
-    }
-    form.update(params)
-    return [(name, value) for name, value in form.items() if value is not None]
+    """A valid token-exchange form (:func:`tests.conftest.exchange_params`) as (name, value)
+    pairs; params override (None drops one)."""
+    return list(exchange_params(subject_token, **params).items())
+
+
+def assertion_form(
+    subject_token: str, assertion: str, **params: str | None
+) -> list[tuple[str, str]]:
+    """:func:`exchange_form` authenticated by an RFC 7523 client ``assertion``."""
+    return exchange_form(
+        subject_token,
+        **{"client_assertion_type": CLIENT_ASSERTION_TYPE, "client_assertion": assertion, **params},
+    )
+
+
+def send_exactly(
+    method: str,
+    url: str,
+    data: Any,
+    content_type: str | None,
+    *,
+    auth: tuple[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> requests.Response:
+    """One request on a connection of its own with this Content-Type, or none at all for None
+    (where requests would add one of its own)."""
+    sent = dict(headers or {})
+    if content_type is not None:
+        sent["Content-Type"] = content_type
+    session = requests.Session()
+    prepared = session.prepare_request(
+        requests.Request(method, url, data=data, auth=auth, headers=sent)
+    )
+    if content_type is None:
+        prepared.headers.pop("Content-Type", None)
+    try:
+        return session.send(prepared, timeout=10)
+    finally:
+        session.close()
+
+
+def jwks_client(base_url: str) -> jwt.PyJWKClient:
+    """PyJWT's JWKS client on the sidecar's JWKS at ``base_url``."""
+    return jwt.PyJWKClient(f"{base_url}/.well-known/jwks.json")
+
+
+def verify_as_upstream(
+    jwks: jwt.PyJWKClient, token: str, audience: str = CODE_SEARCH
+) -> dict[str, Any]:
+    """An RFC 9068 resource server's check of a minted token, its claims: the key by kid from
+    ``jwks``, then the signature, the one algorithm we publish, issuer, audience, the required
+    claims, exp and iat, and typ."""
+    verified = jwt.api_jwt.decode_complete(
+        token,
+        jwks.get_signing_key_from_jwt(token),
+        algorithms=["ES256"],
+        audience=audience,
+        issuer=SIDECAR_ISSUER,
+        options={"require": ["exp", "iat", "iss", "aud", "sub", "jti", "client_id"]},
+    )
+    # RFC 9068 §4: the resource server MUST check that typ is at+jwt (or application/at+jwt).
+    if verified["header"].get("typ") not in ("at+jwt", "application/at+jwt"):
+        raise jwt.InvalidTokenError("not an RFC 9068 access token")
+    claims: dict[str, Any] = verified["payload"]
+    return claims

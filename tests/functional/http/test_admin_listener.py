@@ -8,9 +8,7 @@ import http.client
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +16,17 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from sidecar.services import Services
 from sidecar.web.app import create_app
 from tests.conftest import (
-    ACCESS_TOKEN_TYPE,
     CODE_SEARCH,
     GATEWAY_SECRET,
-    TOKEN_EXCHANGE,
     ClientKeys,
     LiveServer,
     TestIdP,
     base_config,
+    exchange_params,
 )
 from tests.functional.http.admin_support import (
     AdminClient,
@@ -39,34 +34,16 @@ from tests.functional.http.admin_support import (
     enable_admin,
     policy_path,
 )
-from tests.launcher import SIDECAR, STARTED, Served, free_port
+from tests.launcher import free_port, start_serve
 
 CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
-
-
-class ServedOn(LiveServer):
-    """LiveServer on a port chosen by the test."""
-
-    def __init__(self, app: Any, port: int) -> None:
-        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
-        self.url = f"http://127.0.0.1:{port}"
-        self.token_url = f"{self.url}/token"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
 
 
 def exchange_at(base_url: str, subject_token: str) -> requests.Response:
     """The gateway's exchange, sent to ``base_url``."""
     return requests.post(
         f"{base_url}/token",
-        data={
-            "grant_type": TOKEN_EXCHANGE,
-            "subject_token": subject_token,
-            "subject_token_type": ACCESS_TOKEN_TYPE,
-            "audience": CODE_SEARCH,
-        },
+        data=exchange_params(subject_token),
         auth=("gateway", GATEWAY_SECRET),
         timeout=10,
     )
@@ -81,24 +58,12 @@ class Listeners:
 
 
 @pytest.fixture
-def credentials() -> dict[str, str]:
-    return admin_credentials()
-
-
-@pytest.fixture
 def admin_port() -> int:
     return free_port()
 
 
 @pytest.fixture
-def config(
-    idp: TestIdP,
-    client_keys: ClientKeys,
-    sqlite_url: str,
-    credentials: dict[str, str],
-    admin_port: int,
-) -> dict[str, Any]:
-    config = base_config(idp, client_keys, sqlite_url)
+def config(config: dict[str, Any], credentials: dict[str, str], admin_port: int) -> dict[str, Any]:
     return enable_admin(config, credentials, listen=f"127.0.0.1:{admin_port}")
 
 
@@ -107,8 +72,8 @@ def listeners(
     services: Services, admin_port: int, credentials: dict[str, str]
 ) -> Iterator[Listeners]:
     app = create_app(services.settings, services)  # one app, as one gunicorn worker runs it
-    main = ServedOn(app, free_port())
-    admin = ServedOn(app, admin_port)
+    main = LiveServer(app)
+    admin = LiveServer(app, admin_port)
     try:
         yield Listeners(
             main, admin_port, AdminClient(admin.url, credentials["ops"]), credentials["ops"]
@@ -222,48 +187,32 @@ def test_serve_binds_the_admin_listener_beside_the_gateway_listeners(tmp_path: P
         credentials,
         listen=f"127.0.0.1:{admin_port}",
     )
-    config_file = tmp_path / "sidecar.yaml"
-    config_file.write_text(yaml.safe_dump(config))
     # A Unix socket path must be short (about 100 bytes): not under pytest's tmp_path.
     socket_dir = tempfile.mkdtemp(prefix="sidecar-")
     unix_socket = os.path.join(socket_dir, "gw.sock")
-    # The shipped gunicorn settings, with the gateway on a TCP port and on a Unix socket.
+    # The shipped gunicorn settings, with the gateway on a TCP port (the launcher's --bind) and
+    # on a Unix socket: --bind replaces the file's bind, so the socket is added to gunicorn's
+    # settings by its on_starting hook, which runs before gunicorn binds its listeners.
     gunicorn_config = tmp_path / "gunicorn.conf.py"
     gunicorn_config.write_text(
         "import runpy\n"
         "from sidecar.serving.gunicorn import DEFAULT_CONFIG\n"
         "globals().update({k: v for k, v in runpy.run_path(str(DEFAULT_CONFIG)).items()"
         " if not k.startswith('__')})\n"
-        f"bind = ['127.0.0.1:{main_port}', 'unix:{unix_socket}']\n"
-        "workers = 1\n"
+        "def on_starting(server):\n"
+        f"    server.cfg.set('bind', [*server.cfg.bind, 'unix:{unix_socket}'])\n"
     )
-    output = tmp_path / "server.log"
-    environment = {k: v for k, v in os.environ.items() if k != "SIDECAR_CONFIG"}
-    command = [
-        *SIDECAR,
-        "--config",
-        str(config_file),
-        "serve",
+    server = start_serve(
+        tmp_path,
+        config,
         "--server",
         "gunicorn",
         "--gunicorn-config",
         str(gunicorn_config),
-    ]
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            command,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            cwd=tmp_path,
-            start_new_session=True,
-        )
-    STARTED.append(process)
-    server = Served(
-        process, f"http://127.0.0.1:{main_port}", main_port, config, config_file, output
+        workers=1,
+        port=main_port,
     )
     try:
-        server.wait_ready()
         admin = AdminClient(f"http://127.0.0.1:{admin_port}", credentials["ops"])
         on_main = AdminClient(server.url, credentials["ops"])
         admin_host = {"Host": f"127.0.0.1:{admin_port}"}

@@ -13,30 +13,16 @@ from flask import Flask
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 
-from sidecar.services import Services
-from sidecar.web.app import create_app
-from tests.conftest import CODE_SEARCH, ClientKeys, LiveServer, TestIdP, base_config
-from tests.functional.http.admin_support import AdminClient, admin_credentials, enable_admin
+from tests.conftest import CODE_SEARCH, LiveServer
+from tests.functional.http.admin_support import AdminClient, enable_admin
 
 CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
 
 
 @pytest.fixture
-def credentials() -> dict[str, str]:
-    return admin_credentials()
-
-
-@pytest.fixture
-def config(
-    idp: TestIdP, client_keys: ClientKeys, sqlite_url: str, credentials: dict[str, str]
-) -> dict[str, Any]:
-    return enable_admin(base_config(idp, client_keys, sqlite_url), credentials)
-
-
-@pytest.fixture
-def app(services: Services) -> Flask:
-    return create_app(services.settings, services)
+def config(config: dict[str, Any], credentials: dict[str, str]) -> dict[str, Any]:
+    return enable_admin(config, credentials)
 
 
 @pytest.fixture

@@ -38,8 +38,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, get_default_algorithms
 
-from sidecar.config import settings_from_mapping
-from sidecar.web.app import create_app
 from tests.conftest import (
     ACCESS_TOKEN_TYPE,
     CLIENT_ASSERTION_TYPE,
@@ -54,14 +52,13 @@ from tests.conftest import (
     FakeClock,
     Gateway,
     InProcessGateway,
-    LiveServer,
     ServedGateway,
     TestIdP,
     base_config,
-    make_services,
+    live_service,
     start_served_gateway,
 )
-from tests.functional.http.helpers import assert_oauth_error
+from tests.functional.http.helpers import REQUEST_PARAMETERS, assert_oauth_error, send_exactly
 from tests.loopback import CountingHttpServer
 
 FORM = "application/x-www-form-urlencoded"
@@ -157,16 +154,11 @@ def kit(arsenal: Arsenal, gateway_target: str) -> Iterator[Kit]:
         finally:
             served.stop()
         return
-    services = make_services(settings_from_mapping(config, env={}))
-    server = LiveServer(create_app(services.settings, services))
-    try:
+    with live_service(config) as (services, server):
         yield Kit(
             **parts,
             gateway=InProcessGateway(server, services, config, arsenal.idp, arsenal.client_keys),
         )
-    finally:
-        server.stop()
-        services.engine.dispose()
 
 
 # --- forging tokens ----------------------------------------------------------------------------
@@ -214,22 +206,14 @@ def with_signature(header: Any, payload: Any, signature: bytes) -> str:
     return f"{segment(header)}.{segment(payload)}.{b64(signature)}"
 
 
-def genuine(kit: Kit, header: dict[str, Any] | None = None, **overrides: Any) -> str:
-    """Signed with the trusted issuer's real RSA key: only what the row changes is wrong."""
+def genuine(
+    kit: Kit, header: dict[str, Any] | None = None, *, ec: bool = False, **overrides: Any
+) -> str:
+    """Signed with the trusted issuer's real RSA key (with ``ec``, its EC key): only what the row
+    changes is wrong."""
+    kid, alg, key = ("ec-1", "ES256", kit.idp.ec_key) if ec else ("rsa-1", "RS256", kit.idp.rsa_key)
     return signed(
-        {"alg": "RS256", "typ": "JWT", "kid": "rsa-1", **(header or {})},
-        claims(kit, **overrides),
-        kit.idp.rsa_key,
-        "RS256",
-    )
-
-
-def genuine_ec(kit: Kit, header: dict[str, Any] | None = None, **overrides: Any) -> str:
-    return signed(
-        {"alg": "ES256", "typ": "JWT", "kid": "ec-1", **(header or {})},
-        claims(kit, **overrides),
-        kit.idp.ec_key,
-        "ES256",
+        {"alg": alg, "typ": "JWT", "kid": kid, **(header or {})}, claims(kit, **overrides), key, alg
     )
 
 
@@ -351,16 +335,7 @@ def send(kit: Kit, request: Hostile) -> requests.Response:
     if request.declared_length is not None:
         return _send_with_declared_length(kit, request, headers)
     data: Any = request.body if request.body is not None else request.form
-    session = requests.Session()
-    prepared = session.prepare_request(
-        requests.Request(request.method, url, data=data, auth=request.auth, headers=headers)
-    )
-    if request.content_type is None:
-        prepared.headers.pop("Content-Type", None)
-    try:
-        return session.send(prepared, timeout=10)
-    finally:
-        session.close()
+    return send_exactly(request.method, url, data, request.content_type, auth=request.auth)
 
 
 def _send_with_declared_length(
@@ -630,18 +605,7 @@ table(
         "empty-pairs": refused(_raw(b"&&&")),
         **{
             f"{char}-in-{name}": refused(_tainted(name, lambda v, c=c: v[:8] + c + v[8:]))
-            for name in (
-                "grant_type",
-                "subject_token",
-                "subject_token_type",
-                "audience",
-                "resource",
-                "scope",
-                "requested_token_type",
-                "actor_token",
-                "actor_token_type",
-                "client_id",
-            )
+            for name in REQUEST_PARAMETERS
             for char, c in CONTROL.items()
             if char in ("NUL", "CR", "LF") or name in ("subject_token", "audience")
         },
@@ -786,7 +750,7 @@ def _key_url_header(name: str, *, genuinely_signed: bool) -> Callable[[Kit], str
             "x5c": [self_signed_certificate(kit.attacker_ec)],
         }[name]
         if genuinely_signed:
-            return genuine_ec(kit, {name: value})
+            return genuine(kit, {name: value}, ec=True)
         return attacker_signed(kit, {name: value, "kid": "ec-1"})
 
     return make
@@ -1119,24 +1083,27 @@ table(
 # Targets and scopes ---------------------------------------------------------------------------
 
 
-def _audience(*audiences: str) -> Callable[[Kit], Hostile]:
+def _targets(
+    parameter: str, *targets: str, audience: str | None = None
+) -> Callable[[Kit], Hostile]:
+    """A genuine exchange naming ``targets`` as ``parameter`` (audience or resource), beside
+    ``audience`` (None: no other)."""
+
     def build(kit: Kit) -> Hostile:
-        request = exchange(genuine(kit), audience=None)
-        request.form = [*(request.form or []), *(("audience", a) for a in audiences)]
-        request.inputs = audiences
+        request = exchange(genuine(kit), audience=audience)
+        request.form = [*(request.form or []), *((parameter, t) for t in targets)]
+        request.inputs = targets
         return request
 
     return build
+
+
+def _audience(*audiences: str) -> Callable[[Kit], Hostile]:
+    return _targets("audience", *audiences)
 
 
 def _resource(*resources: str, audience: str | None = None) -> Callable[[Kit], Hostile]:
-    def build(kit: Kit) -> Hostile:
-        request = exchange(genuine(kit), audience=audience)
-        request.form = [*(request.form or []), *(("resource", r) for r in resources)]
-        request.inputs = resources
-        return request
-
-    return build
+    return _targets("resource", *resources, audience=audience)
 
 
 def _scope(
@@ -1478,23 +1445,20 @@ def test_a_flood_of_unknown_kids_refetches_the_issuers_keys_at_most_once(
     issuer = config["trusted_issuers"][0]
     del issuer["jwks_file"]
     issuer.update(jwks_uri=f"{jwks.url}/jwks.json", min_refetch_interval="30s")
-    services = make_services(settings_from_mapping(config, env={}), clock=clock)
-    server = LiveServer(create_app(services.settings, services))
     try:
-        assert server.exchange(idp.token()).status_code == 200
-        assert jwks.count == 1  # the first use loaded the keys
-        clock.advance(31)  # past min_refetch_interval: one refetch is allowed again
+        with live_service(config, clock=clock) as (_, server):
+            assert server.exchange(idp.token()).status_code == 200
+            assert jwks.count == 1  # the first use loaded the keys
+            clock.advance(31)  # past min_refetch_interval: one refetch is allowed again
 
-        flood = [idp.token(kid=f"unknown-{i}-{secrets.token_hex(4)}") for i in range(50)]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            responses = list(pool.map(server.exchange, flood))
+            flood = [idp.token(kid=f"unknown-{i}-{secrets.token_hex(4)}") for i in range(50)]
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                responses = list(pool.map(server.exchange, flood))
 
-        for token, response in zip(flood, responses, strict=True):
-            assert_oauth_error(response, 400, "invalid_request", token)
-        assert jwks.count - 1 == 1, jwks.paths  # one refetch for fifty unknown kids
-        assert server.exchange(idp.token()).status_code == 200  # the known kid still verifies
-        assert jwks.count == 2
+            for token, response in zip(flood, responses, strict=True):
+                assert_oauth_error(response, 400, "invalid_request", token)
+            assert jwks.count - 1 == 1, jwks.paths  # one refetch for fifty unknown kids
+            assert server.exchange(idp.token()).status_code == 200  # the known kid still verifies
+            assert jwks.count == 2
     finally:
-        server.stop()
         jwks.stop()
-        services.engine.dispose()

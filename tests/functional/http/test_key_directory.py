@@ -20,7 +20,6 @@ from typing import Any
 import jwt
 import pytest
 import requests
-import yaml
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -31,7 +30,7 @@ from sidecar.keys.keyring import CURRENT, NEXT, PREVIOUS
 from sidecar.services import Services
 from sidecar.store.key_directory import DirectoryKeyStore, KeyDirectoryError
 from sidecar.web.app import create_app
-from tests.conftest import CODE_SEARCH, SIDECAR_ISSUER, FakeClock, LiveServer, TestIdP
+from tests.conftest import CODE_SEARCH, HOURLY_KEYS, SIDECAR_ISSUER, FakeClock, LiveServer, TestIdP
 
 PUBLISH_AHEAD = 600.0
 REFRESH = 1.0
@@ -89,11 +88,6 @@ def thumbprint(key: PrivateKey) -> str:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(float(int(time.time())))
-
-
-@pytest.fixture
 def key_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "signing-keys"
     directory.mkdir()
@@ -110,13 +104,7 @@ def write_key(directory: Path, name: str, data: bytes | Any, mtime: float) -> st
 
 @pytest.fixture
 def config(config: dict[str, Any], key_dir: Path) -> dict[str, Any]:
-    config["keys"] = {
-        "rotate_every": "1h",
-        "publish_ahead": "10m",
-        "retain_after": "10m",
-        "refresh_interval": "1s",
-        "directory": str(key_dir),
-    }
+    config["keys"] = {**HOURLY_KEYS, "directory": str(key_dir)}
     return config
 
 
@@ -334,16 +322,13 @@ def test_keys_rotate_and_retire_refuse_a_directory_keyring_in_one_line(
     start: Callable[[], Service],
     key_dir: Path,
     clock: FakeClock,
-    config: dict[str, Any],
-    tmp_path: Path,
+    config_file: Path,
     command: list[str],
     reason: str,
 ) -> None:
     kid = write_key(key_dir, "a.pem", p256(), clock.now - 3600)
     assert kid is not None
     start().stop()  # migrates the database, as `sidecar serve` would
-    config_file = tmp_path / "sidecar.yaml"
-    config_file.write_text(yaml.safe_dump(config))
     command = [kid if arg == "KID" else arg for arg in command]
 
     result = CliRunner().invoke(main, ["--config", str(config_file), *command])
@@ -359,14 +344,11 @@ def test_keys_list_shows_the_directory_keys(
     start: Callable[[], Service],
     key_dir: Path,
     clock: FakeClock,
-    config: dict[str, Any],
-    tmp_path: Path,
+    config_file: Path,
 ) -> None:
     old = write_key(key_dir, "a.pem", p256(), clock.now - 7200)
     new = write_key(key_dir, "b.pem", ed25519.Ed25519PrivateKey.generate(), clock.now - 3600)
     start().stop()
-    config_file = tmp_path / "sidecar.yaml"
-    config_file.write_text(yaml.safe_dump(config))
 
     listed = CliRunner().invoke(main, ["--config", str(config_file), "keys", "list", "--json"])
 

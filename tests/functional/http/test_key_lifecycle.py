@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -21,7 +20,7 @@ from sidecar.config import Settings, settings_from_mapping
 from sidecar.keys.keyring import CURRENT, NEXT, PREVIOUS
 from sidecar.services import Services
 from sidecar.web.app import create_app
-from tests.conftest import FakeClock, LiveServer, TestIdP, make_services
+from tests.conftest import HOURLY_KEYS, FakeClock, LiveServer, TestIdP, make_services
 
 ROTATE_EVERY = 3600.0
 PUBLISH_AHEAD = 600.0
@@ -34,26 +33,14 @@ DUE_AFTER = ROTATE_EVERY - PUBLISH_AHEAD
 @pytest.fixture
 def config(config: dict[str, Any]) -> dict[str, Any]:
     config["tokens"] = {"algorithm": "ES256", "max_ttl": 300, "leeway": 30}
-    config["keys"] = {
-        "rotate_every": "1h",
-        "publish_ahead": "10m",
-        "retain_after": "10m",
-        "refresh_interval": "1s",
-    }
+    config["keys"] = dict(HOURLY_KEYS)
     return config
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(float(int(time.time())))
-
-
-@pytest.fixture
-def services(settings: Settings, clock: FakeClock) -> Iterator[Services]:
+def services(clocked_services: Services) -> Services:
     """The service at T0 = clock.now: prepare() has generated its first key."""
-    services = make_services(settings, clock=clock)
-    yield services
-    services.engine.dispose()
+    return clocked_services
 
 
 def subject_token(idp: TestIdP, clock: FakeClock) -> str:

@@ -96,13 +96,6 @@ def config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-@pytest.fixture
-def config_file(tmp_path: Path, config: dict[str, Any]) -> Path:
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 def test_a_policy_applied_through_the_cli_holds_within_the_refresh_interval(
     server: LiveServer,
     services: Services,

@@ -17,14 +17,10 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
-from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import get_default_algorithms
 
-from sidecar.config import settings_from_mapping
-from sidecar.services import Services
-from sidecar.web.app import create_app
 from tests.conftest import (
     ACCESS_TOKEN_TYPE,
     CLIENT_ASSERTION_TYPE,
@@ -39,8 +35,12 @@ from tests.conftest import (
     ClientKeys,
     LiveServer,
     TestIdP,
-    base_config,
-    make_services,
+    live_service,
+)
+from tests.functional.http.helpers import (
+    CLIENT_CREDENTIAL_PARAMETERS,
+    REQUEST_PARAMETERS,
+    send_exactly,
 )
 
 # docs/design.md §2: every error code the token endpoint may answer with.
@@ -57,21 +57,7 @@ DESIGN_ERRORS = frozenset(
     }
 )
 FORM = "application/x-www-form-urlencoded"
-PARAMETER_NAMES = (
-    "grant_type",
-    "subject_token",
-    "subject_token_type",
-    "audience",
-    "resource",
-    "scope",
-    "requested_token_type",
-    "actor_token",
-    "actor_token_type",
-    "client_id",
-    "client_secret",
-    "client_assertion",
-    "client_assertion_type",
-)
+PARAMETER_NAMES = (*REQUEST_PARAMETERS, *CLIENT_CREDENTIAL_PARAMETERS)
 REAL_VALUES = (
     TOKEN_EXCHANGE,
     "client_credentials",
@@ -114,18 +100,13 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(
-    tmp_path_factory: pytest.TempPathFactory, idp_rsa_key: rsa.RSAPrivateKey
+    gateway_idp: TestIdP, gateway_client_keys: ClientKeys, gateway_config: dict[str, Any]
 ) -> Iterator[Target]:
-    # Module-scoped: one server takes every generated request (a server per example would spend
-    # the time budget on migrations).
-    directory = tmp_path_factory.mktemp("property")
-    idp, client_keys = TestIdP(directory, idp_rsa_key), ClientKeys()
-    config = base_config(idp, client_keys, f"sqlite:///{directory / 'sidecar.db'}")
-    services: Services = make_services(settings_from_mapping(config, env={}))
-    server = LiveServer(create_app(services.settings, services))
-    yield Target(idp, client_keys, server)
-    server.stop()
-    services.engine.dispose()
+    # Module-scoped (the module's IdP, client keys and configuration: tests/conftest.py): one
+    # server takes every generated request (a server per example would spend the time budget on
+    # migrations).
+    with live_service(gateway_config) as (_, server):
+        yield Target(gateway_idp, gateway_client_keys, server)
 
 
 # --- generated tokens ---------------------------------------------------------------------------
@@ -321,22 +302,13 @@ def requests_to_token(draw: st.DrawFn, target: Target) -> Request:
 
 
 def send(target: Target, request: Request) -> requests.Response:
-    session = requests.Session()
     url = target.server.token_url + (f"?{request.query}" if request.query else "")
-    headers = {"Content-Type": request.content_type} if request.content_type is not None else {}
+    headers: dict[str, str] = {}
     if request.auth is not None:
         # Built here: requests would refuse a user name outside Latin-1; the server must not.
         credentials = ":".join(request.auth).encode()
         headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
-    prepared = session.prepare_request(
-        requests.Request("POST", url, data=request.body, headers=headers)
-    )
-    if request.content_type is None:
-        prepared.headers.pop("Content-Type", None)
-    try:
-        return session.send(prepared, timeout=10)
-    finally:
-        session.close()
+    return send_exactly("POST", url, request.body, request.content_type, headers=headers)
 
 
 @settings(

@@ -21,28 +21,21 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jwt
 import pytest
 import requests
-from cryptography.hazmat.primitives.asymmetric import ec
 from requests.adapters import HTTPAdapter
 
-from sidecar.config import settings_from_mapping
 from sidecar.store.models import AuditEventRow
-from sidecar.web.app import create_app
 from tests.conftest import (
-    CLIENT_ASSERTION_TYPE,
     CODE_SEARCH,
     GATEWAY_SECRET,
-    SIDECAR_ISSUER,
     ClientKeys,
     FakeClock,
     Gateway,
     InProcessGateway,
-    LiveServer,
-    make_services,
+    live_service,
 )
-from tests.functional.http.helpers import assert_oauth_error, exchange_form
+from tests.functional.http.helpers import assert_oauth_error, assertion_form, exchange_form
 
 BURST = 3
 RATE_LIMIT = {"per_second": 1, "burst": BURST}
@@ -183,23 +176,20 @@ def limited(request: pytest.FixtureRequest, gateway_target: str) -> Iterator[Lim
     config: dict[str, Any] = request.getfixturevalue("config")
     config["rate_limit"] = dict(RATE_LIMIT)
     clock = FakeClock()
-    services = make_services(settings_from_mapping(config, env={}), clock=clock)
-    server = LiveServer(create_app(services.settings, services))
     client_keys: ClientKeys = request.getfixturevalue("client_keys")
-    in_process = Limited(
-        InProcessGateway(server, services, config, request.getfixturevalue("idp"), client_keys),
-        client_id="gateway",
-        keys=client_keys,
-        source="127.0.0.1",
-        other_sources=("127.0.0.2", "127.0.0.3"),
-        advance=clock.advance,
-    )
-    try:
-        yield in_process
-    finally:
-        in_process.close()
-        server.stop()
-        services.close()
+    with live_service(config, clock=clock) as (services, server):
+        in_process = Limited(
+            InProcessGateway(server, services, config, request.getfixturevalue("idp"), client_keys),
+            client_id="gateway",
+            keys=client_keys,
+            source="127.0.0.1",
+            other_sources=("127.0.0.2", "127.0.0.3"),
+            advance=clock.advance,
+        )
+        try:
+            yield in_process
+        finally:
+            in_process.close()
 
 
 def assert_rate_limited(response: requests.Response, *never_echoed: str) -> int:
@@ -208,27 +198,6 @@ def assert_rate_limited(response: requests.Response, *never_echoed: str) -> int:
     retry_after = int(response.headers["Retry-After"])
     assert retry_after >= 1
     return retry_after
-
-
-def forged_assertion(client_keys: ClientKeys) -> str:
-    """Claims the jwt client, with its kid, but signed with a key that is not the client's."""
-    now = int(time.time())
-    claims = {
-        "iss": client_keys.client_id,
-        "sub": client_keys.client_id,
-        "aud": SIDECAR_ISSUER,
-        "iat": now,
-        "exp": now + 60,
-        "jti": f"forged-{time.monotonic_ns()}",
-    }
-    impostor = ec.generate_private_key(ec.SECP256R1())
-    return jwt.encode(claims, impostor, algorithm="ES256", headers={"kid": "client-1"})
-
-
-def assertion_form(subject: str, assertion: str) -> list[tuple[str, str]]:
-    return exchange_form(
-        subject, client_assertion_type=CLIENT_ASSERTION_TYPE, client_assertion=assertion
-    )
 
 
 # What each authentication method sends for the test's clients, as (form, Basic auth): the
@@ -248,7 +217,8 @@ def _post(subject: str, limited: Limited, *, wrong: bool = False) -> Sent:
 
 def _private_key_jwt(subject: str, limited: Limited, *, wrong: bool = False) -> Sent:
     keys = limited.keys
-    return assertion_form(subject, forged_assertion(keys) if wrong else keys.assertion()), None
+    assertion = keys.impostor_assertion() if wrong else keys.assertion()  # each with a new jti
+    return assertion_form(subject, assertion), None
 
 
 def post(limited: Limited, sent: Sent) -> requests.Response:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -36,8 +35,8 @@ from tests.conftest import (
     CODE_SEARCH,
     GATEWAY_SECRET,
     JWT_TOKEN_TYPE,
-    SIDECAR_ISSUER,
     TICKETS,
+    ConfigEdit,
     FakeClock,
     Gateway,
     LiveServer,
@@ -45,7 +44,7 @@ from tests.conftest import (
     audit_rows,
     make_services,
 )
-from tests.functional.http.helpers import assert_oauth_error
+from tests.functional.http.helpers import assert_oauth_error, jwks_client, verify_as_upstream
 
 REUSED = "reused a minted token"
 SECOND_CLIENT = "gateway-2"
@@ -69,14 +68,9 @@ def with_second_client(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-@pytest.fixture
-def config(config: dict[str, Any]) -> dict[str, Any]:
-    return with_second_client(config)
-
-
 @pytest.fixture(scope="module")
-def gateway_config(gateway_config: dict[str, Any]) -> dict[str, Any]:
-    return with_second_client(gateway_config)
+def edit_config() -> ConfigEdit:
+    return with_second_client
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +79,8 @@ def gateway_keep_alive() -> bool:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(float(int(time.time())))
-
-
-@pytest.fixture
-def services(settings: Settings, clock: FakeClock) -> Iterator[Services]:
-    services = make_services(settings, clock=clock)
-    yield services
-    services.close()
+def services(clocked_services: Services) -> Services:
+    return clocked_services
 
 
 def subject_token(idp: TestIdP, clock: FakeClock, **claims: Any) -> str:
@@ -173,14 +160,7 @@ def test_an_identical_request_gets_the_same_token_and_both_grants_are_audited(
         assert body["token_type"] == "Bearer"
 
     # The reused token is a real, valid token of this issuer, expiring when it says.
-    jwks = PyJWKClient(f"{server.url}/.well-known/jwks.json")
-    claims = jwt.decode(
-        second["access_token"],
-        jwks.get_signing_key_from_jwt(second["access_token"]),
-        algorithms=["ES256"],
-        audience=CODE_SEARCH,
-        issuer=SIDECAR_ISSUER,
-    )
+    claims = verify_as_upstream(jwks_client(server.url), second["access_token"])
     assert claims["exp"] == int(clock.now) + second["expires_in"]
 
     rows = granted_rows(services)

@@ -12,28 +12,24 @@ import time
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import (
-    CLIENT_ASSERTION_TYPE,
     GATEWAY_SECRET,
+    MALFORMED_BASIC_HEADERS,
     OTHER_SECRET,
     SIDECAR_ISSUER,
     ClientKeys,
     Gateway,
 )
-from tests.functional.http.helpers import assert_oauth_error, exchange_form, post_token
+from tests.functional.http.helpers import (
+    assert_oauth_error,
+    assertion_form,
+    exchange_form,
+    post_token,
+)
 
 TOKEN_ENDPOINT = SIDECAR_ISSUER + "/token"
 WRONG_SECRET = "not-the-secret-" + "z" * 24
-
-
-def _assertion_form(subject: str, assertion: str, **params: str | None) -> list[tuple[str, str]]:
-    assertion_params = {
-        "client_assertion_type": CLIENT_ASSERTION_TYPE,
-        "client_assertion": assertion,
-    }
-    return exchange_form(subject, **{**assertion_params, **params})
 
 
 def _minted_claims(access_token: str) -> dict[str, object]:
@@ -63,16 +59,7 @@ def test_another_clients_secret_via_basic_is_401(gateway: Gateway) -> None:
     assert_oauth_error(response, 401, "invalid_client", subject)
 
 
-@pytest.mark.parametrize(
-    "authorization",
-    [
-        "Basic !!!not-base64!!!",
-        "Basic " + base64.b64encode(b"gateway").decode(),  # no colon, no secret
-        "Basic " + base64.b64encode(b"gateway:\xff\xfe").decode(),  # not UTF-8
-        "Basic",
-    ],
-    ids=["not-base64", "no-secret", "not-utf8", "no-credentials"],
-)
+@pytest.mark.parametrize("authorization", MALFORMED_BASIC_HEADERS)
 def test_a_malformed_basic_header_is_401_with_a_basic_challenge(
     gateway: Gateway, authorization: str
 ) -> None:
@@ -172,7 +159,7 @@ def test_a_secret_for_a_private_key_jwt_client_is_401(gateway: Gateway) -> None:
 @pytest.mark.parametrize("audience", [SIDECAR_ISSUER, TOKEN_ENDPOINT], ids=["issuer", "endpoint"])
 def test_private_key_jwt_authenticates(gateway: Gateway, audience: str) -> None:
     client_keys = gateway.client_keys
-    form = _assertion_form(gateway.idp.token(), client_keys.assertion(audience=audience))
+    form = assertion_form(gateway.idp.token(), client_keys.assertion(audience=audience))
     response = post_token(gateway, form, auth=None)
     assert response.status_code == 200, response.text
     assert _minted_claims(response.json()["access_token"])["client_id"] == client_keys.client_id
@@ -182,7 +169,7 @@ def test_private_key_jwt_with_a_matching_client_id_parameter_authenticates(
     gateway: Gateway,
 ) -> None:
     client_keys = gateway.client_keys
-    form = _assertion_form(
+    form = assertion_form(
         gateway.idp.token(), client_keys.assertion(), client_id=client_keys.client_id
     )
     response = post_token(gateway, form, auth=None)
@@ -191,52 +178,32 @@ def test_private_key_jwt_with_a_matching_client_id_parameter_authenticates(
 
 def test_a_replayed_client_assertion_is_401(gateway: Gateway) -> None:
     assertion = gateway.client_keys.assertion()
-    first = post_token(gateway, _assertion_form(gateway.idp.token(), assertion), auth=None)
+    first = post_token(gateway, assertion_form(gateway.idp.token(), assertion), auth=None)
     assert first.status_code == 200, first.text
 
     subject = gateway.idp.token()
-    second = post_token(gateway, _assertion_form(subject, assertion), auth=None)
+    second = post_token(gateway, assertion_form(subject, assertion), auth=None)
     assert_oauth_error(second, 401, "invalid_client", subject, assertion)
 
 
 def test_a_jti_is_accepted_once_even_in_a_new_assertion(gateway: Gateway) -> None:
     first = post_token(
         gateway,
-        _assertion_form(gateway.idp.token(), gateway.client_keys.assertion(jti="jti-1")),
+        assertion_form(gateway.idp.token(), gateway.client_keys.assertion(jti="jti-1")),
         auth=None,
     )
     assert first.status_code == 200, first.text
     again = gateway.client_keys.assertion(jti="jti-1", iat=int(time.time()) + 1)
     subject = gateway.idp.token()
-    response = post_token(gateway, _assertion_form(subject, again), auth=None)
+    response = post_token(gateway, assertion_form(subject, again), auth=None)
     assert_oauth_error(response, 401, "invalid_client", subject, again)
-
-
-def _other_key_assertion(client_keys: ClientKeys) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": client_keys.client_id,
-        "sub": client_keys.client_id,
-        "aud": SIDECAR_ISSUER,
-        "iat": now,
-        "exp": now + 60,
-        "jti": "signed-with-another-key",
-    }
-    impostor = ec.generate_private_key(ec.SECP256R1())
-    return jwt.encode(claims, impostor, algorithm="ES256", headers={"kid": "client-1"})
-
-
-def _unsigned_assertion(client_keys: ClientKeys) -> str:
-    payload = client_keys.assertion().split(".")[1]
-    none_header = base64.urlsafe_b64encode(b'{"alg":"none","kid":"client-1"}').rstrip(b"=")
-    return f"{none_header.decode()}.{payload}."
 
 
 def _bad_assertions(client_keys: ClientKeys) -> dict[str, str]:
     now = int(time.time())
     return {
-        "bad-signature": _other_key_assertion(client_keys),
-        "alg-none": _unsigned_assertion(client_keys),
+        "bad-signature": client_keys.impostor_assertion(jti="signed-with-another-key"),
+        "alg-none": client_keys.unsigned_assertion(),
         "wrong-aud": client_keys.assertion(audience="https://some-other-server.example/token"),
         "expired": client_keys.assertion(iat=now - 3600, exp=now - 1800),
         "exp-too-far": client_keys.assertion(exp=now + 3600),
@@ -277,13 +244,13 @@ def _bad_assertions(client_keys: ClientKeys) -> dict[str, str]:
 )
 def test_a_bad_client_assertion_is_401(gateway: Gateway, case: str) -> None:
     subject, assertion = gateway.idp.token(), _bad_assertions(gateway.client_keys)[case]
-    response = post_token(gateway, _assertion_form(subject, assertion), auth=None)
+    response = post_token(gateway, assertion_form(subject, assertion), auth=None)
     assert_oauth_error(response, 401, "invalid_client", subject, assertion)
 
 
 def test_a_client_assertion_of_an_unknown_type_is_401(gateway: Gateway) -> None:
     subject, assertion = gateway.idp.token(), gateway.client_keys.assertion()
-    form = _assertion_form(
+    form = assertion_form(
         subject,
         assertion,
         client_assertion_type="urn:ietf:params:oauth:client-assertion-type:saml2-bearer",
@@ -294,7 +261,7 @@ def test_a_client_assertion_of_an_unknown_type_is_401(gateway: Gateway) -> None:
 
 def test_a_client_assertion_with_a_client_id_naming_another_client_is_401(gateway: Gateway) -> None:
     subject, assertion = gateway.idp.token(), gateway.client_keys.assertion()
-    form = _assertion_form(subject, assertion, client_id="gateway")
+    form = assertion_form(subject, assertion, client_id="gateway")
     response = post_token(gateway, form, auth=None)
     assert_oauth_error(response, 401, "invalid_client", subject, assertion)
 
@@ -303,7 +270,7 @@ def test_a_client_assertion_for_a_secret_client_is_401(gateway: Gateway) -> None
     # A well-signed assertion naming gateway (a client_secret client) must not authenticate it.
     subject = gateway.idp.token()
     assertion = gateway.client_keys.assertion(iss="gateway", sub="gateway")
-    response = post_token(gateway, _assertion_form(subject, assertion), auth=None)
+    response = post_token(gateway, assertion_form(subject, assertion), auth=None)
     assert_oauth_error(response, 401, "invalid_client", subject, assertion)
 
 

@@ -24,6 +24,7 @@ from tests.conftest import (
     GATEWAY_SECRET,
     JWT_TOKEN_TYPE,
     TOKEN_EXCHANGE,
+    ConfigEdit,
     Gateway,
     TestIdP,
 )
@@ -47,14 +48,9 @@ def with_replica(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-@pytest.fixture
-def config(config: dict[str, Any]) -> dict[str, Any]:
-    return with_replica(config)
-
-
 @pytest.fixture(scope="module")
-def gateway_config(gateway_config: dict[str, Any]) -> dict[str, Any]:
-    return with_replica(gateway_config)
+def edit_config() -> ConfigEdit:
+    return with_replica
 
 
 def _b64(data: dict[str, Any]) -> str:

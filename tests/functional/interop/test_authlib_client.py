@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import jwt
 import pytest
 from authlib.integrations.requests_client import OAuth2Session, OAuthError
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
@@ -15,14 +14,14 @@ from joserfc.jwk import ECKey
 
 from tests.conftest import (
     ACCESS_TOKEN_TYPE,
-    CODE_SEARCH,
     GATEWAY_SECRET,
     SIDECAR_ISSUER,
-    TOKEN_EXCHANGE,
     ClientKeys,
     LiveServer,
     TestIdP,
+    exchange_params,
 )
+from tests.functional.http.helpers import jwks_client, verify_as_upstream
 
 # The configured token endpoint: what an assertion's `aud` names (the live server's own URL
 # differs from the configured issuer, so it is set explicitly rather than taken from the URL).
@@ -30,24 +29,11 @@ TOKEN_ENDPOINT = SIDECAR_ISSUER + "/token"
 
 
 def exchange(session: OAuth2Session, server: LiveServer, subject_token: str) -> Any:
-    return session.fetch_token(
-        server.token_url,
-        grant_type=TOKEN_EXCHANGE,
-        subject_token=subject_token,
-        subject_token_type=ACCESS_TOKEN_TYPE,
-        audience=CODE_SEARCH,
-    )
+    return session.fetch_token(server.token_url, **exchange_params(subject_token))
 
 
 def verified_claims(server: LiveServer, access_token: str) -> dict[str, Any]:
-    jwks = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
-    return jwt.decode(
-        access_token,
-        jwks.get_signing_key_from_jwt(access_token),
-        algorithms=["ES256"],
-        audience=CODE_SEARCH,
-        issuer=SIDECAR_ISSUER,
-    )
+    return verify_as_upstream(jwks_client(server.url), access_token)
 
 
 def private_key_jwt_session(client_keys: ClientKeys, *, audience: str | None) -> OAuth2Session:

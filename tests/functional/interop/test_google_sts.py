@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jwt
 import pytest
 from google.auth import exceptions
 from google.auth.transport.requests import Request
@@ -12,11 +11,11 @@ from tests.conftest import (
     ACCESS_TOKEN_TYPE,
     CODE_SEARCH,
     GATEWAY_SECRET,
-    SIDECAR_ISSUER,
     TOKEN_EXCHANGE,
     LiveServer,
     TestIdP,
 )
+from tests.functional.http.helpers import jwks_client, verify_as_upstream
 
 
 def sts_client(server: LiveServer, auth_type: utils.ClientAuthType) -> sts.Client:
@@ -45,14 +44,7 @@ def test_google_sts_client_exchanges_a_subject_token(
     assert response["token_type"] == "Bearer"
     assert response["expires_in"] == 120
     assert response["scope"] == "code.read code.search"
-    jwks = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
-    claims = jwt.decode(
-        response["access_token"],
-        jwks.get_signing_key_from_jwt(response["access_token"]),
-        algorithms=["ES256"],
-        audience=CODE_SEARCH,
-        issuer=SIDECAR_ISSUER,
-    )
+    claims = verify_as_upstream(jwks_client(server.url), response["access_token"])
     assert claims["sub"] == "alice@example.com"
     assert claims["client_id"] == "gateway"
     assert claims["scope"] == "code.read code.search"

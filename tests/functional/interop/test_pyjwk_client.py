@@ -9,6 +9,7 @@ import jwt
 import pytest
 
 from tests.conftest import CODE_SEARCH, SIDECAR_ISSUER, TICKETS, LiveServer, TestIdP
+from tests.functional.http.helpers import jwks_client, verify_as_upstream
 
 
 def minted_token(server: LiveServer, idp: TestIdP, audience: str) -> str:
@@ -18,29 +19,15 @@ def minted_token(server: LiveServer, idp: TestIdP, audience: str) -> str:
     return token
 
 
-def verify_as_upstream(server: LiveServer, token: str, audience: str) -> dict[str, Any]:
-    """What an upstream does: key from the JWKS by kid, then signature, typ, aud, iss, exp."""
-    jwks = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
-    signing_key = jwks.get_signing_key_from_jwt(token)
-    verified = jwt.api_jwt.decode_complete(
-        token,
-        signing_key,
-        algorithms=["ES256"],
-        audience=audience,
-        issuer=SIDECAR_ISSUER,
-        options={"require": ["exp", "iat", "iss", "aud", "sub", "jti", "client_id"]},
-    )
-    # RFC 9068 §4: resource servers MUST check typ is at+jwt (or application/at+jwt).
-    if verified["header"].get("typ") not in ("at+jwt", "application/at+jwt"):
-        raise jwt.InvalidTokenError("not an RFC 9068 access token")
-    claims: dict[str, Any] = verified["payload"]
-    return claims
+def verified(server: LiveServer, token: str, audience: str) -> dict[str, Any]:
+    """What an upstream does (tests/functional/http/helpers.py), with a JWKS client of its own."""
+    return verify_as_upstream(jwks_client(server.url), token, audience)
 
 
 def test_pyjwk_client_verifies_a_minted_token(server: LiveServer, idp: TestIdP) -> None:
     token = minted_token(server, idp, CODE_SEARCH)
 
-    claims = verify_as_upstream(server, token, CODE_SEARCH)
+    claims = verified(server, token, CODE_SEARCH)
 
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
     assert claims["aud"] == CODE_SEARCH
@@ -51,7 +38,7 @@ def test_pyjwk_client_verifies_a_minted_token(server: LiveServer, idp: TestIdP) 
 def test_jwks_names_the_key_that_signed(server: LiveServer, idp: TestIdP) -> None:
     token = minted_token(server, idp, CODE_SEARCH)
 
-    jwks = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
+    jwks = jwks_client(server.url)
     published = {key.key_id: key for key in jwks.get_signing_keys()}
 
     kid = jwt.get_unverified_header(token)["kid"]
@@ -67,12 +54,12 @@ def test_token_for_one_audience_fails_verification_for_another(
     token = minted_token(server, idp, TICKETS)
 
     with pytest.raises(jwt.InvalidAudienceError):
-        verify_as_upstream(server, token, CODE_SEARCH)
+        verified(server, token, CODE_SEARCH)
 
 
 def test_token_fails_verification_for_another_issuer(server: LiveServer, idp: TestIdP) -> None:
     token = minted_token(server, idp, CODE_SEARCH)
-    jwks = jwt.PyJWKClient(f"{server.url}/.well-known/jwks.json")
+    jwks = jwks_client(server.url)
 
     with pytest.raises(jwt.InvalidIssuerError):
         jwt.decode(

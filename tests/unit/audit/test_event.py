@@ -41,6 +41,7 @@ def granted(*, reused: bool = False, facts: Facts = FACTS) -> Granted:
         kid="key-1",
         expires_at=1_800_000_120,
         reused=reused,
+        policies=("gateway -> https://code-search.internal/mcp@3",),
     )
 
 
@@ -48,7 +49,7 @@ def granted(*, reused: bool = False, facts: Facts = FACTS) -> Granted:
 
 
 def test_a_grant_records_the_minted_tokens_jti_kid_expiry_and_scope() -> None:
-    event = granted_event(AT, "gateway", granted())
+    event = granted_event(AT, "gateway", granted(), request_id="req-1", latency_ms=0.75)
 
     assert dataclasses.asdict(event) == {
         "at": AT,
@@ -65,6 +66,9 @@ def test_a_grant_records_the_minted_tokens_jti_kid_expiry_and_scope() -> None:
         "jti": "jti-1",
         "expires_at": 1_800_000_120,
         "kid": "key-1",
+        "request_id": "req-1",
+        "latency_ms": 0.75,
+        "policies": "gateway -> https://code-search.internal/mcp@3",
     }
 
 

@@ -165,6 +165,9 @@ def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None
         jti="jti-1",
         expires_at=1_700_000_120.0,
         kid="key-1",
+        request_id="0f3c9a",
+        latency_ms=1.25,
+        policies="gateway -> https://code-search.internal/mcp@1",
     )
     denial = AuditEvent(
         at=1_700_000_001.5,
@@ -195,6 +198,9 @@ def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None
         "jti": "jti-1",
         "expires_at": 1_700_000_120.0,
         "kid": "key-1",
+        "request_id": "0f3c9a",
+        "latency_ms": 1.25,
+        "policies": "gateway -> https://code-search.internal/mcp@1",
     }
     assert json.loads(first.audiences or "") == grant.audiences
     assert (second.decision, second.error, second.reason) == (

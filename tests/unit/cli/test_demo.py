@@ -13,29 +13,12 @@ from typing import Any
 import jwt
 import pytest
 import yaml
-from click.testing import CliRunner, Result
 
-from sidecar.cli import main
 from sidecar.config import load_settings
 from tests.conftest import CODE_SEARCH, TestIdP, make_services
+from tests.unit.support import cli, invoke, one_line_error
 
 KEY_NAME = "demo-idp.key.pem"
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), env={"SIDECAR_CONFIG": None})
-
-
-def cli(config_file: Path, *args: str) -> Result:
-    return invoke("--config", str(config_file), *args)
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code != 0, result.output
-    assert result.stdout == ""
-    [line] = result.stderr.splitlines()
-    assert line.startswith("sidecar: error: ")
-    return line
 
 
 @pytest.fixture

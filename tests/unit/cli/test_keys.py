@@ -13,48 +13,17 @@ from typing import Any
 
 import pytest
 import yaml
-from click.testing import CliRunner, Result
 
-from sidecar.cli import main
-from sidecar.config import load_settings
 from sidecar.store import migrate
 from sidecar.store.db import make_engine
-from tests.conftest import make_services
+from tests.unit.support import cli, invoke, one_line_error
 
 WHEN = re.compile(r"^(-|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$")
 PUBLISH_AHEAD = 15 * 60  # keys.publish_ahead of base_config
 
 
-def cli(config_file: Path, *args: str) -> Result:
-    return CliRunner().invoke(
-        main, ["--config", str(config_file), *args], env={"SIDECAR_CONFIG": None}
-    )
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code != 0, result.output
-    assert result.stdout == ""
-    [line] = result.stderr.splitlines()
-    assert line.startswith("sidecar: error: ")
-    return line
-
-
 def epoch(when: str) -> int:
     return calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ"))
-
-
-@pytest.fixture
-def config_file(config: dict[str, Any], tmp_path: Path) -> Path:
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture
-def started(config_file: Path) -> Path:
-    """A database as ``sidecar serve`` leaves it: migrated, one signing key, the policies."""
-    make_services(load_settings(config_file)).close()
-    return config_file
 
 
 def listed(config_file: Path) -> list[dict[str, str]]:
@@ -238,7 +207,7 @@ def test_a_database_file_that_is_not_a_database_is_a_one_line_error(
 
 
 def test_without_a_configuration_the_command_says_how_to_give_one() -> None:
-    result = CliRunner().invoke(main, ["keys", "list"], env={"SIDECAR_CONFIG": None})
+    result = invoke("keys", "list")
 
     assert result.exit_code == 2
     assert one_line_error(result) == (

@@ -10,59 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from click.testing import CliRunner, Result
 
-from sidecar.cli import main
 from sidecar.cli.policy import EXIT_DIFFERS
 from sidecar.config import load_settings
-from sidecar.store import migrate
-from sidecar.store.db import make_engine
-from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, TestIdP, make_services
+from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, TestIdP, make_services, write_config
+from tests.unit.support import cli, one_line_error
 
 CODE_SEARCH_POLICY = f"gateway -> {CODE_SEARCH}"
 TICKETS_POLICY = f"gateway -> {TICKETS}"
 WIKI = "https://wiki.internal/mcp"
-
-
-def cli(config_file: Path, *args: str) -> Result:
-    return CliRunner().invoke(
-        main, ["--config", str(config_file), *args], env={"SIDECAR_CONFIG": None}
-    )
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code != 0, result.output
-    assert result.stdout == ""
-    [line] = result.stderr.splitlines()
-    assert line.startswith("sidecar: error: ")
-    return line
-
-
-def write(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-@pytest.fixture
-def config_file(config: dict[str, Any], tmp_path: Path) -> Path:
-    return write(tmp_path / "sidecar.yaml", config)
-
-
-@pytest.fixture
-def migrated(config_file: Path, config: dict[str, Any]) -> Path:
-    """A database as ``sidecar db upgrade`` leaves it: the schema, no policies."""
-    engine = make_engine(config["database_url"])
-    migrate.upgrade(engine)
-    engine.dispose()
-    return config_file
-
-
-@pytest.fixture
-def started(config_file: Path) -> Path:
-    """A database as ``sidecar serve`` leaves it: the policy table bootstrapped from the file."""
-    make_services(load_settings(config_file)).close()
-    return config_file
 
 
 def documents(config_file: Path) -> dict[str, dict[str, Any]]:
@@ -77,6 +33,27 @@ def history(config_file: Path, name: str) -> list[dict[str, Any]]:
     assert result.exit_code == 0, result.output
     versions: list[dict[str, Any]] = json.loads(result.stdout)
     return versions
+
+
+@pytest.fixture
+def kept(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configuration's policies but TICKETS's."""
+    return [p for p in config["policies"] if p["audience"] != TICKETS]
+
+
+@pytest.fixture
+def without_tickets(kept: list[dict[str, Any]], tmp_path: Path) -> Path:
+    """A policies file of the configuration's policies but TICKETS's."""
+    return write_config(tmp_path / "policies.yaml", {"policies": kept})
+
+
+@pytest.fixture
+def pruned(started: Path, without_tickets: Path) -> Path:
+    """``started`` once ``policy apply --prune`` of ``without_tickets`` deleted TICKETS's
+    policy."""
+    result = cli(started, "policy", "apply", str(without_tickets), "--prune")
+    assert result.exit_code == 0, result.output
+    return started
 
 
 def wiki_policy() -> dict[str, Any]:
@@ -109,7 +86,7 @@ def test_list_table_shows_the_subject_conditions_of_a_policy(
             "subject": {"groups": {"contains": "eng"}, "mfa": {"equals": True}},
         }
     )
-    config_file = write(tmp_path / "conditions.yaml", config)
+    config_file = write_config(tmp_path / "conditions.yaml", config)
     make_services(load_settings(config_file)).close()
 
     result = cli(config_file, "policy", "list")
@@ -147,7 +124,9 @@ def test_apply_creates_the_policies_of_the_file_then_finds_nothing_to_change(
 def test_apply_accepts_a_file_of_policies_only(
     started: Path, tmp_path: Path, config: dict[str, Any]
 ) -> None:
-    policies = write(tmp_path / "policies.yaml", {"policies": [*config["policies"], wiki_policy()]})
+    policies = write_config(
+        tmp_path / "policies.yaml", {"policies": [*config["policies"], wiki_policy()]}
+    )
 
     result = cli(started, "policy", "apply", str(policies))
 
@@ -157,24 +136,18 @@ def test_apply_accepts_a_file_of_policies_only(
 
 
 def test_apply_without_prune_keeps_policies_missing_from_the_file(
-    started: Path, tmp_path: Path, config: dict[str, Any]
+    started: Path, without_tickets: Path
 ) -> None:
-    kept = [p for p in config["policies"] if p["audience"] != TICKETS]
-    policies = write(tmp_path / "policies.yaml", {"policies": kept})
-
-    result = cli(started, "policy", "apply", str(policies))
+    result = cli(started, "policy", "apply", str(without_tickets))
 
     assert result.exit_code == 0, result.output
     assert TICKETS_POLICY in documents(started)
 
 
 def test_apply_with_prune_deletes_policies_missing_from_the_file_and_records_it(
-    started: Path, tmp_path: Path, config: dict[str, Any]
+    started: Path, without_tickets: Path, kept: list[dict[str, Any]]
 ) -> None:
-    kept = [p for p in config["policies"] if p["audience"] != TICKETS]
-    policies = write(tmp_path / "policies.yaml", {"policies": kept})
-
-    result = cli(started, "policy", "apply", str(policies), "--prune", "--actor", "ci")
+    result = cli(started, "policy", "apply", str(without_tickets), "--prune", "--actor", "ci")
 
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
@@ -187,10 +160,9 @@ def test_apply_with_prune_deletes_policies_missing_from_the_file_and_records_it(
 
 
 def test_dry_run_exits_3_when_something_would_change_and_changes_nothing(
-    started: Path, tmp_path: Path, config: dict[str, Any]
+    started: Path, tmp_path: Path, kept: list[dict[str, Any]]
 ) -> None:
-    kept = [p for p in config["policies"] if p["audience"] != TICKETS]
-    policies = write(tmp_path / "policies.yaml", {"policies": [*kept, wiki_policy()]})
+    policies = write_config(tmp_path / "policies.yaml", {"policies": [*kept, wiki_policy()]})
     before = documents(started)
 
     result = cli(started, "policy", "apply", str(policies), "--dry-run", "--prune", "--json")
@@ -218,7 +190,7 @@ def test_an_invalid_policy_file_exits_2_and_changes_nothing(
 ) -> None:
     config["policies"][0]["ttl"] = 30  # a valid change beside an invalid policy
     bad = [*config["policies"], {"client_id": "gateway", "audience": WIKI, "scopes": "wiki.read"}]
-    policies = write(tmp_path / "policies.yaml", {"policies": bad})
+    policies = write_config(tmp_path / "policies.yaml", {"policies": bad})
     before = documents(started)
 
     result = cli(started, "policy", "apply", str(policies))
@@ -229,7 +201,7 @@ def test_an_invalid_policy_file_exits_2_and_changes_nothing(
 
 
 def test_a_file_without_policies_exits_2(started: Path, tmp_path: Path) -> None:
-    empty = write(tmp_path / "empty.yaml", {"issuer": "https://elsewhere.example"})
+    empty = write_config(tmp_path / "empty.yaml", {"issuer": "https://elsewhere.example"})
 
     result = cli(started, "policy", "apply", str(empty))
 
@@ -244,7 +216,7 @@ def test_two_policies_of_one_name_exit_2(
         wiki_policy(),
         {**wiki_policy(), "audience": "https://other-wiki.internal/mcp"},
     ]
-    policies = write(tmp_path / "policies.yaml", {"policies": [*config["policies"], *twins]})
+    policies = write_config(tmp_path / "policies.yaml", {"policies": [*config["policies"], *twins]})
 
     result = cli(started, "policy", "apply", str(policies))
 
@@ -270,7 +242,7 @@ def test_history_table_has_a_row_per_version(
     started: Path, tmp_path: Path, config: dict[str, Any]
 ) -> None:
     config["policies"][1]["enabled"] = False
-    write(tmp_path / "policies.yaml", {"policies": config["policies"]})
+    write_config(tmp_path / "policies.yaml", {"policies": config["policies"]})
     cli(started, "policy", "apply", str(tmp_path / "policies.yaml"), "--actor", "bob")
 
     result = cli(started, "policy", "history", TICKETS_POLICY)
@@ -285,19 +257,13 @@ def test_history_table_has_a_row_per_version(
     assert "scopes=tickets.read ttl=60 enabled=no subject=-" in second
 
 
-def test_rollback_after_a_prune_brings_the_policy_back_as_a_new_version(
-    started: Path, tmp_path: Path, config: dict[str, Any]
-) -> None:
-    kept = [p for p in config["policies"] if p["audience"] != TICKETS]
-    write(tmp_path / "policies.yaml", {"policies": kept})
-    cli(started, "policy", "apply", str(tmp_path / "policies.yaml"), "--prune")
-
-    result = cli(started, "policy", "rollback", TICKETS_POLICY, "--to", "1", "--actor", "carol")
+def test_rollback_after_a_prune_brings_the_policy_back_as_a_new_version(pruned: Path) -> None:
+    result = cli(pruned, "policy", "rollback", TICKETS_POLICY, "--to", "1", "--actor", "carol")
 
     assert result.exit_code == 0, result.output
     assert result.stdout == f"policy {TICKETS_POLICY} restored to version 1 as version 3\n"
-    assert documents(started)[TICKETS_POLICY]["ttl"] == 60
-    versions = history(started, TICKETS_POLICY)
+    assert documents(pruned)[TICKETS_POLICY]["ttl"] == 60
+    versions = history(pruned, TICKETS_POLICY)
     assert [(v["action"], v["changed_by"]) for v in versions] == [
         ("create", "bootstrap"),
         ("delete", "cli"),
@@ -306,20 +272,14 @@ def test_rollback_after_a_prune_brings_the_policy_back_as_a_new_version(
     assert versions[2]["policy"] == versions[0]["policy"]
 
 
-def test_rollback_to_a_deletion_is_refused(
-    started: Path, tmp_path: Path, config: dict[str, Any]
-) -> None:
-    kept = [p for p in config["policies"] if p["audience"] != TICKETS]
-    write(tmp_path / "policies.yaml", {"policies": kept})
-    cli(started, "policy", "apply", str(tmp_path / "policies.yaml"), "--prune")
-
-    result = cli(started, "policy", "rollback", TICKETS_POLICY, "--to", "2")
+def test_rollback_to_a_deletion_is_refused(pruned: Path) -> None:
+    result = cli(pruned, "policy", "rollback", TICKETS_POLICY, "--to", "2")
 
     assert result.exit_code == 1
     assert one_line_error(result) == (
         f"sidecar: error: version 2 of policy {TICKETS_POLICY} is its deletion"
     )
-    assert TICKETS_POLICY not in documents(started)
+    assert TICKETS_POLICY not in documents(pruned)
 
 
 def test_rollback_of_an_unknown_policy_fails(started: Path) -> None:
@@ -349,7 +309,7 @@ def test_an_invalid_configuration_exits_2(
     tmp_path: Path, config: dict[str, Any], command: list[str]
 ) -> None:
     config["tokens"]["algorithm"] = "HS256"
-    bad = write(tmp_path / "bad.yaml", config)
+    bad = write_config(tmp_path / "bad.yaml", config)
 
     result = cli(bad, "policy", *command)
 

@@ -38,6 +38,15 @@ LEEWAY = 30
 # --- ExpiringCache ------------------------------------------------------------------------------
 
 
+def holding(max_entries: int, *keys: str) -> ExpiringCache[str, str]:
+    """A cache of ``max_entries`` into which each key was put in this order, its value the key
+    in capitals, until 100.0."""
+    cache: ExpiringCache[str, str] = ExpiringCache(max_entries)
+    for key in keys:
+        cache.put(key, key.upper(), expires_at=100.0)
+    return cache
+
+
 def test_an_entry_is_returned_until_its_deadline_and_dropped_at_it() -> None:
     cache: ExpiringCache[str, str] = ExpiringCache(10)
     cache.put("a", "value", expires_at=100.0)
@@ -70,10 +79,7 @@ def test_put_replaces_the_value_and_the_deadline() -> None:
 
 
 def test_when_full_the_least_recently_used_entry_goes_first() -> None:
-    cache: ExpiringCache[str, str] = ExpiringCache(2)
-    cache.put("a", "A", expires_at=100.0)
-    cache.put("b", "B", expires_at=100.0)
-    cache.put("c", "C", expires_at=100.0)
+    cache = holding(2, "a", "b", "c")
 
     assert len(cache) == 2
     assert cache.get("a", 0.0) is None
@@ -82,9 +88,7 @@ def test_when_full_the_least_recently_used_entry_goes_first() -> None:
 
 
 def test_a_hit_moves_the_entry_to_the_most_recently_used_end() -> None:
-    cache: ExpiringCache[str, str] = ExpiringCache(2)
-    cache.put("a", "A", expires_at=100.0)
-    cache.put("b", "B", expires_at=100.0)
+    cache = holding(2, "a", "b")
 
     assert cache.get("a", 0.0) == "A"  # now "b" is the least recently used
     cache.put("c", "C", expires_at=100.0)
@@ -95,9 +99,7 @@ def test_a_hit_moves_the_entry_to_the_most_recently_used_end() -> None:
 
 
 def test_a_miss_does_not_change_the_eviction_order() -> None:
-    cache: ExpiringCache[str, str] = ExpiringCache(2)
-    cache.put("a", "A", expires_at=100.0)
-    cache.put("b", "B", expires_at=100.0)
+    cache = holding(2, "a", "b")
 
     assert cache.get("zzz", 0.0) is None
     cache.put("c", "C", expires_at=100.0)
@@ -107,9 +109,7 @@ def test_a_miss_does_not_change_the_eviction_order() -> None:
 
 
 def test_re_putting_an_entry_makes_it_the_most_recently_used() -> None:
-    cache: ExpiringCache[str, str] = ExpiringCache(2)
-    cache.put("a", "A", expires_at=100.0)
-    cache.put("b", "B", expires_at=100.0)
+    cache = holding(2, "a", "b")
     cache.put("a", "A2", expires_at=100.0)
     cache.put("c", "C", expires_at=100.0)
 
@@ -127,9 +127,7 @@ def test_max_entries_one_keeps_only_the_last_entry() -> None:
 
 
 def test_discard_and_clear() -> None:
-    cache: ExpiringCache[str, str] = ExpiringCache(10)
-    cache.put("a", "A", expires_at=100.0)
-    cache.put("b", "B", expires_at=100.0)
+    cache = holding(10, "a", "b")
 
     cache.discard("a")
     cache.discard("missing")  # no error
@@ -231,6 +229,16 @@ def verified(token: str, issuers: Any) -> tuple[bytes, VerifiedToken, Verificati
     return digest, result, key
 
 
+def cached(
+    token: str, issuers: Any, now: float, max_entries: int = 10
+) -> tuple[SubjectTokenCache, bytes, VerifiedToken, VerificationKey]:
+    """A subject token cache into which ``token``, really verified, was put at ``now``."""
+    digest, result, key = verified(token, issuers)
+    cache = SubjectTokenCache(issuers, max_entries=max_entries)
+    cache.put(digest, result, key, now)
+    return cache, digest, result, key
+
+
 def test_a_verified_token_is_a_hit_until_its_exp(
     module_idp: TestIdP, static_issuers: StaticIssuers
 ) -> None:
@@ -250,10 +258,8 @@ def test_a_verified_token_is_a_hit_until_its_exp(
 
 
 def test_another_token_is_a_miss(module_idp: TestIdP, static_issuers: StaticIssuers) -> None:
-    digest, result, key = verified(module_idp.token(), static_issuers)
+    cache, digest, result, _ = cached(module_idp.token(), static_issuers, time.time())
     other, _, _ = verified(module_idp.token(), static_issuers)  # same claims but the jti
-    cache = SubjectTokenCache(static_issuers, max_entries=10)
-    cache.put(digest, result, key, time.time())
 
     assert other != digest
     assert cache.get(other, time.time()) is None
@@ -263,9 +269,7 @@ def test_another_token_is_a_miss(module_idp: TestIdP, static_issuers: StaticIssu
 def test_a_key_object_replaced_under_the_same_kid_is_a_miss(
     module_idp: TestIdP, static_issuers: StaticIssuers
 ) -> None:
-    digest, result, key = verified(module_idp.token(), static_issuers)
-    cache = SubjectTokenCache(static_issuers, max_entries=10)
-    cache.put(digest, result, key, time.time())
+    cache, digest, result, key = cached(module_idp.token(), static_issuers, time.time())
     assert cache.get(digest, time.time()) is result
 
     # The same kid, now another key: what verified the token is no longer published.
@@ -284,9 +288,7 @@ def test_an_equal_but_reparsed_key_object_keeps_hitting(
 ) -> None:
     # Keys compare by value: a scheduled JWKS reload re-parses the same key into a new object,
     # which must not turn every cached token into a miss.
-    digest, result, key = verified(module_idp.token(), static_issuers)
-    cache = SubjectTokenCache(static_issuers, max_entries=10)
-    cache.put(digest, result, key, time.time())
+    cache, digest, result, _ = cached(module_idp.token(), static_issuers, time.time())
 
     static_issuers.issuer.keys["rsa-1"] = rsa_verification_key("rsa-1", module_idp.rsa_key)
 
@@ -298,19 +300,14 @@ def test_a_token_past_its_exp_is_not_stored(
 ) -> None:
     # Accepted within the leeway after exp, it would only evict live entries.
     now = int(time.time())
-    token = module_idp.token(exp=now + 600)
-    digest, result, key = verified(token, static_issuers)
-    cache = SubjectTokenCache(static_issuers, max_entries=10)
-    cache.put(digest, result, key, now + 600)
+    cache, _, _, _ = cached(module_idp.token(exp=now + 600), static_issuers, now + 600)
     assert len(cache.entries) == 0
 
 
 def test_a_key_gone_from_the_issuer_is_a_miss(
     module_idp: TestIdP, static_issuers: StaticIssuers
 ) -> None:
-    digest, result, key = verified(module_idp.token(), static_issuers)
-    cache = SubjectTokenCache(static_issuers, max_entries=10)
-    cache.put(digest, result, key, time.time())
+    cache, digest, _, _ = cached(module_idp.token(), static_issuers, time.time())
 
     del static_issuers.issuer.keys["rsa-1"]
 
@@ -321,9 +318,7 @@ def test_a_key_gone_from_the_issuer_is_a_miss(
 def test_an_issuer_no_longer_trusted_is_a_miss(
     module_idp: TestIdP, static_issuers: StaticIssuers
 ) -> None:
-    digest, result, key = verified(module_idp.token(), static_issuers)
-    cache = SubjectTokenCache(static_issuers, max_entries=10)
-    cache.put(digest, result, key, time.time())
+    cache, digest, _, _ = cached(module_idp.token(), static_issuers, time.time())
 
     static_issuers.trusted = False
 
@@ -386,9 +381,7 @@ def wait_for_reload(
 def test_an_idp_rotating_the_key_behind_a_kid_stops_hits(
     idp: TestIdP, directory: IssuerDirectory, directory_clock: FakeClock
 ) -> None:
-    cache = SubjectTokenCache(directory, max_entries=10)
-    digest, result, key = verified(idp.token(), directory)
-    cache.put(digest, result, key, directory_clock.now)
+    cache, digest, result, key = cached(idp.token(), directory, directory_clock.now)
     assert cache.get(digest, directory_clock.now) is result
 
     idp.keys["rsa-1"] = (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256")
@@ -403,9 +396,7 @@ def test_an_idp_rotating_the_key_behind_a_kid_stops_hits(
 def test_an_idp_removing_the_kid_stops_hits(
     idp: TestIdP, directory: IssuerDirectory, directory_clock: FakeClock
 ) -> None:
-    cache = SubjectTokenCache(directory, max_entries=10)
-    digest, result, key = verified(idp.token(), directory)
-    cache.put(digest, result, key, directory_clock.now)
+    cache, digest, result, key = cached(idp.token(), directory, directory_clock.now)
     assert cache.get(digest, directory_clock.now) is result
 
     del idp.keys["rsa-1"]
@@ -419,9 +410,7 @@ def test_an_idp_removing_the_kid_stops_hits(
 def test_an_unchanged_jwks_keeps_hits_until_it_is_reloaded(
     idp: TestIdP, directory: IssuerDirectory, directory_clock: FakeClock
 ) -> None:
-    cache = SubjectTokenCache(directory, max_entries=10)
-    digest, result, key = verified(idp.token(), directory)
-    cache.put(digest, result, key, directory_clock.now)
+    cache, digest, result, _ = cached(idp.token(), directory, directory_clock.now)
 
     directory_clock.advance(0.5)  # within refresh_interval: the same key objects
     assert cache.get(digest, directory_clock.now) is result
@@ -431,9 +420,7 @@ def test_an_unchanged_jwks_keeps_hits_until_it_is_reloaded(
 def test_stale_issuer_keys_refuse_a_cached_token_as_verification_would(
     idp: TestIdP, directory: IssuerDirectory, directory_clock: FakeClock
 ) -> None:
-    cache = SubjectTokenCache(directory, max_entries=10)
-    digest, result, key = verified(idp.token(), directory)
-    cache.put(digest, result, key, directory_clock.now)
+    cache, digest, _, _ = cached(idp.token(), directory, directory_clock.now)
 
     idp.jwks_path.unlink()  # the IdP's keys can no longer be read
     directory_clock.advance(11)  # past max_stale

@@ -663,13 +663,37 @@ def test_a_refusal_never_describes_the_reason_to_the_client(
 # --- the minted-token cache ----------------------------------------------------------------------
 
 
-def test_an_identical_request_reuses_the_minted_token_while_fresh(
-    idp: TestIdP, grant: TokenExchangeGrant, policies: PolicySet, key: SigningKey, now: float
-) -> None:
-    params = form(subject_token(idp, now))
-    first = granted(exchange(grant, params, policies=policies, key=key, now=now))
+@dataclasses.dataclass
+class Repeated:
+    """One request (a subject token of the test IdP issued at ``now``), sent to the same grant
+    as often as a test likes."""
 
-    second = granted(exchange(grant, params, policies=policies, key=key, now=now + 10))
+    grant: TokenExchangeGrant
+    params: FormParams
+    key: SigningKey
+    now: float
+
+    def send(
+        self, policies: PolicySet, *, later: float = 0, key: SigningKey | None = None
+    ) -> Granted:
+        """Granted, ``later`` seconds after ``now``, signed with ``key`` (else the test's)."""
+        outcome = exchange(
+            self.grant, self.params, policies=policies, key=key or self.key, now=self.now + later
+        )
+        return granted(outcome)
+
+
+@pytest.fixture
+def repeated(idp: TestIdP, grant: TokenExchangeGrant, key: SigningKey, now: float) -> Repeated:
+    return Repeated(grant, form(subject_token(idp, now)), key, now)
+
+
+def test_an_identical_request_reuses_the_minted_token_while_fresh(
+    repeated: Repeated, policies: PolicySet
+) -> None:
+    first = repeated.send(policies)
+
+    second = repeated.send(policies, later=10)
 
     assert second.reused is True
     assert second.jti == first.jti
@@ -679,66 +703,52 @@ def test_an_identical_request_reuses_the_minted_token_while_fresh(
 
 
 def test_no_reuse_once_the_policy_object_changes_even_with_equal_values(
-    idp: TestIdP,
-    grant: TokenExchangeGrant,
-    policies: PolicySet,
-    code_search: Policy,
-    key: SigningKey,
-    now: float,
+    repeated: Repeated, policies: PolicySet, code_search: Policy
 ) -> None:
-    params = form(subject_token(idp, now))
-    first = granted(exchange(grant, params, policies=policies, key=key, now=now))
+    first = repeated.send(policies)
     # A reload that read a new version of the policy: a new object, equal in value.
     reloaded = dataclasses.replace(code_search)
     assert reloaded == code_search
     changed = PolicySet([reloaded if p is code_search else p for p in policies])
 
-    second = granted(exchange(grant, params, policies=changed, key=key, now=now + 10))
+    second = repeated.send(changed, later=10)
 
     assert second.reused is False
     assert second.jti != first.jti
 
 
 def test_a_change_to_an_unrelated_policy_does_not_stop_reuse(
-    idp: TestIdP,
-    grant: TokenExchangeGrant,
-    policies: PolicySet,
-    code_search: Policy,
-    key: SigningKey,
-    now: float,
+    repeated: Repeated, policies: PolicySet, code_search: Policy
 ) -> None:
-    params = form(subject_token(idp, now))
-    first = granted(exchange(grant, params, policies=policies, key=key, now=now))
+    first = repeated.send(policies)
     changed = PolicySet(
         [p if p is code_search else dataclasses.replace(p, ttl=30) for p in policies]
     )
 
-    second = granted(exchange(grant, params, policies=changed, key=key, now=now + 10))
+    second = repeated.send(changed, later=10)
 
     assert (second.reused, second.jti) == (True, first.jti)
 
 
 def test_a_policy_that_forbids_reuse_mints_every_time(
-    idp: TestIdP, grant: TokenExchangeGrant, code_search: Policy, key: SigningKey, now: float
+    repeated: Repeated, code_search: Policy
 ) -> None:
     policies = PolicySet([dataclasses.replace(code_search, reuse_tokens=False)])
-    params = form(subject_token(idp, now))
-    first = granted(exchange(grant, params, policies=policies, key=key, now=now))
+    first = repeated.send(policies)
 
-    second = granted(exchange(grant, params, policies=policies, key=key, now=now + 10))
+    second = repeated.send(policies, later=10)
 
     assert second.reused is False
     assert second.jti != first.jti
 
 
 def test_no_reuse_after_the_signing_key_changes(
-    idp: TestIdP, grant: TokenExchangeGrant, policies: PolicySet, key: SigningKey, now: float
+    repeated: Repeated, policies: PolicySet, now: float
 ) -> None:
-    params = form(subject_token(idp, now))
-    granted(exchange(grant, params, policies=policies, key=key, now=now))
+    repeated.send(policies)
     rotated = new_signing_key(now)
 
-    second = granted(exchange(grant, params, policies=policies, key=rotated, now=now + 10))
+    second = repeated.send(policies, later=10, key=rotated)
 
     assert second.reused is False
     assert second.kid == rotated.kid
@@ -746,13 +756,12 @@ def test_no_reuse_after_the_signing_key_changes(
 
 
 def test_no_reuse_once_less_than_min_remaining_of_the_lifetime_is_left(
-    idp: TestIdP, grant: TokenExchangeGrant, policies: PolicySet, key: SigningKey, now: float
+    repeated: Repeated, policies: PolicySet
 ) -> None:
-    params = form(subject_token(idp, now))
-    first = granted(exchange(grant, params, policies=policies, key=key, now=now))
+    first = repeated.send(policies)
 
-    at_half = granted(exchange(grant, params, policies=policies, key=key, now=now + 60))
-    past_half = granted(exchange(grant, params, policies=policies, key=key, now=now + 61))
+    at_half = repeated.send(policies, later=60)
+    past_half = repeated.send(policies, later=61)
 
     assert (at_half.reused, at_half.jti) == (True, first.jti)  # 60 of 120 s left: still half
     assert past_half.reused is False

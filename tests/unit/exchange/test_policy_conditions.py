@@ -17,6 +17,7 @@ from sidecar.exchange.policy import (
     normalize_audience,
 )
 from sidecar.exchange.subject import VerifiedToken
+from tests.unit.support import gateway_policy
 
 NOW = 1_700_000_000
 IDP = "https://idp.test.example"
@@ -33,20 +34,6 @@ def subject(issuer: str = IDP, **claims: Any) -> VerifiedToken:
         expires_at=NOW + 600,
         fingerprint="0123456789abcdef",
     )
-
-
-def policy(**fields: Any) -> Policy:
-    values: dict[str, Any] = {
-        "client_id": "gateway",
-        "audience": CODE,
-        "scopes": frozenset({"code.read", "code.search"}),
-        "default_scopes": frozenset({"code.read"}),
-        "ttl": 120,
-    }
-    values.update(fields)
-    for name in ("scopes", "default_scopes"):
-        values[name] = frozenset(values[name])
-    return Policy(**values)
 
 
 def equals(claim: str, value: Any) -> Condition:
@@ -161,7 +148,7 @@ def test_conditions_on_values_of_different_types_are_different_conditions(
 ) -> None:
     # They hold for different claims, so a policy changed from one to the other has changed.
     assert a != b
-    assert policy(conditions=(a,)) != policy(conditions=(b,))
+    assert gateway_policy(conditions=(a,)) != gateway_policy(conditions=(b,))
     assert equals("mfa", True) == equals("mfa", True)
     assert hash(one_of("level", 1, 2)) == hash(one_of("level", 1, 2))
 
@@ -170,7 +157,7 @@ def test_conditions_on_values_of_different_types_are_different_conditions(
 
 
 def test_policy_with_a_holding_condition_grants() -> None:
-    conditional = policy(name="eng code search", conditions=(contains("groups", "eng"),))
+    conditional = gateway_policy(name="eng code search", conditions=(contains("groups", "eng"),))
     decision = decide(
         "gateway",
         (CODE,),
@@ -185,7 +172,7 @@ def test_policy_with_a_holding_condition_grants() -> None:
 
 
 def test_failed_condition_refusal_names_the_policy_and_the_condition() -> None:
-    conditional = policy(name="eng code search", conditions=(contains("groups", "eng"),))
+    conditional = gateway_policy(name="eng code search", conditions=(contains("groups", "eng"),))
 
     reason = refusal_of(conditional, token=subject(groups=["sales"]))
 
@@ -193,7 +180,7 @@ def test_failed_condition_refusal_names_the_policy_and_the_condition() -> None:
 
 
 def test_every_condition_must_hold() -> None:
-    both = policy(
+    both = gateway_policy(
         name="acme eng",
         conditions=(contains("groups", "eng"), equals("tenant", "acme")),
     )
@@ -205,14 +192,14 @@ def test_every_condition_must_hold() -> None:
 
 
 def test_typed_equality_holds_in_a_decision() -> None:
-    mfa = policy(name="mfa only", conditions=(equals("mfa", True),))
+    mfa = gateway_policy(name="mfa only", conditions=(equals("mfa", True),))
     assert "mfa equals True" in refusal_of(mfa, token=subject(mfa=1))
     assert "mfa equals True" in refusal_of(mfa, token=subject(mfa="true"))
     assert "mfa equals True" in refusal_of(mfa, token=subject())
 
 
 def test_issuer_filter_refuses_a_subject_of_another_issuer() -> None:
-    filtered = policy(name="idp users", issuer=IDP)
+    filtered = gateway_policy(name="idp users", issuer=IDP)
 
     reason = refusal_of(filtered, token=subject(issuer=OTHER_IDP))
 
@@ -220,7 +207,7 @@ def test_issuer_filter_refuses_a_subject_of_another_issuer() -> None:
 
 
 def test_issuer_filter_accepts_a_subject_of_that_issuer() -> None:
-    filtered = policy(name="idp users", issuer=IDP)
+    filtered = gateway_policy(name="idp users", issuer=IDP)
     decision = decide(
         "gateway", (CODE,), None, subject(), PolicySet([filtered]), max_ttl=300, now=NOW
     )
@@ -228,18 +215,21 @@ def test_issuer_filter_accepts_a_subject_of_that_issuer() -> None:
 
 
 def test_issuer_filter_compares_exactly() -> None:
-    filtered = policy(name="idp users", issuer=IDP)
+    filtered = gateway_policy(name="idp users", issuer=IDP)
     for near_miss in (IDP + "/", IDP.upper(), IDP.replace("https", "http")):
         assert "subject issuer is not" in refusal_of(filtered, token=subject(issuer=near_miss))
 
 
 def test_disabled_refusal_names_the_policy() -> None:
-    assert refusal_of(policy(name="off", enabled=False), token=subject()) == "policy off: disabled"
+    assert (
+        refusal_of(gateway_policy(name="off", enabled=False), token=subject())
+        == "policy off: disabled"
+    )
 
 
 def test_exclusive_policies_pick_the_one_whose_conditions_hold() -> None:
-    acme = policy(name="acme", conditions=(equals("tenant", "acme"),), ttl=60)
-    globex = policy(
+    acme = gateway_policy(name="acme", conditions=(equals("tenant", "acme"),), ttl=60)
+    globex = gateway_policy(
         name="globex",
         conditions=(equals("tenant", "globex"),),
         scopes={"code.read"},
@@ -257,8 +247,10 @@ def test_exclusive_policies_pick_the_one_whose_conditions_hold() -> None:
 
 
 def test_refusal_by_several_candidates_names_each_policy_and_its_failed_rule() -> None:
-    acme = policy(name="acme", conditions=(equals("tenant", "acme"),))
-    globex = policy(name="globex", issuer=OTHER_IDP, conditions=(equals("tenant", "globex"),))
+    acme = gateway_policy(name="acme", conditions=(equals("tenant", "acme"),))
+    globex = gateway_policy(
+        name="globex", issuer=OTHER_IDP, conditions=(equals("tenant", "globex"),)
+    )
 
     reason = refusal_of(acme, globex, token=subject(tenant="initech"))
 
@@ -268,8 +260,8 @@ def test_refusal_by_several_candidates_names_each_policy_and_its_failed_rule() -
 
 def test_several_matching_policies_fail_closed() -> None:
     # Validation refuses such a set; if one ever reached decide(), it must not pick one.
-    first = policy(name="first", conditions=(contains("groups", "eng"),))
-    second = policy(name="second", conditions=(equals("tenant", "acme"),))
+    first = gateway_policy(name="first", conditions=(contains("groups", "eng"),))
+    second = gateway_policy(name="second", conditions=(equals("tenant", "acme"),))
 
     reason = refusal_of(first, second, token=subject(groups=["eng"], tenant="acme"))
 
@@ -278,7 +270,7 @@ def test_several_matching_policies_fail_closed() -> None:
 
 
 def test_no_candidate_reason_is_generic() -> None:
-    assert refusal_of(policy(), token=subject(), target="https://wiki.internal/mcp") == (
+    assert refusal_of(gateway_policy(), token=subject(), target="https://wiki.internal/mcp") == (
         "no policy for the client and target"
     )
 
@@ -339,14 +331,14 @@ def test_non_ascii_hosts_are_left_untouched(audience: str) -> None:
 
 
 def test_kelvin_sign_host_does_not_match_an_ascii_k_policy() -> None:
-    policies = PolicySet([policy(audience="https://kelvin.example/mcp")])
+    policies = PolicySet([gateway_policy(audience="https://kelvin.example/mcp")])
 
     assert policies.candidates("gateway", "https://\u212aelvin.example/mcp") == []
     assert policies.candidates("gateway", "https://KELVIN.example/mcp") != []
 
 
 def test_policy_set_matches_a_target_differing_only_in_host_case_and_default_port() -> None:
-    code = policy()
+    code = gateway_policy()
     policies = PolicySet([code])
 
     assert policies.candidates("gateway", "HTTPS://CODE-SEARCH.Internal:443/mcp") == [code]
@@ -356,7 +348,7 @@ def test_policy_set_matches_a_target_differing_only_in_host_case_and_default_por
 
 
 def test_policy_audience_written_in_another_case_matches_the_normal_form() -> None:
-    code = policy(audience="HTTPS://Code-Search.Internal:443/mcp")
+    code = gateway_policy(audience="HTTPS://Code-Search.Internal:443/mcp")
     assert PolicySet([code]).candidates("gateway", CODE) == [code]
 
 
@@ -366,7 +358,7 @@ def test_decision_audience_is_the_policys_own_identifier() -> None:
         ("HTTPS://CODE-SEARCH.INTERNAL:443/mcp",),
         None,
         subject(),
-        PolicySet([policy()]),
+        PolicySet([gateway_policy()]),
         max_ttl=300,
         now=NOW,
     )
@@ -427,7 +419,7 @@ def test_decision_audience_is_the_policys_own_identifier() -> None:
 def test_policies_that_one_request_could_match_overlap(
     a: dict[str, Any], b: dict[str, Any]
 ) -> None:
-    first, second = policy(name="first", **a), policy(name="second", **b)
+    first, second = gateway_policy(name="first", **a), gateway_policy(name="second", **b)
     assert could_overlap(first, second)
     assert could_overlap(second, first)
 
@@ -471,13 +463,13 @@ def test_policies_that_one_request_could_match_overlap(
 def test_policies_no_request_could_match_both_do_not_overlap(
     a: dict[str, Any], b: dict[str, Any]
 ) -> None:
-    first, second = policy(name="first", **a), policy(name="second", **b)
+    first, second = gateway_policy(name="first", **a), gateway_policy(name="second", **b)
     assert not could_overlap(first, second)
     assert not could_overlap(second, first)
 
 
 def test_a_disabled_policy_never_overlaps_even_an_identical_one() -> None:
-    enabled = policy(name="on")
-    disabled = policy(name="off", enabled=False)
+    enabled = gateway_policy(name="on")
+    disabled = gateway_policy(name="off", enabled=False)
     assert not could_overlap(enabled, disabled)
-    assert not could_overlap(disabled, policy(name="off too", enabled=False))
+    assert not could_overlap(disabled, gateway_policy(name="off too", enabled=False))

@@ -17,7 +17,8 @@ from sidecar.keys.keyring import (
     SigningKey,
     TokenSigner,
 )
-from sidecar.keys.material import PrivateKey, generate_private_key, public_jwk
+from sidecar.keys.material import PrivateKey, generate_private_key
+from tests.unit.support import signing_key
 
 T0 = 1_700_000_000.0
 HOUR = 3600.0
@@ -29,28 +30,6 @@ RETAIN_AFTER = 15 * 60.0
 @pytest.fixture(scope="module")
 def private_keys() -> list[PrivateKey]:
     return [generate_private_key("ES256") for _ in range(4)]
-
-
-def signing_key(
-    private_key: PrivateKey,
-    *,
-    activates_at: float,
-    retires_at: float | None = None,
-    removes_at: float | None = None,
-    created_at: float | None = None,
-    algorithm: str = "ES256",
-) -> SigningKey:
-    jwk = public_jwk(private_key, algorithm)
-    return SigningKey(
-        kid=jwk["kid"],
-        algorithm=algorithm,
-        private_key=private_key,
-        public_jwk=jwk,
-        created_at=activates_at if created_at is None else created_at,
-        activates_at=activates_at,
-        retires_at=retires_at,
-        removes_at=removes_at,
-    )
 
 
 @pytest.fixture

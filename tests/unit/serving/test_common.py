@@ -28,7 +28,7 @@ from sidecar.serving.common import (
     worker_settings,
 )
 from tests.conftest import SIDECAR_ISSUER, make_services
-from tests.functional.http.admin_support import admin_credentials, enable_admin
+from tests.functional.http.admin_support import enable_admin
 
 # --- split_bind -------------------------------------------------------------------------------
 
@@ -205,11 +205,6 @@ def logging_restored() -> Iterator[None]:
     root.handlers[:], _, audit.handlers[:], _, audit.propagate = saved
     root.setLevel(saved[1])
     audit.setLevel(saved[3])
-
-
-@pytest.fixture
-def credentials() -> dict[str, str]:
-    return admin_credentials()
 
 
 @pytest.fixture

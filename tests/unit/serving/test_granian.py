@@ -26,6 +26,7 @@ from sidecar.serving import common, granian
 from sidecar.serving.granian import Listener, Supervisor, serve_granian
 from tests.conftest import GATEWAY_SECRET
 from tests.functional.http.admin_support import admin_credentials, enable_admin
+from tests.loopback import wait_for
 
 CONTEXT = multiprocessing.get_context("fork")  # as the supervisor starts its servers
 GRACEFUL_TIMEOUT = 0.5
@@ -53,15 +54,6 @@ def _stand_in(record: str, exit_on: tuple[str, ...], lifetime: float) -> None:
     time.sleep(lifetime)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 class StandIn:
     def __init__(self, process: BaseProcess, record: Path) -> None:
         self.process = process
@@ -73,7 +65,7 @@ class StandIn:
         return [line for line in lines if line != "ready"]
 
     def received(self, name: str) -> bool:
-        return wait_until(lambda: name in self.signals())
+        return wait_for(lambda: name in self.signals(), WAIT, interval=0.01)
 
 
 class StandIns:
@@ -92,7 +84,10 @@ class StandIns:
         )
         process.start()
         self._started.append(process)
-        assert wait_until(lambda: record.exists() and "ready" in record.read_text()), name
+        started = wait_for(
+            lambda: record.exists() and "ready" in record.read_text(), WAIT, interval=0.01
+        )
+        assert started, name
         return StandIn(process, record)
 
     def kill_all(self) -> None:
@@ -115,13 +110,6 @@ def stand_ins(tmp_path: Path) -> Iterator[StandIns]:
 def config(config: dict[str, Any]) -> dict[str, Any]:
     config["server"] = {"graceful_timeout": GRACEFUL_TIMEOUT}
     return config
-
-
-@pytest.fixture
-def config_file(config: dict[str, Any], tmp_path: Path) -> Path:
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture
@@ -420,7 +408,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Started:
     supervisor = Started()
     monkeypatch.setattr(granian, "Supervisor", supervisor)
     monkeypatch.setattr(granian, "share_metrics", lambda: pytest.fail("share_metrics called"))
-    monkeypatch.setattr(granian, "configure_logging", lambda: None)
+    monkeypatch.setattr(granian, "configure_logging", lambda kind="auto": None)
     return supervisor
 
 

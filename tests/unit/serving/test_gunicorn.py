@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from sidecar.config import Settings, load_settings
 from sidecar.serving.gunicorn import DEFAULT_CONFIG, SidecarServer
+from tests.conftest import write_config
 from tests.functional.http.admin_support import admin_credentials, enable_admin
 
 SERVER_SECTION = {
@@ -30,16 +30,6 @@ SERVER_SECTION = {
 def config(config: dict[str, Any]) -> dict[str, Any]:
     config["server"] = {"kind": "gunicorn", **SERVER_SECTION}
     return config
-
-
-def write(path: Path, config: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture
-def config_file(config: dict[str, Any], tmp_path: Path) -> Path:
-    return write(tmp_path / "sidecar.yaml", config)
 
 
 def server_for(
@@ -140,7 +130,7 @@ def test_the_first_load_takes_the_validated_settings_without_reading_the_file(
 ) -> None:
     settings = load_settings(config_file)
     config["tokens"]["algorithm"] = "HS256"  # the file changes after the command validated it
-    write(config_file, config)
+    write_config(config_file, config)
 
     server = server_for(config_file, settings)
 
@@ -152,7 +142,7 @@ def test_the_first_load_takes_the_validated_settings_without_reading_the_file(
 
 
 def with_admin(config: dict[str, Any], path: Path, listen: str) -> Path:
-    return write(path, enable_admin(config, admin_credentials(), listen))
+    return write_config(path, enable_admin(config, admin_credentials(), listen))
 
 
 def test_the_admin_listener_is_bound_beside_the_gateway_listeners(
@@ -207,7 +197,7 @@ def test_a_reload_with_a_valid_file_applies_it(
     server = server_for(config_file)
     config["server"]["threads"] = 6
     config["tokens"]["max_ttl"] = 200
-    write(config_file, config)
+    write_config(config_file, config)
 
     server.reload()  # what gunicorn's master runs on SIGHUP
 
@@ -226,7 +216,7 @@ def test_a_reload_with_an_invalid_file_keeps_the_previous_settings(
     previous = server._settings
     config["server"]["threads"] = 6
     config["tokens"]["algorithm"] = "HS256"
-    write(config_file, config)
+    write_config(config_file, config)
 
     server.reload()
 
@@ -256,7 +246,7 @@ def test_a_reload_with_the_file_gone_keeps_the_previous_settings(
 def test_a_reload_keeps_the_command_line_options(config: dict[str, Any], config_file: Path) -> None:
     server = server_for(config_file, bind=["127.0.0.1:7000"], workers=6)
     config["server"]["workers"] = 2
-    write(config_file, config)
+    write_config(config_file, config)
 
     server.reload()
 
@@ -270,7 +260,7 @@ def test_a_reload_moving_the_admin_listener_onto_a_gateway_port_is_refused(
     config_file = with_admin(config, tmp_path / "admin.yaml", "127.0.0.1:9901")
     server = server_for(config_file)
     config["admin"]["listen"] = "127.0.0.1:8080"
-    write(config_file, config)
+    write_config(config_file, config)
 
     server.reload()  # gunicorn's master would exit here, taking every worker with it
 
@@ -283,6 +273,6 @@ def test_a_sub_second_duration_is_never_rounded_down_to_zero(
     config: dict[str, Any], tmp_path: Path, name: str
 ) -> None:
     config["server"][name] = 0.5
-    config_file = write(tmp_path / "short.yaml", config)
+    config_file = write_config(tmp_path / "short.yaml", config)
 
     assert getattr(server_for(config_file).cfg, name) >= 1

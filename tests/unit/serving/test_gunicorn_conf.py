@@ -23,12 +23,6 @@ from sidecar.serving.common import MULTIPROCESS_ENV
 from sidecar.serving.gunicorn_conf import child_exit, post_worker_init, worker_exit
 from sidecar.store.db import make_engine
 from sidecar.store.models import AuditEventRow
-from sidecar.web.app import create_app
-
-
-@pytest.fixture
-def app(services: Services) -> Flask:
-    return create_app(services.settings, services)
 
 
 def worker_of(app: Any) -> SimpleNamespace:

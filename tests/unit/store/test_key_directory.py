@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,20 @@ def write_bytes(directory: Path, name: str, data: bytes, *, age: float) -> Path:
     return path
 
 
+@pytest.fixture
+def two_key_files(
+    directory: Path, p256: ec.EllipticCurvePrivateKey, other_p256: ec.EllipticCurvePrivateKey
+) -> Callable[[float, float], tuple[str, str]]:
+    """Writes ``p256`` as old.pem and ``other_p256`` as new.pem, modified these many seconds
+    before NOW: their kids."""
+
+    def write(old_age: float, new_age: float) -> tuple[str, str]:
+        old = write_key(directory, "old.pem", p256, age=old_age)
+        return old, write_key(directory, "new.pem", other_p256, age=new_age)
+
+    return write
+
+
 def states(keyring: Keyring, now: float) -> dict[str, str]:
     return {key.kid: key.state(now) for key in keyring.keys}
 
@@ -120,14 +135,9 @@ def test_in_a_fresh_deployment_the_only_key_signs_at_once(
 
 
 def test_a_new_key_is_published_at_once_and_signs_after_publish_ahead(
-    store: DirectoryKeyStore,
-    directory: Path,
-    clock: FakeClock,
-    p256: ec.EllipticCurvePrivateKey,
-    other_p256: ec.EllipticCurvePrivateKey,
+    store: DirectoryKeyStore, clock: FakeClock, two_key_files: Callable[..., tuple[str, str]]
 ) -> None:
-    old = write_key(directory, "old.pem", p256, age=3600)
-    new = write_key(directory, "new.pem", other_p256, age=60)
+    old, new = two_key_files(3600, 60)
 
     keyring = store.load()
     assert states(keyring, NOW) == {old: CURRENT, new: NEXT}
@@ -141,13 +151,9 @@ def test_a_new_key_is_published_at_once_and_signs_after_publish_ahead(
 
 
 def test_of_several_keys_past_publish_ahead_the_newest_signs(
-    store: DirectoryKeyStore,
-    directory: Path,
-    p256: ec.EllipticCurvePrivateKey,
-    other_p256: ec.EllipticCurvePrivateKey,
+    store: DirectoryKeyStore, two_key_files: Callable[..., tuple[str, str]]
 ) -> None:
-    older = write_key(directory, "1.pem", p256, age=7200)
-    newer = write_key(directory, "2.pem", other_p256, age=3600)
+    older, newer = two_key_files(7200, 3600)
 
     keyring = store.load()
 
@@ -158,27 +164,19 @@ def test_of_several_keys_past_publish_ahead_the_newest_signs(
 
 
 def test_a_key_added_soon_after_the_first_still_waits_its_publish_ahead(
-    store: DirectoryKeyStore,
-    directory: Path,
-    p256: ec.EllipticCurvePrivateKey,
-    other_p256: ec.EllipticCurvePrivateKey,
+    store: DirectoryKeyStore, two_key_files: Callable[..., tuple[str, str]]
 ) -> None:
     # Neither is past publish_ahead: the oldest signs, so the second cannot sign before
     # verifiers could have fetched it.
-    first = write_key(directory, "first.pem", p256, age=120)
-    second = write_key(directory, "second.pem", other_p256, age=60)
+    first, second = two_key_files(120, 60)
 
     assert states(store.load(), NOW) == {first: CURRENT, second: NEXT}
 
 
 def test_a_removed_key_file_leaves_the_keyring_at_the_next_load(
-    store: DirectoryKeyStore,
-    directory: Path,
-    p256: ec.EllipticCurvePrivateKey,
-    other_p256: ec.EllipticCurvePrivateKey,
+    store: DirectoryKeyStore, directory: Path, two_key_files: Callable[..., tuple[str, str]]
 ) -> None:
-    write_key(directory, "old.pem", p256, age=7200)
-    kept = write_key(directory, "new.pem", other_p256, age=3600)
+    _, kept = two_key_files(7200, 3600)
     store.load()
 
     (directory / "old.pem").unlink()

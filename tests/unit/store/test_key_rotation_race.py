@@ -8,9 +8,8 @@ time, on a real SQLite file and on PostgreSQL.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -19,29 +18,19 @@ from sidecar.config import Settings
 from sidecar.keys.keyring import NEXT, Keyring
 from sidecar.services import Services
 from sidecar.store.models import SigningKeyRow
-from tests.conftest import FakeClock, make_services
+from tests.conftest import HOURLY_KEYS, FakeClock, make_services
+from tests.unit.support import race
 
 ROTATE_EVERY = 3600.0
 PUBLISH_AHEAD = 600.0
 ROUNDS = 4
-T = TypeVar("T")
 
 
 @pytest.fixture
 def config(config: dict[str, Any], database_url: str) -> dict[str, Any]:
     config["database_url"] = database_url
-    config["keys"] = {
-        "rotate_every": "1h",
-        "publish_ahead": "10m",
-        "retain_after": "10m",
-        "refresh_interval": "1s",
-    }
+    config["keys"] = dict(HOURLY_KEYS)
     return config
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_800_000_000.0)
 
 
 @pytest.fixture
@@ -55,29 +44,6 @@ def instances(settings: Settings, clock: FakeClock) -> Iterator[list[Services]]:
     finally:
         for services in started:
             services.engine.dispose()
-
-
-def race(instances: list[Services], action: Callable[[Services], T]) -> list[T]:
-    """Run ``action`` on every instance at once, each from its own thread."""
-    barrier = threading.Barrier(len(instances))
-    results: list[T] = []
-    errors: list[BaseException] = []
-
-    def run(services: Services) -> None:
-        barrier.wait()
-        try:
-            results.append(action(services))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in instances]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(15)
-    assert errors == []
-    assert len(results) == len(instances)
-    return results
 
 
 def stored_kids(services: Services) -> set[str]:

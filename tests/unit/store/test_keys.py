@@ -3,7 +3,6 @@ maintenance, encryption at rest, and one key when several processes start at onc
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from sidecar.store.db import make_engine, make_sessionmaker
 from sidecar.store.keys import KeyDecryptionError, KeyStore
 from sidecar.store.models import SigningKeyRow
 from tests.conftest import FakeClock
+from tests.unit.support import race
 
 ROTATE_EVERY = 24 * 3600.0
 PUBLISH_AHEAD = 15 * 60.0
@@ -41,6 +41,15 @@ def stored_rows(engine: Engine) -> list[Any]:
 @pytest.fixture
 def keys(sessions: sessionmaker[Session], clock: FakeClock) -> KeyStore:
     return KeyStore(sessions, keys_config(), "ES256", clock)
+
+
+@pytest.fixture
+def first_kid(keys: KeyStore, clock: FakeClock) -> str:
+    """The kid of the first key, which ``ensure_current()`` generated and made current."""
+    keys.ensure_current()
+    current = keys.load().current(clock.now)
+    assert current is not None
+    return current.kid
 
 
 def test_ensure_current_generates_exactly_one_key(keys: KeyStore, engine: Engine) -> None:
@@ -73,13 +82,11 @@ def test_rotate_publishes_a_next_key_that_activates_publish_ahead_later(
 
 
 def test_rotation_retires_the_old_key_when_the_new_one_activates(
-    keys: KeyStore, clock: FakeClock
+    keys: KeyStore, clock: FakeClock, first_kid: str
 ) -> None:
-    keys.ensure_current()
-    old_kid = keys.load().current(clock.now).kid  # type: ignore[union-attr]
     new = keys.rotate()
 
-    old = keys.load().find(old_kid)
+    old = keys.load().find(first_kid)
     assert old is not None
     assert old.retires_at == new.activates_at
     assert old.removes_at == new.activates_at + RETAIN_AFTER
@@ -87,8 +94,8 @@ def test_rotation_retires_the_old_key_when_the_new_one_activates(
     clock.advance(PUBLISH_AHEAD)
     keyring = keys.load()
     assert keyring.current(clock.now).kid == new.kid  # type: ignore[union-attr]
-    assert keyring.find(old_kid).state(clock.now) == PREVIOUS  # type: ignore[union-attr]
-    assert old_kid in {k.kid for k in keyring.published(clock.now)}
+    assert keyring.find(first_kid).state(clock.now) == PREVIOUS  # type: ignore[union-attr]
+    assert first_kid in {k.kid for k in keyring.published(clock.now)}
 
 
 def test_rotate_during_a_rotation_returns_the_pending_key(keys: KeyStore, engine: Engine) -> None:
@@ -102,17 +109,14 @@ def test_rotate_during_a_rotation_returns_the_pending_key(keys: KeyStore, engine
 
 
 def test_immediate_rotation_signs_with_the_new_key_at_once(
-    keys: KeyStore, clock: FakeClock
+    keys: KeyStore, clock: FakeClock, first_kid: str
 ) -> None:
-    keys.ensure_current()
-    old_kid = keys.load().current(clock.now).kid  # type: ignore[union-attr]
-
     new = keys.rotate(immediate=True)
 
     keyring = keys.load()
     assert new.activates_at == clock.now
     assert keyring.current(clock.now).kid == new.kid  # type: ignore[union-attr]
-    old = keyring.find(old_kid)
+    old = keyring.find(first_kid)
     assert old is not None
     assert old.state(clock.now) == PREVIOUS
     assert old.removes_at == clock.now + RETAIN_AFTER
@@ -132,16 +136,13 @@ def test_immediate_rotation_brings_a_pending_key_forward(
 
 
 def test_retire_stops_a_key_signing_and_keeps_it_published(
-    keys: KeyStore, clock: FakeClock
+    keys: KeyStore, clock: FakeClock, first_kid: str
 ) -> None:
-    keys.ensure_current()
-    kid = keys.load().current(clock.now).kid  # type: ignore[union-attr]
-
-    assert keys.retire(kid) is True
+    assert keys.retire(first_kid) is True
 
     keyring = keys.load()
     assert keyring.current(clock.now) is None
-    retired = keyring.find(kid)
+    retired = keyring.find(first_kid)
     assert retired is not None
     assert retired.state(clock.now) == PREVIOUS
     assert retired.removes_at == clock.now + RETAIN_AFTER
@@ -155,10 +156,8 @@ def test_retire_of_an_unknown_kid_is_false(keys: KeyStore) -> None:
 
 
 def test_maintain_deletes_keys_past_their_removal(
-    keys: KeyStore, clock: FakeClock, engine: Engine
+    keys: KeyStore, clock: FakeClock, engine: Engine, first_kid: str
 ) -> None:
-    keys.ensure_current()
-    old_kid = keys.load().current(clock.now).kid  # type: ignore[union-attr]
     new = keys.rotate()
     clock.advance(PUBLISH_AHEAD + RETAIN_AFTER - 1)
     assert len(keys.maintain().keys) == 2  # still within its publication window
@@ -168,7 +167,7 @@ def test_maintain_deletes_keys_past_their_removal(
 
     assert [k.kid for k in keyring.keys] == [new.kid]
     assert [row.kid for row in stored_rows(engine)] == [new.kid]
-    assert old_kid not in {k.kid for k in keyring.published(clock.now)}
+    assert first_kid not in {k.kid for k in keyring.published(clock.now)}
 
 
 def test_maintain_starts_a_rotation_when_one_is_due(keys: KeyStore, clock: FakeClock) -> None:
@@ -247,27 +246,11 @@ def test_processes_racing_at_start_create_exactly_one_key(
     # Two "processes": each has its own engine (own connections) and its own store.
     engines = [make_engine(database_url) for _ in range(2)]
     stores = [KeyStore(make_sessionmaker(e), keys_config(), "ES256", clock) for e in engines]
-    barrier = threading.Barrier(len(stores))
-    results: list[bool] = []
-    errors: list[BaseException] = []
-
-    def start(store: KeyStore) -> None:
-        barrier.wait()
-        try:
-            results.append(store.ensure_current())
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
+        results = race(stores, KeyStore.ensure_current, timeout=10)
     finally:
         for e in engines:
             e.dispose()
 
-    assert errors == []
     assert sorted(results) == [False, True]
     assert len(stored_rows(engine)) == 1

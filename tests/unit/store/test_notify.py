@@ -108,6 +108,27 @@ def listening(start: Callable[..., ChangeListener], **options: Any) -> ChangeLis
     return listener
 
 
+@pytest.fixture
+def listener(start_listener: Callable[..., ChangeListener]) -> ChangeListener:
+    """A listener with the default options, listening before the test begins."""
+    return listening(start_listener)
+
+
+def on_the_listeners_connection(engine: Engine, select: str) -> list[Any]:
+    """``SELECT select`` for the listener's connection, as pg_stat_activity shows it to the
+    engine's own (``select`` may name its columns: ``query``, ``pid``)."""
+    with engine.begin() as connection:
+        return list(
+            connection.execute(
+                text(
+                    f"SELECT {select} FROM pg_stat_activity "
+                    "WHERE application_name = :name AND datname = current_database()"
+                ),
+                {"name": APPLICATION_NAME},
+            ).scalars()
+        )
+
+
 def commit_notification(engine: Engine, *what: str, rollback: bool = False) -> None:
     """One transaction on the engine's connection that announces ``what`` and commits."""
     with Session(engine) as session, session.begin():
@@ -148,13 +169,8 @@ def test_on_sqlite_a_change_is_announced_by_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_a_committed_policy_change_reloads_the_policies_only(
-    start_listener: Callable[..., ChangeListener],
-    engine: Engine,
-    policies: Counted,
-    keys: Counted,
+    listener: ChangeListener, engine: Engine, policies: Counted, keys: Counted
 ) -> None:
-    listener = listening(start_listener)
-
     commit_notification(engine, POLICIES)
 
     assert policies.wait_for(1)
@@ -165,14 +181,10 @@ def test_a_committed_policy_change_reloads_the_policies_only(
 
 
 @pytest.mark.postgres
+@pytest.mark.usefixtures("listener")
 def test_a_committed_key_change_reloads_the_keyring_only(
-    start_listener: Callable[..., ChangeListener],
-    engine: Engine,
-    policies: Counted,
-    keys: Counted,
+    engine: Engine, policies: Counted, keys: Counted
 ) -> None:
-    listening(start_listener)
-
     commit_notification(engine, KEYS)
     commit_notification(engine, POLICIES)  # delivered after the first: a marker
 
@@ -181,14 +193,10 @@ def test_a_committed_key_change_reloads_the_keyring_only(
 
 
 @pytest.mark.postgres
+@pytest.mark.usefixtures("listener")
 def test_a_rolled_back_change_reloads_nothing(
-    start_listener: Callable[..., ChangeListener],
-    engine: Engine,
-    policies: Counted,
-    keys: Counted,
+    engine: Engine, policies: Counted, keys: Counted
 ) -> None:
-    listening(start_listener)
-
     commit_notification(engine, POLICIES, rollback=True)
     commit_notification(engine, KEYS)  # delivered in commit order: after any earlier one
 
@@ -198,13 +206,8 @@ def test_a_rolled_back_change_reloads_nothing(
 
 @pytest.mark.postgres
 def test_an_unknown_payload_reloads_every_holder(
-    start_listener: Callable[..., ChangeListener],
-    engine: Engine,
-    policies: Counted,
-    keys: Counted,
+    listener: ChangeListener, engine: Engine, policies: Counted, keys: Counted
 ) -> None:
-    listener = listening(start_listener)
-
     with engine.begin() as connection:
         connection.execute(text("SELECT pg_notify(:c, 'clients')"), {"c": CHANNEL})
 
@@ -258,19 +261,9 @@ def test_a_reload_invalidates_the_holder_before_loading(
 
 
 @pytest.mark.postgres
-def test_the_listener_uses_a_connection_of_its_own(
-    start_listener: Callable[..., ChangeListener], engine: Engine
-) -> None:
-    listening(start_listener)
-    with engine.connect() as connection:
-        queries = connection.execute(
-            text(
-                "SELECT query FROM pg_stat_activity "
-                "WHERE application_name = :name AND datname = current_database()"
-            ),
-            {"name": APPLICATION_NAME},
-        ).scalars()
-        assert list(queries) == [f"LISTEN {CHANNEL}"]
+@pytest.mark.usefixtures("listener")
+def test_the_listener_uses_a_connection_of_its_own(engine: Engine) -> None:
+    assert on_the_listeners_connection(engine, "query") == [f"LISTEN {CHANNEL}"]
 
 
 @pytest.mark.postgres
@@ -283,14 +276,7 @@ def test_a_quiet_connection_is_checked_once_its_clock_says_so(
     clock.advance(PING_AFTER_SECONDS)
 
     def last_query() -> str | None:
-        with engine.connect() as connection:
-            return connection.execute(
-                text(
-                    "SELECT query FROM pg_stat_activity "
-                    "WHERE application_name = :name AND datname = current_database()"
-                ),
-                {"name": APPLICATION_NAME},
-            ).scalar()
+        return next(iter(on_the_listeners_connection(engine, "query")), None)
 
     deadline = time.monotonic() + WAIT
     while last_query() != "SELECT 1" and time.monotonic() < deadline:
@@ -308,14 +294,7 @@ def test_after_its_connection_is_killed_it_listens_again_and_reloads_what_it_hol
     policies.holder.refresh()  # held; the keyring is not (its first use will load it)
     listener = listening(start_listener)
 
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = :name AND datname = current_database()"
-            ),
-            {"name": APPLICATION_NAME},
-        )
+    on_the_listeners_connection(engine, "pg_terminate_backend(pid)")
 
     assert policies.wait_for(2)  # caught up on what changed while nobody listened
     assert listener.connections == 2
@@ -328,8 +307,7 @@ def test_after_its_connection_is_killed_it_listens_again_and_reloads_what_it_hol
 
 
 @pytest.mark.postgres
-def test_stop_ends_the_thread(start_listener: Callable[..., ChangeListener]) -> None:
-    listener = listening(start_listener)
+def test_stop_ends_the_thread(listener: ChangeListener) -> None:
     assert len(listener_threads()) == 1
 
     started = time.monotonic()
@@ -341,8 +319,7 @@ def test_stop_ends_the_thread(start_listener: Callable[..., ChangeListener]) -> 
 
 
 @pytest.mark.postgres
-def test_start_twice_runs_one_thread(start_listener: Callable[..., ChangeListener]) -> None:
-    listener = listening(start_listener)
+def test_start_twice_runs_one_thread(listener: ChangeListener) -> None:
     listener.start()
     assert len(listener_threads()) == 1
 
@@ -379,14 +356,7 @@ def test_the_url_is_never_logged_when_the_connection_is_lost(
     caplog.set_level(logging.DEBUG)
     listener = listening(start_listener)
 
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = :name AND datname = current_database()"
-            ),
-            {"name": APPLICATION_NAME},
-        )
+    on_the_listeners_connection(engine, "pg_terminate_backend(pid)")
     deadline = time.monotonic() + WAIT
     while listener.connections < 2 and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -16,18 +16,11 @@ from sidecar.store.models import PolicyVersionRow
 from sidecar.store.policies import PolicyStore
 from tests.conftest import CODE_SEARCH, DISABLED, TICKETS, FakeClock
 from tests.unit.store.tables import snapshot
+from tests.unit.support import gateway_policy_config
 
 
 def policy(audience: str, **overrides: Any) -> PolicyConfig:
-    values: dict[str, Any] = {
-        "client_id": "gateway",
-        "audience": audience,
-        "scopes": ["code.read", "code.search"],
-        "default_scopes": ["code.read"],
-        "ttl": 120,
-    }
-    values.update(overrides)
-    return PolicyConfig.model_validate(values)
+    return gateway_policy_config(audience, **overrides)
 
 
 def versions(engine: Engine) -> list[tuple[str, int, str, str]]:

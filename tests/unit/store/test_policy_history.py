@@ -19,21 +19,13 @@ from sidecar.store.db import make_sessionmaker
 from sidecar.store.policies import PolicyInvalid, PolicyNotFound, PolicyStore
 from tests.conftest import CODE_SEARCH, TICKETS, FakeClock
 from tests.unit.store.tables import snapshot
+from tests.unit.support import gateway_policy_config
 
 IDP = "https://idp.test.example"  # the `idp` fixture's issuer, trusted by `settings`
 
 
 def policy(name: str, audience: str = CODE_SEARCH, **overrides: Any) -> PolicyConfig:
-    values: dict[str, Any] = {
-        "name": name,
-        "client_id": "gateway",
-        "audience": audience,
-        "scopes": ["code.read", "code.search"],
-        "default_scopes": ["code.read"],
-        "ttl": 120,
-    }
-    values.update(overrides)
-    return PolicyConfig.model_validate(values)
+    return gateway_policy_config(audience, name=name, **overrides)
 
 
 def tenant(value: str) -> dict[str, Any]:

@@ -15,10 +15,9 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from sidecar.services import Services
-from sidecar.web.app import create_app
 from tests.conftest import CODE_SEARCH, GATEWAY_SECRET, TICKETS
 from tests.functional.http.admin_support import (
-    admin_credentials,
+    AdminCalls,
     enable_admin,
     policy_path,
     table_state,
@@ -31,58 +30,20 @@ REALM = 'Bearer realm="token-exchange-sidecar-admin"'
 
 
 @pytest.fixture
-def credentials() -> dict[str, str]:
-    return admin_credentials()
-
-
-@pytest.fixture
 def config(config: dict[str, Any], credentials: dict[str, str]) -> dict[str, Any]:
     return enable_admin(config, credentials)
 
 
-@pytest.fixture
-def app(services: Services) -> Flask:
-    return create_app(services.settings, services)
-
-
-class Admin:
-    """The admin API through the test client, with one credential."""
+class Admin(AdminCalls[TestResponse]):
+    """The admin API's calls (tests/functional/http/admin_support.py) through the test client,
+    with one credential."""
 
     def __init__(self, client: FlaskClient, token: str) -> None:
         self.client = client
         self.token = token
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        token: str | None = None,
-        if_match: str | None = None,
-        **kwargs: Any,
-    ) -> TestResponse:
-        headers = {"Authorization": f"Bearer {token or self.token}", **kwargs.pop("headers", {})}
-        if if_match is not None:
-            headers["If-Match"] = if_match
+    def send(self, method: str, path: str, headers: dict[str, str], **kwargs: Any) -> TestResponse:
         return self.client.open(path, method=method, headers=headers, **kwargs)
-
-    def list(self) -> TestResponse:
-        return self.request("GET", "/admin/policies")
-
-    def get(self, name: str) -> TestResponse:
-        return self.request("GET", policy_path(name))
-
-    def create(self, document: Any, **kwargs: Any) -> TestResponse:
-        return self.request("POST", "/admin/policies", json=document, **kwargs)
-
-    def put(self, name: str, document: Any, if_match: str | None, **kwargs: Any) -> TestResponse:
-        return self.request("PUT", policy_path(name), json=document, if_match=if_match, **kwargs)
-
-    def disable(self, name: str, if_match: str | None, **kwargs: Any) -> TestResponse:
-        return self.request("POST", policy_path(name, "/disable"), if_match=if_match, **kwargs)
-
-    def history(self, name: str) -> TestResponse:
-        return self.request("GET", policy_path(name, "/history"))
 
 
 @pytest.fixture

@@ -25,15 +25,10 @@ from tests.conftest import (
     audit_rows,
     make_services,
 )
-from tests.functional.http.admin_support import admin_credentials, enable_admin
+from tests.functional.http.admin_support import enable_admin
 
 ADMIN_PORT = 9901
 GATEWAY_PORT = 8080
-
-
-@pytest.fixture
-def app(services: Services) -> Flask:
-    return create_app(services.settings, services)
 
 
 @pytest.fixture
@@ -243,11 +238,6 @@ def test_another_unknown_path_is_404_and_not_audited(
 
 
 # --- listeners --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def credentials() -> dict[str, str]:
-    return admin_credentials()
 
 
 @pytest.fixture
