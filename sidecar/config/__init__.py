@@ -11,6 +11,13 @@ from sidecar.config.common import (
     Duration,
     parse_duration,
 )
+from sidecar.config.deployment import (
+    DatabaseConfig,
+    LogConfig,
+    ManagementConfig,
+    RedisConfig,
+    ServerConfig,
+)
 from sidecar.config.loading import (
     format_validation_error,
     load_policies_file,
@@ -24,14 +31,9 @@ from sidecar.config.models import (
     AdminCredential,
     CachesConfig,
     ClientConfig,
-    DatabaseConfig,
     KeysConfig,
     KubernetesConfig,
-    LogConfig,
-    ManagementConfig,
     RateLimitConfig,
-    RedisConfig,
-    ServerConfig,
     Settings,
     TokensConfig,
     TrustedIssuerConfig,

@@ -1,4 +1,5 @@
-"""The configuration file: substitution, validation, and error messages that name the key path."""
+"""The configuration file (sidecar/config/loading.py): substitution, validation, and error messages
+that name the key path."""
 
 from __future__ import annotations
 

@@ -163,3 +163,39 @@ def test_migration_0003_downgrades_to_0002(empty_engine: Engine) -> None:
     assert "require_subject_scopes" in columns
     with empty_engine.connect() as connection:
         assert connection.scalars(text("SELECT name FROM policies")).all() == ["code-search"]
+
+
+# Every migration file, in order (sidecar/migrations/versions/): each upgrade and its downgrade
+# run one step at a time.
+MIGRATION_FILES = (
+    "0001_initial",
+    "0002_policy_names_conditions",
+    "0003_policy_reuse_tokens",
+    "0004_audit_operations",
+)
+
+
+def test_every_migration_file_is_a_step_of_the_chain() -> None:
+    versions = sorted(p.stem for p in (migrate.MIGRATIONS_DIR / "versions").glob("0*.py"))
+    assert tuple(versions) == MIGRATION_FILES
+    assert migrate.head_revision() == MIGRATION_FILES[-1].split("_")[0]
+
+
+def test_each_migration_goes_up_and_down_one_step(empty_engine: Engine) -> None:
+    revisions = [name.split("_")[0] for name in MIGRATION_FILES]
+    for revision in revisions:
+        migrate_to(empty_engine, revision)
+        assert migrate.current_revision(empty_engine) == revision
+    for previous in reversed(revisions[:-1]):
+        migrate_to(empty_engine, previous, down=True)
+        assert migrate.current_revision(empty_engine) == previous
+
+
+def test_migration_0004_adds_the_audit_columns_and_indexes(empty_engine: Engine) -> None:
+    migrate_to(empty_engine, "0004")
+
+    inspector = inspect(empty_engine)
+    columns = {c["name"] for c in inspector.get_columns("audit_events")}
+    indexes = {tuple(i["column_names"]) for i in inspector.get_indexes("audit_events")}
+    assert {"request_id", "latency_ms", "policies"} <= columns
+    assert {("at",), ("jti",), ("subject",), ("client_id",)} <= indexes
