@@ -1,24 +1,33 @@
 """In-memory stand-ins shared by the unit tests of the grant, client authentication and the token
 endpoint: what those pieces need from the world (an issuer directory, a ``jti`` store, a signing
 key, policies), built from keys and values generated in the test, with no database, file or
-network behind them. And the command line run in-process, for the unit tests of its commands."""
+network behind them. And the command line run in-process, for the unit tests of its commands;
+the audit trail on a SQLite file, for those of the audit modules."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from click.testing import CliRunner, Result
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
+from sidecar.audit import DENIED, GRANTED, AuditEvent, AuditTrail
 from sidecar.cli import main
 from sidecar.config.policies import PolicyConfig
 from sidecar.exchange.policy import Policy, PolicySet
 from sidecar.exchange.subject import VerificationKey
 from sidecar.keys.keyring import SigningKey
 from sidecar.keys.material import PrivateKey, generate_private_key, public_jwk
+from sidecar.store.db import make_engine
+from sidecar.store.migrate import upgrade
+from sidecar.store.models import AuditEventRow
 from tests.conftest import CODE_SEARCH, TestIdP
 
 Item = TypeVar("Item")
@@ -216,3 +225,98 @@ def race(
     assert errors == []
     assert len(results) == len(items)
     return results
+
+
+# --- the audit trail (sidecar.audit) --------------------------------------------------------------
+
+
+EVENT_FIELDS = frozenset(AuditEvent.__dataclass_fields__)
+# A flush interval no test waits for: events stay queued until flush() or close().
+SLOW_FLUSH = 60.0
+
+
+def grant_event(**changes: Any) -> AuditEvent:
+    """A grant's audit event with every field of a grant filled in (the gateway's, for alice, to
+    two targets); ``changes`` replace some."""
+    event = AuditEvent(
+        at=1_700_000_000.25,
+        decision=GRANTED,
+        client_id="gateway",
+        subject="alice@example.com",
+        subject_issuer="https://idp.test.example",
+        subject_token_sha256="0123456789abcdef",
+        actor="svc-gateway",
+        audiences=["https://code-search.internal/mcp", "https://tickets.internal/mcp"],
+        scope="code.read code.search",
+        jti="jti-1",
+        expires_at=1_700_000_120.0,
+        kid="key-1",
+    )
+    return dataclasses.replace(event, **changes)
+
+
+def audit_event(subject: str, decision: str = DENIED, **values: Any) -> AuditEvent:
+    """An audit event of ``subject`` at the current time."""
+    return AuditEvent(at=time.time(), decision=decision, subject=subject, **values)
+
+
+def flushed(trail: AuditTrail, timeout: float = 5.0) -> bool:
+    """flush(), asked again every 50 ms. flush() wakes the writer once: if the writer is not
+    waiting for work at that moment (just started, or between two batches), the wake-up is lost
+    and the queue waits for the next flush_interval, a minute in the tests that use a long one."""
+    deadline = time.monotonic() + timeout
+    while not trail.flush(0.05):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # flush() returns at once while the writer is failing
+    return True
+
+
+def stored_audit_rows(engine: Engine) -> list[AuditEventRow]:
+    """The audit rows of ``engine``'s database, oldest first."""
+    with Session(engine) as session:
+        return list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
+
+
+class AuditDatabase:
+    """A migrated SQLite file (the ``db`` fixture of tests/unit/audit/conftest.py), the trails
+    built on it, and a way to take it away for real."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.engine = make_engine(f"sqlite:///{path}")
+        upgrade(self.engine)
+        self.trails: list[AuditTrail] = []
+        self.away = False
+
+    def trail(self, **options: Any) -> AuditTrail:
+        trail = AuditTrail(self.engine, **options)
+        self.trails.append(trail)
+        return trail
+
+    def rows(self) -> list[AuditEventRow]:
+        return stored_audit_rows(self.engine)
+
+    def subjects(self) -> list[str | None]:
+        return [row.subject for row in self.rows()]
+
+    def take_away(self) -> None:
+        # As tests/functional/http/test_token_failures.py: the file (and its WAL side files)
+        # disappears, a directory takes its path, and the pool forgets the connections that hold
+        # the old file.
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix)
+            if part.exists():
+                part.rename(part.with_name(part.name + ".gone"))
+        self.path.mkdir()
+        self.engine.dispose()
+        self.away = True
+
+    def bring_back(self) -> None:
+        self.path.rmdir()
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix + ".gone")
+            if part.exists():
+                part.rename(self.path.with_name(self.path.name + suffix))
+        self.engine.dispose()
+        self.away = False

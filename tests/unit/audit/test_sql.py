@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.event import listen as event_listen
-from sqlalchemy.orm import Session
 
 from sidecar.audit import (
     DENIED,
@@ -40,40 +37,17 @@ from sidecar.audit.sql import (
 from sidecar.store.db import make_engine
 from sidecar.store.migrate import upgrade
 from sidecar.store.models import AuditEventRow
+from tests.unit.support import (
+    SLOW_FLUSH,
+    AuditDatabase,
+    audit_event,
+    flushed,
+    grant_event,
+    stored_audit_rows,
+)
 
-EVENT_FIELDS = set(AuditEvent.__dataclass_fields__)
-SLOW = 60.0  # a flush interval no test waits for: events stay queued until flush() or close()
 SQLITE = sqlite.dialect()
 POSTGRESQL = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
-
-
-class AuditDatabase:
-    """A migrated SQLite file and the trails built on it."""
-
-    def __init__(self, path: Path) -> None:
-        self.engine = make_engine(f"sqlite:///{path}")
-        upgrade(self.engine)
-        self.trails: list[AuditTrail] = []
-
-    def trail(self, **options: Any) -> AuditTrail:
-        trail = AuditTrail(self.engine, **options)
-        self.trails.append(trail)
-        return trail
-
-    def rows(self) -> list[AuditEventRow]:
-        return read_rows(self.engine)
-
-    def subjects(self) -> list[str | None]:
-        return [row.subject for row in self.rows()]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[AuditDatabase]:
-    database = AuditDatabase(tmp_path / "a.db")
-    yield database
-    for trail in database.trails:
-        trail.close(timeout=5)
-    database.engine.dispose()
 
 
 @pytest.fixture
@@ -83,26 +57,6 @@ def engine(database_url: str) -> Iterator[Engine]:
     upgrade(engine)
     yield engine
     engine.dispose()
-
-
-def read_rows(engine: Engine) -> list[AuditEventRow]:
-    with Session(engine) as session:
-        return list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
-
-
-def event(subject: str, decision: str = DENIED, **values: Any) -> AuditEvent:
-    return AuditEvent(at=time.time(), decision=decision, subject=subject, **values)
-
-
-def flushed(trail: AuditTrail, timeout: float = 5.0) -> bool:
-    """flush(), asked again every 50 ms (flush() wakes the writer once: a wake-up lost while it
-    is busy would wait for the next flush_interval)."""
-    deadline = time.monotonic() + timeout
-    while not trail.flush(0.05):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def rows_for(engine: Engine, events: list[AuditEvent]) -> list[Any]:
@@ -120,20 +74,7 @@ def stored_values(row: AuditEventRow) -> dict[str, Any]:
     return stored
 
 
-FULL_EVENT = AuditEvent(
-    at=1_700_000_000.123456,
-    decision=GRANTED,
-    client_id="gateway",
-    subject="üser-ñ",
-    subject_issuer="https://idp.test.example",
-    subject_token_sha256="0123456789abcdef",
-    actor="svc-gateway",
-    audiences=["https://code-search.internal/mcp", "https://tickets.internal/mcp"],
-    scope="code.read code.search",
-    jti="jti-1",
-    expires_at=1_700_000_120.5,
-    kid="key-1",
-)
+FULL_EVENT = grant_event(at=1_700_000_000.123456, subject="üser-ñ", expires_at=1_700_000_120.5)
 
 
 # --- the statements -----------------------------------------------------------------------------
@@ -238,7 +179,7 @@ def test_insert_rows_writes_every_field_of_every_row(engine: Engine) -> None:
     with engine.begin() as connection:
         insert_rows(connection, rows_for(engine, events))
 
-    stored = [stored_values(row) for row in read_rows(engine)]
+    stored = [stored_values(row) for row in stored_audit_rows(engine)]
     assert stored == [{name: getattr(item, name) for name in FIELDS} for item in events]
 
 
@@ -247,7 +188,7 @@ def test_column_cuts_count_characters_not_bytes(engine: Engine) -> None:
     with engine.begin() as connection:
         insert_rows(connection, rows_for(engine, [AuditEvent(at=1.0, actor=wide)]))
 
-    [row] = read_rows(engine)
+    [row] = stored_audit_rows(engine)
     assert row.actor == "ü" * MAX_TEXT
 
 
@@ -265,10 +206,10 @@ def test_a_batch_is_one_insert_of_one_text_on_sqlite(db: AuditDatabase) -> None:
             statements.append(statement)
 
     event_listen(db.engine, "before_cursor_execute", seen)
-    trail = db.trail(flush_interval=SLOW, batch_size=500)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=500)
     for size in (500, 7, 1):
         for n in range(size):
-            trail.record(event(f"user-{size}-{n}"))
+            trail.record(audit_event(f"user-{size}-{n}"))
         assert flushed(trail)
     assert len(statements) == 3
     assert len(set(statements)) == 1
@@ -284,7 +225,7 @@ def test_a_batch_of_many_multi_row_inserts_writes_every_field_of_every_event(
     # value must land in its own row and column.
     engine = make_engine(database_url)
     upgrade(engine)
-    trail = AuditTrail(engine, flush_interval=SLOW, batch_size=2 * MAX_ROWS_PER_INSERT)
+    trail = AuditTrail(engine, flush_interval=SLOW_FLUSH, batch_size=2 * MAX_ROWS_PER_INSERT)
     count = MAX_ROWS_PER_INSERT + 2 * ROWS_PER_INSERT + 7
     events = [
         AuditEvent(
@@ -309,17 +250,14 @@ def test_a_batch_of_many_multi_row_inserts_writes_every_field_of_every_event(
         for item in events:
             trail.record(item)
         assert flushed(trail)
-        with Session(engine) as session:
-            rows = list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
+        rows = stored_audit_rows(engine)
     finally:
         trail.close(timeout=5)
         engine.dispose()
 
     assert len(rows) == count
     for row, item in zip(rows, events, strict=True):
-        stored = {name: getattr(row, name) for name in EVENT_FIELDS - {"audiences"}}
-        assert stored == {name: getattr(item, name) for name in EVENT_FIELDS - {"audiences"}}
-        assert json.loads(row.audiences or "") == item.audiences
+        assert stored_values(row) == {name: getattr(item, name) for name in FIELDS}
 
 
 def test_long_values_are_cut_to_the_column_size_instead_of_failing_the_batch(
@@ -328,8 +266,8 @@ def test_long_values_are_cut_to_the_column_size_instead_of_failing_the_batch(
     trail = db.trail(flush_interval=0.01)
     long = "s" * 1000
 
-    trail.record(event(long, reason="r" * 300, actor="a" * 256, client_id="c" * 400))
-    trail.record(event("after"))
+    trail.record(audit_event(long, reason="r" * 300, actor="a" * 256, client_id="c" * 400))
+    trail.record(audit_event("after"))
 
     assert trail.flush()
     row, after = db.rows()

@@ -15,17 +15,13 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from sidecar.audit import (
     BACKPRESSURE_WAIT,
-    DENIED,
     GRANTED,
     MAX_TEXT,
     AuditEvent,
@@ -35,67 +31,15 @@ from sidecar.audit import log as auditlog
 from sidecar.audit.log import AUDIT_LOGGER
 from sidecar.errors import TemporarilyUnavailableError
 from sidecar.serving.common import LOG_FORMAT
-from sidecar.store.db import make_engine
-from sidecar.store.migrate import upgrade
-from sidecar.store.models import AuditEventRow
-
-EVENT_FIELDS = set(AuditEvent.__dataclass_fields__)
-SLOW = 60.0  # a flush interval no test waits for: events stay queued until flush() or close()
-
-
-class AuditDatabase:
-    """A migrated SQLite file, the trails built on it, and a way to take it away for real."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.engine = make_engine(f"sqlite:///{path}")
-        upgrade(self.engine)
-        self.trails: list[AuditTrail] = []
-        self.away = False
-
-    def trail(self, **options: Any) -> AuditTrail:
-        trail = AuditTrail(self.engine, **options)
-        self.trails.append(trail)
-        return trail
-
-    def rows(self) -> list[AuditEventRow]:
-        with Session(self.engine) as session:
-            return list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
-
-    def subjects(self) -> list[str | None]:
-        return [row.subject for row in self.rows()]
-
-    def take_away(self) -> None:
-        # As tests/functional/http/test_token_failures.py: the file (and its WAL side files)
-        # disappears, a directory takes its path, and the pool forgets the connections that hold
-        # the old file.
-        for suffix in ("", "-wal", "-shm"):
-            part = self.path.with_name(self.path.name + suffix)
-            if part.exists():
-                part.rename(part.with_name(part.name + ".gone"))
-        self.path.mkdir()
-        self.engine.dispose()
-        self.away = True
-
-    def bring_back(self) -> None:
-        self.path.rmdir()
-        for suffix in ("", "-wal", "-shm"):
-            part = self.path.with_name(self.path.name + suffix + ".gone")
-            if part.exists():
-                part.rename(self.path.with_name(self.path.name + suffix))
-        self.engine.dispose()
-        self.away = False
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[AuditDatabase]:
-    database = AuditDatabase(tmp_path / "a.db")
-    yield database
-    if database.away:
-        database.bring_back()
-    for trail in database.trails:
-        trail.close(timeout=5)
-    database.engine.dispose()
+from tests.loopback import wait_for
+from tests.unit.support import (
+    EVENT_FIELDS,
+    SLOW_FLUSH,
+    AuditDatabase,
+    audit_event,
+    flushed,
+    grant_event,
+)
 
 
 @pytest.fixture
@@ -114,37 +58,12 @@ def audit_log(caplog: pytest.LogCaptureFixture) -> Callable[[], list[dict[str, A
     return lines
 
 
-def event(subject: str, decision: str = DENIED, **values: Any) -> AuditEvent:
-    return AuditEvent(at=time.time(), decision=decision, subject=subject, **values)
-
-
-def flushed(trail: AuditTrail, timeout: float = 5.0) -> bool:
-    """flush(), asked again every 50 ms. flush() wakes the writer once: if the writer is not
-    waiting for work at that moment (just started, or between two batches), the wake-up is lost
-    and the queue waits for the next flush_interval, a minute in the tests that use SLOW."""
-    deadline = time.monotonic() + timeout
-    while not trail.flush(0.05):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)  # flush() returns at once while the writer is failing
-    return True
-
-
 def writer_started(trail: AuditTrail) -> None:
     """Start the writer with one event ("warm-up"), written, and let it go back to waiting for
     work: a flush() or close() that follows wakes it at once."""
-    trail.record(event("warm-up"))
+    trail.record(audit_event("warm-up"))
     assert flushed(trail)
     time.sleep(0.02)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -152,19 +71,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None:
     trail = db.trail(flush_interval=0.01)
-    grant = AuditEvent(
-        at=1_700_000_000.25,
-        decision=GRANTED,
-        client_id="gateway",
-        subject="alice@example.com",
-        subject_issuer="https://idp.test.example",
-        subject_token_sha256="0123456789abcdef",
-        actor="svc-gateway",
-        audiences=["https://code-search.internal/mcp", "https://tickets.internal/mcp"],
-        scope="code.read code.search",
-        jti="jti-1",
-        expires_at=1_700_000_120.0,
-        kid="key-1",
+    grant = grant_event(
         request_id="0f3c9a",
         latency_ms=1.25,
         policies="gateway -> https://code-search.internal/mcp@1",
@@ -184,24 +91,9 @@ def test_events_are_written_in_order_with_every_field(db: AuditDatabase) -> None
     assert trail.pending == 0
     first, second = db.rows()
     assert first.id < second.id
-    assert {name: getattr(first, name) for name in EVENT_FIELDS - {"audiences"}} == {
-        "at": 1_700_000_000.25,
-        "decision": "granted",
-        "error": None,
-        "reason": None,
-        "client_id": "gateway",
-        "subject": "alice@example.com",
-        "subject_issuer": "https://idp.test.example",
-        "subject_token_sha256": "0123456789abcdef",
-        "actor": "svc-gateway",
-        "scope": "code.read code.search",
-        "jti": "jti-1",
-        "expires_at": 1_700_000_120.0,
-        "kid": "key-1",
-        "request_id": "0f3c9a",
-        "latency_ms": 1.25,
-        "policies": "gateway -> https://code-search.internal/mcp@1",
-    }
+    written = {name: getattr(first, name) for name in EVENT_FIELDS - {"audiences"}}
+    assert written == {name: getattr(grant, name) for name in EVENT_FIELDS - {"audiences"}}
+    assert first.decision == "granted"
     assert json.loads(first.audiences or "") == grant.audiences
     assert (second.decision, second.error, second.reason) == (
         "denied",
@@ -218,7 +110,7 @@ def test_events_are_written_in_batches_all_of_them_in_order(db: AuditDatabase) -
     subjects = [f"user-{n}" for n in range(10)]
 
     for subject in subjects:
-        trail.record(event(subject))
+        trail.record(audit_event(subject))
 
     assert trail.flush()
     assert db.subjects() == subjects
@@ -227,20 +119,20 @@ def test_events_are_written_in_batches_all_of_them_in_order(db: AuditDatabase) -
 
 
 def test_a_full_batch_is_written_without_waiting_for_the_interval(db: AuditDatabase) -> None:
-    trail = db.trail(flush_interval=SLOW, batch_size=3)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=3)
 
     for n in range(3):
-        trail.record(event(f"user-{n}"))
+        trail.record(audit_event(f"user-{n}"))
 
     # Written by the writer on its own: no flush(), and the interval is a minute.
-    assert wait_until(lambda: len(db.rows()) == 3)
+    assert wait_for(lambda: len(db.rows()) == 3, 5.0, interval=0.01)
     assert trail.pending == 0
 
 
 def test_queued_events_wait_for_the_writer(db: AuditDatabase) -> None:
-    trail = db.trail(flush_interval=SLOW, batch_size=100)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=100)
 
-    trail.record(event("queued"))
+    trail.record(audit_event("queued"))
 
     assert trail.pending == 1
     assert db.rows() == []  # record() only queues: the request does not wait for the database
@@ -253,9 +145,9 @@ def test_each_event_has_one_log_line_with_only_its_fields(
 ) -> None:
     trail = db.trail(flush_interval=0.01, batch_size=2)
     events = [
-        event("alice", GRANTED, audiences=["https://a.example"], jti="j-1", kid="k"),
-        event("bob", error="invalid_grant", reason="expired"),
-        event("carol", error="invalid_target", reason="no policy"),
+        audit_event("alice", GRANTED, audiences=["https://a.example"], jti="j-1", kid="k"),
+        audit_event("bob", error="invalid_grant", reason="expired"),
+        audit_event("carol", error="invalid_target", reason="no policy"),
     ]
 
     for each in events:
@@ -303,10 +195,10 @@ def test_batched_log_lines_are_written_by_the_writer_in_one_write(
     db: AuditDatabase, batched_log: CountingStream
 ) -> None:
     batching_only()
-    trail = db.trail(flush_interval=SLOW)
+    trail = db.trail(flush_interval=SLOW_FLUSH)
     subjects = [f"user-{n}" for n in range(5)]
     for subject in subjects:
-        trail.record(event(subject, GRANTED, jti=f"j-{subject}"))
+        trail.record(audit_event(subject, GRANTED, jti=f"j-{subject}"))
 
     assert batched_log.getvalue() == ""  # the request only queued its line
     assert trail.flush()
@@ -332,8 +224,8 @@ def test_batched_log_lines_queued_at_close_are_written(
     db: AuditDatabase, batched_log: CountingStream
 ) -> None:
     batching_only()
-    trail = db.trail(flush_interval=SLOW)
-    trail.record(event("last"))
+    trail = db.trail(flush_interval=SLOW_FLUSH)
+    trail.record(audit_event("last"))
     trail.close()
     assert '"subject":"last"' in batched_log.getvalue()
     assert db.subjects() == ["last"]
@@ -344,11 +236,11 @@ def test_batched_log_lines_are_logged_while_the_database_refuses_writes(
 ) -> None:
     batching_only()
     trail = db.trail(flush_interval=0.01)
-    trail.record(event("before"))
+    trail.record(audit_event("before"))
     assert trail.flush()
     db.take_away()
 
-    trail.record(event("while-away", error="invalid_target", reason="no policy"))
+    trail.record(audit_event("while-away", error="invalid_target", reason="no policy"))
     deadline = time.monotonic() + 5
     while '"subject":"while-away"' not in batched_log.getvalue():
         assert time.monotonic() < deadline, "the line was not logged"
@@ -366,8 +258,8 @@ def test_beside_another_handler_each_event_is_logged_when_recorded(
     # pytest's capture handler sits beside the batching one: every handler gets every line,
     # through the logging module.
     assert auditlog.batch_handler(logging.getLogger(AUDIT_LOGGER)) is None
-    trail = db.trail(flush_interval=SLOW)
-    trail.record(event("at-once"))
+    trail = db.trail(flush_interval=SLOW_FLUSH)
+    trail.record(audit_event("at-once"))
     assert [line["subject"] for line in audit_log()] == ["at-once"]
     assert '"subject":"at-once"' in batched_log.getvalue()
 
@@ -377,11 +269,11 @@ def test_beside_another_handler_each_event_is_logged_when_recorded(
 
 def test_flush_is_false_while_the_database_refuses_writes(db: AuditDatabase) -> None:
     trail = db.trail(flush_interval=0.01)
-    trail.record(event("before"))
+    trail.record(audit_event("before"))
     assert trail.flush()
 
     db.take_away()
-    trail.record(event("during"))
+    trail.record(audit_event("during"))
     started = time.monotonic()
 
     assert trail.flush(timeout=5) is False
@@ -394,34 +286,35 @@ def test_while_writes_fail_grants_are_refused_and_denials_queued(
     db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
 ) -> None:
     trail = db.trail(flush_interval=0.01, batch_size=3, high_water=1)
-    trail.record(event("written", GRANTED))
+    trail.record(audit_event("written", GRANTED))
     assert trail.flush()
 
     db.take_away()
     # Answered before the writer noticed (it tries the database only when it has events to
     # write): queued, and owed to the database.
-    trail.record(event("granted", GRANTED))
-    assert wait_until(lambda: not trail.healthy)
+    trail.record(audit_event("granted", GRANTED))
+    assert wait_for(lambda: not trail.healthy, 5.0, interval=0.01)
 
     pending = trail.pending
     with pytest.raises(TemporarilyUnavailableError):
-        trail.record(event("refused", GRANTED))
+        trail.record(audit_event("refused", GRANTED))
     assert trail.pending == pending  # the refused grant queued nothing
     started = time.monotonic()
     for n in range(5):  # denials are still queued, and past high_water no request is held
-        trail.record(event(f"denied-{n}", error="invalid_grant"))
+        trail.record(audit_event(f"denied-{n}", error="invalid_grant"))
     assert time.monotonic() - started < BACKPRESSURE_WAIT
     assert trail.pending == pending + 5
     assert not trail.healthy
 
     db.bring_back()
 
-    assert wait_until(lambda: trail.healthy)  # the writer retries about once a second
+    # The writer retries about once a second.
+    assert wait_for(lambda: trail.healthy, 5.0, interval=0.01)
     assert trail.flush()
     queued = ["granted", *(f"denied-{n}" for n in range(5))]
     assert db.subjects() == ["written", *queued]  # each once, in order
     assert [line["subject"] for line in audit_log()] == ["written", *queued]  # retries: no
-    trail.record(event("granted-again", GRANTED))
+    trail.record(audit_event("granted-again", GRANTED))
     assert trail.flush()
     assert db.subjects()[-1] == "granted-again"
 
@@ -429,16 +322,16 @@ def test_while_writes_fail_grants_are_refused_and_denials_queued(
 def test_max_pending_refuses_grants_and_only_logs_denials(
     db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
 ) -> None:
-    trail = db.trail(flush_interval=SLOW, batch_size=100, max_pending=3)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=100, max_pending=3)
     writer_started(trail)
     for n in range(3):
-        trail.record(event(f"queued-{n}"))
+        trail.record(audit_event(f"queued-{n}"))
     assert trail.pending == 3
     assert not trail.healthy
 
     with pytest.raises(TemporarilyUnavailableError):
-        trail.record(event("refused", GRANTED))
-    trail.record(event("dropped", error="invalid_grant"))
+        trail.record(audit_event("refused", GRANTED))
+    trail.record(audit_event("dropped", error="invalid_grant"))
 
     assert trail.pending == 3
     assert trail.dropped == 1
@@ -456,14 +349,14 @@ def test_max_pending_refuses_grants_and_only_logs_denials(
 def test_close_writes_everything_still_queued_and_is_idempotent(
     db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
 ) -> None:
-    trail = db.trail(flush_interval=SLOW, batch_size=4)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=4)
     writer_started(trail)
     subjects = [f"user-{n}" for n in range(7)]
     for subject in subjects[:3]:
-        trail.record(event(subject))
+        trail.record(audit_event(subject))
     assert trail.pending == 3
     for subject in subjects[3:]:  # fills one batch: the writer may start on it
-        trail.record(event(subject))
+        trail.record(audit_event(subject))
 
     trail.close(timeout=5)
 
@@ -487,13 +380,13 @@ def test_close_while_the_database_is_away_leaves_every_event_in_the_log(
     db: AuditDatabase, audit_log: Callable[[], list[dict[str, Any]]]
 ) -> None:
     trail = db.trail(flush_interval=0.01, batch_size=2)
-    trail.record(event("written"))
+    trail.record(audit_event("written"))
     assert trail.flush()
     db.take_away()
-    trail.record(event("first"))
-    assert wait_until(lambda: not trail.healthy)
+    trail.record(audit_event("first"))
+    assert wait_for(lambda: not trail.healthy, 5.0, interval=0.01)
     for n in range(4):
-        trail.record(event(f"denied-{n}"))
+        trail.record(audit_event(f"denied-{n}"))
 
     trail.close(timeout=2)
 
@@ -506,15 +399,15 @@ def test_close_while_the_database_is_away_leaves_every_event_in_the_log(
 
 
 def test_past_high_water_record_waits_at_most_the_backpressure_wait(db: AuditDatabase) -> None:
-    trail = db.trail(flush_interval=SLOW, batch_size=100, high_water=1)
-    trail.record(event("first"))
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=100, high_water=1)
+    trail.record(audit_event("first"))
     # Another connection holds SQLite's write lock: the writer, woken by the second record, takes
     # both events and waits on the lock, so it cannot catch up while the request waits.
     blocker = sqlite3.connect(db.path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         started = time.monotonic()
-        trail.record(event("second"))  # over high_water
+        trail.record(audit_event("second"))  # over high_water
         waited = time.monotonic() - started
 
         assert BACKPRESSURE_WAIT - 0.05 <= waited < BACKPRESSURE_WAIT + 0.5
@@ -532,7 +425,7 @@ def test_backpressure_ends_when_the_writer_catches_up(db: AuditDatabase) -> None
     started = time.monotonic()
 
     for n in range(20):
-        trail.record(event(f"user-{n}"))
+        trail.record(audit_event(f"user-{n}"))
 
     # Held back each time past high_water, but only until a batch is written, not the full wait.
     assert time.monotonic() - started < 20 * BACKPRESSURE_WAIT / 2
@@ -570,16 +463,16 @@ needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @needs_fork
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a multi-threaded process
 def test_a_forked_child_starts_its_own_writer(db: AuditDatabase) -> None:
-    trail = db.trail(flush_interval=SLOW, batch_size=100)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=100)
     writer_started(trail)  # and waiting, its lock released, when the process forks
 
     def child() -> bool:
         db.engine.dispose(close=False)  # the parent's pooled connections stay the parent's
-        trail.record(event("child"))
+        trail.record(audit_event("child"))
         return flushed(trail) and trail.healthy
 
     assert run_in_child(child) == 0
-    trail.record(event("parent-after"))
+    trail.record(audit_event("parent-after"))
     assert flushed(trail)
     assert db.subjects() == ["warm-up", "child", "parent-after"]
 
@@ -587,13 +480,13 @@ def test_a_forked_child_starts_its_own_writer(db: AuditDatabase) -> None:
 @needs_fork
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_events_queued_before_a_fork_are_written_once(db: AuditDatabase) -> None:
-    trail = db.trail(flush_interval=SLOW, batch_size=100)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=100)
     writer_started(trail)
-    trail.record(event("queued-at-fork"))
+    trail.record(audit_event("queued-at-fork"))
 
     def child() -> bool:
         db.engine.dispose(close=False)
-        trail.record(event("child"))
+        trail.record(audit_event("child"))
         return flushed(trail)
 
     assert run_in_child(child) == 0
@@ -668,7 +561,7 @@ def test_request_input_is_redacted_alike_in_the_row_and_the_log_line(
 
 def test_many_audiences_are_bounded_in_number(db: AuditDatabase) -> None:
     trail = db.trail(flush_interval=0.01)
-    trail.record(event("alice", audiences=[f"https://a{n}.example" for n in range(100)]))
+    trail.record(audit_event("alice", audiences=[f"https://a{n}.example" for n in range(100)]))
     assert trail.flush()
     [row] = db.rows()
     assert json.loads(row.audiences or "") == [f"https://a{n}.example" for n in range(16)]
@@ -681,13 +574,13 @@ def test_events_only_logged_are_redacted_too(
     # log: through the same redaction.
     token = a_jwt()
     marker = "sha256:" + sha256_prefix(token)
-    trail = db.trail(flush_interval=SLOW, batch_size=100, max_pending=1)
+    trail = db.trail(flush_interval=SLOW_FLUSH, batch_size=100, max_pending=1)
     writer_started(trail)
-    trail.record(event("queued"))
-    trail.record(event("dropped", audiences=[token], reason=f"repeated parameter {token}"))
+    trail.record(audit_event("queued"))
+    trail.record(audit_event("dropped", audiences=[token], reason=f"repeated parameter {token}"))
     assert trail.dropped == 1
     trail.close()
-    trail.record(event("after-close", audiences=["https://u:s3cret@host/x"], scope=token))
+    trail.record(audit_event("after-close", audiences=["https://u:s3cret@host/x"], scope=token))
 
     lines = {line["subject"]: line for line in audit_log()}
     assert lines["dropped"]["audiences"] == [marker]
