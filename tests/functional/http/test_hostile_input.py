@@ -1420,8 +1420,9 @@ def test_a_hostile_request_is_refused_cleanly_and_audited(
     # No token or secret of this request in any log line of the service.
     log = product_log(kit, caplog, mark)
     if isinstance(kit.gateway, ServedGateway):
-        # What was read is this request's part of the server's output: its audit line.
-        assert 'sidecar.audit: exchange {"at":' in log, log
+        # What was read is this request's part of the server's output: its audit line (a JSON
+        # log record, the default format when stderr is not a terminal).
+        assert '"logger": "sidecar.audit", "message": "exchange"' in log, log
         assert f'"decision":"denied","error":"{attack.error}"' in log, log
     for fragment in secret_fragments(request.secrets):
         assert fragment not in log, "a token or secret reached a log line"
