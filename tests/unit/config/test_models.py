@@ -19,7 +19,6 @@ from sidecar.config import (
     ConfigError,
     KeysConfig,
     RateLimitConfig,
-    ServerConfig,
     TokensConfig,
     TrustedIssuerConfig,
     format_validation_error,
@@ -299,58 +298,6 @@ def test_min_remaining_is_a_fraction_of_the_lifetime(value: float) -> None:
 def test_min_remaining_outside_the_lifetime_names_its_path(value: float) -> None:
     message = refusal(CachesConfig, minted_tokens={"min_remaining": value})
     assert message.startswith("minted_tokens.min_remaining: ")
-
-
-# --- server ---------------------------------------------------------------------------------------
-
-
-def test_server_defaults() -> None:
-    assert ServerConfig().model_dump() == {
-        "kind": "granian",
-        "workers": 2,
-        "threads": 2,
-        "keepalive": 15.0,
-        "max_connections": 4096,
-        "backlog": 4096,
-        "graceful_timeout": 20.0,
-    }
-
-
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("kind", "gunicorn"),
-        ("workers", 1),
-        ("workers", 64),
-        ("threads", 64),
-        ("keepalive", "10m"),
-        ("max_connections", 16),
-        ("backlog", 128),
-        ("backlog", 65535),
-        ("graceful_timeout", "10m"),
-    ],
-)
-def test_server_bounds_are_inclusive(key: str, value: Any) -> None:
-    assert ServerConfig.model_validate({key: value})
-
-
-@pytest.mark.parametrize(
-    ("key", "value"),
-    [
-        ("kind", "uwsgi"),
-        ("workers", 0),
-        ("workers", 65),
-        ("threads", 0),
-        ("keepalive", 0),
-        ("keepalive", "601s"),
-        ("max_connections", 15),
-        ("backlog", 127),
-        ("backlog", 65536),
-        ("graceful_timeout", 0),
-    ],
-)
-def test_server_values_out_of_bounds_name_the_key(key: str, value: Any) -> None:
-    assert refusal(ServerConfig, **{key: value}).startswith(f"{key}: ")
 
 
 def test_a_server_error_in_the_file_names_its_full_path(config: dict[str, Any]) -> None:
