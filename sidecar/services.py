@@ -65,7 +65,7 @@ class Services:
         self.authenticator = ClientAuthenticator(settings, JtiStore(sessions, clock), clock, fetch)
         self.rate_limiter = RateLimiter(settings, clock)
         # Set when the worker received SIGTERM: readiness turns false while in-flight requests
-        # finish (see deploy/gunicorn.conf.py).
+        # finish (gunicorn: sidecar/serving/gunicorn_conf.py; granian has no such hook).
         self.draining = threading.Event()
         self.keyring: Refreshing[Keyring] = Refreshing(
             "keyring", self.keys.maintain, settings.keys.refresh_interval, clock
