@@ -60,7 +60,7 @@ class Services:
         self.policy_store = PolicyStore(
             sessions, clock, validate=lambda policies: check_policy_set(policies, settings)
         )
-        self.audit = AuditTrail(self.engine)
+        self.audit = AuditTrail(self.engine, retention=settings.audit.retention)
         self.issuers = IssuerDirectory(settings, clock, fetch)
         self.authenticator = ClientAuthenticator(settings, JtiStore(sessions, clock), clock, fetch)
         self.rate_limiter = RateLimiter(settings, clock)

@@ -12,7 +12,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete, select
 
 from sidecar.audit.event import GRANTED, AuditEvent
 from sidecar.audit.log import batch_handler, log_event, log_line, write_lines
@@ -26,6 +26,7 @@ from sidecar.audit.sql import (
     rows_per_insert,
 )
 from sidecar.errors import TemporarilyUnavailableError
+from sidecar.store.models import AuditEventRow
 
 log = logging.getLogger("sidecar.audit")
 
@@ -36,6 +37,9 @@ MAX_PENDING = 10_000
 # up before answering: overload becomes latency, not refusals, while the database keeps up.
 HIGH_WATER = 2_000
 BACKPRESSURE_WAIT = 0.5
+PURGE_INTERVAL = 60.0  # seconds between two retention passes of one writer
+PURGE_BATCH = 1000  # rows deleted by one statement
+PURGE_BATCHES = 10  # statements per pass at most
 RETRY_AFTER_FAILURE = 1.0  # seconds between write attempts while the database refuses them
 _TRAILS: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
 
@@ -61,8 +65,15 @@ class AuditTrail:
         batch_size: int = BATCH_SIZE,
         max_pending: int = MAX_PENDING,
         high_water: int = HIGH_WATER,
+        retention: float | None = None,
+        purge_interval: float = PURGE_INTERVAL,
     ) -> None:
         self._engine = engine
+        # audit.retention: rows older than this are deleted by the writer, a small batch at a
+        # time, at most every purge_interval (None: kept for ever).
+        self._retention = retention
+        self._purge_interval = purge_interval
+        self._purged_at = float("-inf")
         # On SQLite the request's JSON log line is its row (encoded on the request, a few
         # microseconds), so that the writer never holds the GIL to encode a whole batch
         # (1.4 ms for 500 rows).
@@ -218,6 +229,35 @@ class AuditTrail:
                     return  # close() reports what is left
             if not self._write_pending():
                 time.sleep(RETRY_AFTER_FAILURE)
+            elif self._retention is not None:
+                self._purge_expired()
+
+    def _purge_expired(self) -> None:
+        """Delete rows past ``retention``: at most PURGE_BATCHES batches of PURGE_BATCH rows per
+        pass, so that no transaction holds the table (or SQLite's write lock) for long; what is
+        left goes at the next pass."""
+        now = time.time()
+        if now - self._purged_at < self._purge_interval:
+            return
+        self._purged_at = now
+        assert self._retention is not None
+        cutoff = now - self._retention
+        oldest = (
+            select(AuditEventRow.id)
+            .where(AuditEventRow.at < cutoff)
+            .order_by(AuditEventRow.id)
+            .limit(PURGE_BATCH)
+        )
+        try:
+            for _ in range(PURGE_BATCHES):
+                with self._engine.begin() as connection:
+                    deleted = connection.execute(
+                        delete(AuditEventRow).where(AuditEventRow.id.in_(oldest))
+                    ).rowcount
+                if deleted < PURGE_BATCH:
+                    break
+        except Exception as exc:  # retried at the next pass; writing events matters more
+            log.warning("audit retention purge failed: %s", type(exc).__name__)
 
     def _write_pending(self) -> bool:
         """Write the retried rows and the queue, a batch at a time; False on a failed write."""

@@ -12,6 +12,7 @@ from sidecar.config.common import (
     parse_duration,
 )
 from sidecar.config.deployment import (
+    AuditConfig,
     DatabaseConfig,
     LogConfig,
     ManagementConfig,
@@ -48,6 +49,7 @@ from sidecar.config.policies import (
 __all__ = [
     "AdminConfig",
     "AdminCredential",
+    "AuditConfig",
     "CachesConfig",
     "ClientConfig",
     "ConditionConfig",

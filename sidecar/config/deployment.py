@@ -78,3 +78,9 @@ class ServerConfig(StrictModel):
     backlog: int = Field(4096, ge=128, le=65535)
     # SIGTERM: stop accepting, let requests in flight finish for up to this long.
     graceful_timeout: Duration = Field(20.0, gt=0, le=600)
+
+
+class AuditConfig(StrictModel):
+    # Rows of the audit table older than this are deleted by the service, in small batches;
+    # absent: kept for ever (the log lines are the operator's to keep).
+    retention: Duration | None = Field(default=None, gt=0)

@@ -19,6 +19,7 @@ from sidecar.config.common import (
     refuse_duplicates,
 )
 from sidecar.config.deployment import (
+    AuditConfig,
     DatabaseConfig,
     LogConfig,
     ManagementConfig,
@@ -273,6 +274,7 @@ class Settings(StrictModel):
     redis: RedisConfig | None = None
     kubernetes: KubernetesConfig | None = None
     log: LogConfig = Field(default_factory=LogConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)  # type: ignore[arg-type]
     caches: CachesConfig = Field(default_factory=CachesConfig)
     # Per-client limit of /token requests (per worker process); absent: no limit.

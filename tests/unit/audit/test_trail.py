@@ -588,3 +588,27 @@ def test_events_only_logged_are_redacted_too(
     assert lines["after-close"]["audiences"] == ["https://host/x"]
     assert lines["after-close"]["scope"] == marker
     assert db.subjects() == ["warm-up", "queued"]
+
+
+# --- retention ------------------------------------------------------------------------------------
+
+
+def test_rows_past_the_retention_are_purged_by_the_writer(db: AuditDatabase) -> None:
+    now = time.time()
+    trail = db.trail(flush_interval=0.01, retention=3600.0, purge_interval=0.0)
+    for index in range(5):
+        trail.record(AuditEvent(at=now - 7200 - index, subject=f"old-{index}"))
+    trail.record(AuditEvent(at=now - 60, subject="recent"))
+    assert trail.flush()
+
+    # The writer's next pass deletes what is older than the retention, nothing else.
+    assert wait_for(lambda: db.subjects() == ["recent"], 5), db.subjects()
+
+
+def test_without_a_retention_nothing_is_purged(db: AuditDatabase) -> None:
+    trail = db.trail(flush_interval=0.01, purge_interval=0.0)
+    trail.record(AuditEvent(at=1.0, subject="ancient"))
+    assert trail.flush()
+    time.sleep(0.1)  # several writer passes
+
+    assert db.subjects() == ["ancient"]

@@ -116,3 +116,11 @@ def test_a_management_listener_that_is_not_host_and_port_is_refused(listen: str)
 def test_log_format_is_auto_json_or_text() -> None:
     assert LogConfig.model_validate({}).format == "auto"
     assert refusal(LogConfig, format="xml").startswith("format: ")
+
+
+def test_audit_retention_is_a_positive_duration_or_absent() -> None:
+    from sidecar.config.deployment import AuditConfig
+
+    assert AuditConfig.model_validate({}).retention is None
+    assert AuditConfig.model_validate({"retention": "90d"}).retention == 90 * 86400
+    assert refusal(AuditConfig, retention=0).startswith("retention: ")
