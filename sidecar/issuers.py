@@ -45,6 +45,9 @@ class TrustedIssuer:
     def find_key(self, kid: str) -> VerificationKey | None:
         return self._keys.find_key(kid)
 
+    def observe_fetches(self, observe: Callable[[str, str], None]) -> None:
+        self._keys.observe = observe
+
 
 class IssuerDirectory:
     def __init__(
@@ -65,6 +68,11 @@ class IssuerDirectory:
             )
             for entry in (settings.trusted_issuers if entries is None else entries)
         }
+
+    def observe_fetches(self, observe: Callable[[str, str], None]) -> None:
+        """Tell ``observe(issuer, outcome)`` of every JWKS fetch (the metrics)."""
+        for issuer in self._issuers.values():
+            issuer.observe_fetches(observe)
 
     def find_issuer(self, issuer: str) -> TrustedIssuer | None:
         # Exact, byte-for-byte: no case folding, no trailing-slash normalisation.

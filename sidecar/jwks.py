@@ -135,6 +135,10 @@ class RefreshRules:
     max_stale: float = 3600.0  # cached keys older than this (issuer unreachable) are not used
 
 
+def _ignore(*_: object) -> None:
+    return None
+
+
 class JwksSource:
     """A cached JWK Set from a URL, a file, or a fixed document."""
 
@@ -158,6 +162,8 @@ class JwksSource:
         self._path = path
         self._fetch = fetch
         self._lock = threading.Lock()
+        # Told of every fetch of the set and its outcome ("ok" or "failed"): the metrics.
+        self.observe: Callable[[str, str], None] = _ignore
         self._keys: dict[str, VerificationKey] | None = None
         self._loaded_at = float("-inf")
         self._attempted_at = float("-inf")
@@ -197,8 +203,10 @@ class JwksSource:
                     raise JwksUnavailable(f"{self._name}: no usable key in the set")
                 self._keys = keys
                 self._loaded_at = self._clock()
+                self.observe(self._name, "ok")
             except JwksUnavailable as exc:
                 log.warning("key set %s unavailable: %s", self._name, exc)
+                self.observe(self._name, "failed")
         finally:
             self._lock.release()
 

@@ -19,6 +19,7 @@ and not yet reloaded. A worker's samples go when it exits (``Services.close``; g
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 
@@ -36,6 +37,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from sidecar import __version__
 from sidecar.keys.keyring import Keyring
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -181,6 +183,38 @@ class Metrics:
             ["cache", "result"],
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "sidecar_rate_limit_refusals",
+            "Token requests refused by a rate limit, by client (the authenticated client, or "
+            "(unauthenticated) for a claim or a failed authentication).",
+            ["client"],
+            registry=self.registry,
+        )
+        self.jwks_fetches = Counter(
+            "sidecar_jwks_fetches",
+            "Fetches of a trusted issuer's JWKS, by issuer and outcome (ok or failed).",
+            ["issuer", "outcome"],
+            registry=self.registry,
+        )
+        self.audit_write_failures = Counter(
+            "sidecar_audit_write_failures",
+            "Audit batches the database refused (retried; grants are refused meanwhile).",
+            registry=self.registry,
+        )
+        self.audit_queue = Gauge(
+            "sidecar_audit_queue_depth",
+            "Audit events not yet in the database, summed over live workers.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        build = Gauge(
+            "sidecar_build_info",
+            "The running version (always 1).",
+            ["version", "python"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        build.labels(__version__, platform.python_version()).set(1)
         self._scrape_registry = self.registry
         if os.environ.get(MULTIPROCESS_ENV):
             self._scrape_registry = CollectorRegistry()

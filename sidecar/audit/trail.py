@@ -10,6 +10,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, delete, select
@@ -56,6 +57,10 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _ignore(*_: object) -> None:
+    return None
+
+
 class AuditTrail:
     def __init__(
         self,
@@ -72,6 +77,9 @@ class AuditTrail:
         # audit.retention: rows older than this are deleted by the writer, a small batch at a
         # time, at most every purge_interval (None: kept for ever).
         self._retention = retention
+        # Told of the queue's depth after each write pass and of each failed write: the metrics.
+        self.observe_pending: Callable[[int], None] = _ignore
+        self.observe_failure: Callable[[], None] = _ignore
         self._purge_interval = purge_interval
         self._purged_at = float("-inf")
         # On SQLite the request's JSON log line is its row (encoded on the request, a few
@@ -227,7 +235,9 @@ class AuditTrail:
                     return
                 if self._closed and self._failing:
                     return  # close() reports what is left
-            if not self._write_pending():
+            written = self._write_pending()
+            self.observe_pending(self.pending)
+            if not written:
                 time.sleep(RETRY_AFTER_FAILURE)
             elif self._retention is not None:
                 self._purge_expired()
@@ -290,6 +300,7 @@ class AuditTrail:
                         insert_rows(connection, rows[start : start + count])
                         start += count
             except Exception as exc:
+                self.observe_failure()
                 with self._wake:
                     self._retry = rows + self._retry
                     self._writing = False

@@ -102,6 +102,11 @@ def create_app(
     ):
         if cache is not None:
             cache.stats.observe = metrics.cache_observer(name)
+    services.audit.observe_pending = metrics.audit_queue.set
+    services.audit.observe_failure = metrics.audit_write_failures.inc
+    services.issuers.observe_fetches(
+        lambda issuer, outcome: metrics.jwks_fetches.labels(issuer, outcome).inc()
+    )
     metadata = server_metadata(settings)
     app = Flask("sidecar")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

@@ -49,6 +49,7 @@ class TokenEndpoint:
         self._latency = metrics.latency
         self._exchanges = metrics.exchanges
         self._granted = metrics.exchanges.labels("granted", "")
+        self._rate_limited = metrics.rate_limited
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         started = time.perf_counter()
@@ -145,6 +146,8 @@ class TokenEndpoint:
         # Before any signature work (client assertion, subject token): shed overload cheaply. A
         # peek only: the claim is unauthenticated, so it must not spend the client's budget.
         if limiter.active and (retry_after := limiter.peek(claimed)) is not None:
+            # (A peek refuses only a configured client, whose own requests emptied its bucket.)
+            self._rate_limited.labels(claimed or "(unauthenticated)").inc()
             raise RateLimitedError(reason="rate limit", retry_after=retry_after)
 
         grant_type = params.single("grant_type")
@@ -163,6 +166,7 @@ class TokenEndpoint:
             if limiter.active:
                 peer = environ.get("REMOTE_ADDR") or ""
                 if (retry_after := limiter.take_failure(peer, claimed)) is not None:
+                    self._rate_limited.labels("(unauthenticated)").inc()
                     raise RateLimitedError(
                         reason=f"rate limit of failed authentication: {exc.reason}",
                         retry_after=retry_after,
@@ -175,6 +179,7 @@ class TokenEndpoint:
         limiter = self._services.rate_limiter
         # Charged only now that the client is proven, and before the grant's signature work.
         if limiter.active and (retry_after := limiter.take(client.client_id)) is not None:
+            self._rate_limited.labels(client.client_id).inc()
             raise RateLimitedError(reason="rate limit", retry_after=retry_after)
         if not client.check_grant_type(TOKEN_EXCHANGE_GRANT):
             raise UnauthorizedClientError(reason="client may not use token exchange")

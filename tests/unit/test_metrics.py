@@ -140,3 +140,54 @@ def test_state_age_over_http_follows_loads_and_invalidations(services: Any) -> N
 
     services.policies.invalidate()  # a change announced, not yet reloaded
     assert ages()[("policies", "")] == float("inf")
+
+
+# --- the operators' signals -----------------------------------------------------------------------
+
+
+def test_rate_limit_refusals_audit_queue_jwks_fetches_and_build_info_are_exposed(
+    config: dict[str, Any],
+) -> None:
+    import platform
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sidecar import __version__
+    from sidecar.config import settings_from_mapping
+    from sidecar.web.app import create_app
+    from tests.conftest import GATEWAY_SECRET, make_services
+    from tests.conftest import TestIdP as IdP
+
+    config["rate_limit"] = {"per_second": 0.01, "burst": 1}
+    idp = IdP(Path(config["trusted_issuers"][0]["jwks_file"]).parent)
+    services = make_services(settings_from_mapping(config, env={}))
+    app = create_app(services.settings, services)
+    client = app.test_client()
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": idp.token(),
+        "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "audience": "https://code-search.internal/mcp",
+    }
+    try:
+        statuses = [
+            client.post("/token", data=form, auth=("gateway", GATEWAY_SECRET)).status_code
+            for _ in range(2)
+        ]
+        assert services.audit.flush()
+        text = client.get("/metrics").get_data(as_text=True)
+    finally:
+        services.close()
+
+    assert statuses == [200, 429]
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("sidecar_rate_limit_refusals_total", (("client", "gateway"),))] == 1
+    assert samples[("sidecar_jwks_fetches_total", (("issuer", idp.issuer), ("outcome", "ok")))] >= 1
+    assert ("sidecar_audit_queue_depth", ()) in samples
+    assert ("sidecar_audit_write_failures_total", ()) in samples
+    build = (("python", platform.python_version()), ("version", __version__))
+    assert samples[("sidecar_build_info", build)] == 1
