@@ -30,6 +30,12 @@ JSON_FIELDS = ("asctime", "levelname", "name", "message", "process")
 RENAMED = {"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"}
 
 
+def rfc3339(epoch: float) -> str:
+    """``2026-12-07T04:00:00.000Z``: RFC 3339, UTC, milliseconds."""
+    moment = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def request_id_from(header: str | None) -> str:
     """The client's request id when it is a short token, else a new one."""
     if header is not None and _REQUEST_ID.match(header):
@@ -51,14 +57,12 @@ class Rfc3339Formatter(JsonFormatter):
     """python-json-logger's formatter with the time in RFC 3339 UTC (milliseconds, ``Z``)."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
-        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return rfc3339(record.created)
 
 
 class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
-        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return rfc3339(record.created)
 
 
 def formatter(kind: str) -> logging.Formatter:

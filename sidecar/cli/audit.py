@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from sidecar.cli import fail, main, services_of, table
+from sidecar.logs import rfc3339
 
 
 @main.group()
@@ -30,10 +31,7 @@ def _moment(text: str | None, option: str) -> float | None:
 
 
 def _rfc3339(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if epoch is None else rfc3339(epoch)
 
 
 def _show(records: list[dict[str, Any]], as_json: bool) -> None:

@@ -20,12 +20,12 @@ from tests.conftest import (
     ACCESS_TOKEN_TYPE,
     CODE_SEARCH,
     GATEWAY_SECRET,
-    SIDECAR_ISSUER,
     TOKEN_EXCHANGE,
     ClientKeys,
     TestIdP,
     base_config,
 )
+from tests.functional.http.helpers import verify_as_upstream
 from tests.launcher import START_TIMEOUT, Served, free_port, start_serve
 from tests.loopback import wait_for
 
@@ -91,13 +91,7 @@ def test_exchange_succeeds_under_the_default_server(served: Served) -> None:
     assert response.headers["Cache-Control"] == "no-store"
     token = response.json()["access_token"]
     jwks = jwt.PyJWKClient(f"{served.url}/.well-known/jwks.json")
-    claims = jwt.decode(
-        token,
-        jwks.get_signing_key_from_jwt(token),
-        algorithms=["ES256"],
-        audience=CODE_SEARCH,
-        issuer=SIDECAR_ISSUER,
-    )
+    claims = verify_as_upstream(jwks, token)
     assert claims["sub"] == "alice@example.com"
     assert claims["client_id"] == "gateway"
     assert "Starting granian" in served.log()
@@ -248,13 +242,7 @@ def test_a_management_listener_serves_what_upstreams_and_probes_fetch(
         assert response.status_code == 200, response.text
         token = response.json()["access_token"]
         jwks = jwt.PyJWKClient(f"{on_management}/.well-known/jwks.json")
-        claims = jwt.decode(
-            token,
-            jwks.get_signing_key_from_jwt(token),
-            algorithms=["ES256"],
-            audience=CODE_SEARCH,
-            issuer=SIDECAR_ISSUER,
-        )
+        claims = verify_as_upstream(jwks, token)
         assert claims["client_id"] == "gateway"
     finally:
         served.kill()
@@ -344,13 +332,7 @@ def test_a_gateway_authenticates_with_its_kubernetes_service_account_token(
         assert response.status_code == 200, response.text
         token = response.json()["access_token"]
         jwks = jwt.PyJWKClient(f"{served.url}/.well-known/jwks.json")
-        claims = jwt.decode(
-            token,
-            jwks.get_signing_key_from_jwt(token),
-            algorithms=["ES256"],
-            audience=CODE_SEARCH,
-            issuer=SIDECAR_ISSUER,
-        )
+        claims = verify_as_upstream(jwks, token)
     finally:
         served.kill()
     assert claims["client_id"] == "k8s-gateway"
