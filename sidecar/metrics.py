@@ -201,6 +201,13 @@ class Metrics:
             "Audit batches the database refused (retried; grants are refused meanwhile).",
             registry=self.registry,
         )
+        self.database_errors = Counter(
+            "sidecar_database_errors",
+            "Errors the database raised (failed connections, timeouts, refused statements), by "
+            "kind; constraint violations such as a replayed assertion jti are not errors.",
+            ["kind"],
+            registry=self.registry,
+        )
         self.audit_queue = Gauge(
             "sidecar_audit_queue_depth",
             "Audit events not yet in the database, summed over live workers.",

@@ -30,6 +30,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from sidecar.config import Settings, load_settings, settings_from_mapping
 from sidecar.services import Services
 from sidecar.store import migrate
+from sidecar.store.audit_query import EXCHANGES
 from sidecar.store.db import make_engine
 from sidecar.store.models import AuditEventRow
 from sidecar.store.policies import PolicyStore
@@ -421,7 +422,11 @@ def audit_rows(services: Services, *, after_id: int = 0) -> list[AuditEventRow]:
     """The audit rows, oldest first, once every event queued so far is written."""
     assert services.audit.flush(), "audit events still queued"
     with sessionmaker(services.engine)() as session:
-        query = select(AuditEventRow).where(AuditEventRow.id > after_id)
+        query = (
+            select(AuditEventRow)
+            .where(AuditEventRow.id > after_id)
+            .where(AuditEventRow.decision.in_(EXCHANGES))
+        )
         return list(session.scalars(query.order_by(AuditEventRow.id)))
 
 
@@ -609,7 +614,11 @@ class Gateway:
 
     def _read_audit_rows(self, after_id: int) -> list[AuditEventRow]:
         with sessionmaker(self.engine)() as session:
-            query = select(AuditEventRow).where(AuditEventRow.id > after_id)
+            query = (
+                select(AuditEventRow)
+                .where(AuditEventRow.id > after_id)
+                .where(AuditEventRow.decision.in_(EXCHANGES))
+            )
             return list(session.scalars(query.order_by(AuditEventRow.id)))
 
 

@@ -10,6 +10,7 @@ import click
 
 from sidecar.cli import fail, main, services_of, table
 from sidecar.logs import rfc3339
+from sidecar.store.changes import CHANGES
 
 
 @main.group()
@@ -49,13 +50,26 @@ def _show(records: list[dict[str, Any]], as_json: bool) -> None:
                 r["error"] or "-",
                 r["client_id"] or "-",
                 r["subject"] or "-",
+                r["actor"] or "-",
                 " ".join(r["audiences"]) or "-",
-                r["jti"] or "-",
-                r["reason"] or r["policies"] or "-",
+                r["jti"] or r["kid"] or "-",
+                r["policies"] or "-",
+                r["reason"] or "-",
             ]
             for r in records
         ],
-        ["at", "decision", "error", "client", "subject", "audiences", "jti", "reason/policies"],
+        [
+            "at",
+            "decision",
+            "error",
+            "client",
+            "subject",
+            "actor",
+            "audiences",
+            "jti/kid",
+            "policies",
+            "reason",
+        ],
     )
 
 
@@ -76,7 +90,7 @@ def _query(ctx: click.Context, **where: Any) -> list[dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def audit_tail(ctx: click.Context, limit: int, as_json: bool) -> None:
-    """The newest decisions, newest first."""
+    """The newest exchanges and policy and key changes, newest first."""
     _show(_query(ctx, limit=limit), as_json)
 
 
@@ -86,8 +100,19 @@ def audit_tail(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.option("--client", "client_id", help="The authenticated client.")
 @click.option("--subject", help="The subject token's sub.")
 @click.option("--audience", help="One of the requested audiences or resources.")
-@click.option("--outcome", "decision", type=click.Choice(["granted", "denied"]))
+@click.option(
+    "--outcome",
+    "decision",
+    type=click.Choice(["granted", "denied", *CHANGES]),
+    help="An exchange's outcome, or a change (policy_update, key_rotate, ...).",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["exchange", "change"]),
+    help="Only exchanges, or only policy and key changes.",
+)
 @click.option("--jti", help="The minted token's jti.")
+@click.option("--kid", help="The signing key's kid.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -99,11 +124,13 @@ def audit_search(
     subject: str | None,
     audience: str | None,
     decision: str | None,
+    kind: str | None,
     jti: str | None,
+    kid: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
-    """Decisions matching every option given, newest first."""
+    """Exchanges and changes matching every option given, newest first."""
     found = _query(
         ctx,
         since=_moment(since, "--since"),
@@ -112,7 +139,9 @@ def audit_search(
         subject=subject,
         audience=audience,
         decision=decision,
+        kind=kind,
         jti=jti,
+        kid=kid,
         limit=limit,
     )
     _show(found, as_json)

@@ -48,12 +48,13 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 
 @keys.command("rotate")
 @click.option("--now", "immediate", is_flag=True, help="Sign with the new key at once.")
+@click.option("--actor", default="cli", show_default=True, help="Who makes the change (audit).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def keys_rotate(ctx: click.Context, immediate: bool, as_json: bool) -> None:
+def keys_rotate(ctx: click.Context, immediate: bool, actor: str, as_json: bool) -> None:
     """Start a rotation: the new key signs after keys.publish_ahead (or at once with --now)."""
     services = services_of(ctx)
-    key = services.keys.rotate(immediate=immediate)
+    key = services.keys.rotate(immediate=immediate, actor=actor)
     if immediate:
         click.echo(
             "warning: --now skips publish-ahead; verifiers with a cached JWKS may reject tokens "
@@ -70,13 +71,14 @@ def keys_rotate(ctx: click.Context, immediate: bool, as_json: bool) -> None:
 # A kid is base64url and may start with "-": it must not be taken for an option.
 @keys.command("retire", context_settings={"ignore_unknown_options": True})
 @click.argument("kid")
+@click.option("--actor", default="cli", show_default=True, help="Who makes the change (audit).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def keys_retire(ctx: click.Context, kid: str, as_json: bool) -> None:
+def keys_retire(ctx: click.Context, kid: str, actor: str, as_json: bool) -> None:
     """Stop signing with KID now; it stays published for keys.retain_after."""
     services = services_of(ctx)
     current = services.keys.load().current(services.clock())
-    if not services.keys.retire(kid):
+    if not services.keys.retire(kid, actor=actor):
         fail(f"no key {kid}")
     if current is not None and current.kid == kid:
         click.echo(
@@ -84,7 +86,7 @@ def keys_retire(ctx: click.Context, kid: str, as_json: bool) -> None:
             "with a cached JWKS may reject its tokens until they refetch it",
             err=True,
         )
-    services.keys.ensure_current()
+    services.keys.ensure_current(actor=actor)
     signing = services.keys.load().current(services.clock())
     result = {"retired": kid, "signing": signing.kid if signing else None}
     click.echo(json.dumps(result) if as_json else f"key {kid} retired; {result['signing']} signs")

@@ -1,5 +1,6 @@
-"""Reading the audit trail back: the newest decisions, and searches by time range, client,
-subject, audience, outcome and ``jti`` (the indexes of migration 0004 serve them)."""
+"""Reading the audit trail back: the newest exchanges and changes, and searches by time range,
+client, subject, audience, outcome or kind, ``jti`` and ``kid`` (the indexes of migration 0004
+serve the common ones)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from sidecar.store.changes import CHANGES
 from sidecar.store.models import AuditEventRow
+
+EXCHANGES = ("granted", "denied")
 
 COLUMNS = (
     "at",
@@ -39,8 +43,10 @@ class AuditFilter:
     client_id: str | None = None
     subject: str | None = None
     audience: str | None = None
-    decision: str | None = None  # granted | denied
+    decision: str | None = None  # granted | denied | a change (sidecar.store.changes)
+    kind: str | None = None  # exchange | change
     jti: str | None = None
+    kid: str | None = None
     limit: int = 100
 
 
@@ -57,8 +63,14 @@ def search(engine: Engine, where: AuditFilter) -> list[dict[str, Any]]:
         query = query.where(AuditEventRow.subject == where.subject)
     if where.decision is not None:
         query = query.where(AuditEventRow.decision == where.decision)
+    if where.kind == "exchange":
+        query = query.where(AuditEventRow.decision.in_(EXCHANGES))
+    elif where.kind == "change":
+        query = query.where(AuditEventRow.decision.in_(CHANGES))
     if where.jti is not None:
         query = query.where(AuditEventRow.jti == where.jti)
+    if where.kid is not None:
+        query = query.where(AuditEventRow.kid == where.kid)
     if where.audience is not None:
         # The audiences column is a JSON list: narrowed by text here, matched exactly below.
         query = query.where(AuditEventRow.audiences.contains(json.dumps(where.audience)[1:-1]))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.config import DatabaseConfig
@@ -126,6 +128,20 @@ class _LazyBoundedConnection:
 
 
 _BoundedConnection = _LazyBoundedConnection()
+
+
+def observe_errors(engine: Engine, observe: Callable[[str], None]) -> None:
+    """Call ``observe(kind)`` for each error the database raises through ``engine``, failed
+    connections included; ``kind`` is SQLAlchemy's class for it (``OperationalError``, ...).
+    Constraint violations are answers, not failures (a replayed ``jti``, a taken name): not
+    counted."""
+
+    def on_error(context: ExceptionContext) -> None:
+        error = context.sqlalchemy_exception or context.original_exception
+        if not isinstance(error, IntegrityError):
+            observe(type(error).__name__)
+
+    event.listen(engine, "handle_error", on_error)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

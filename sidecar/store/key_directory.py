@@ -142,15 +142,15 @@ class DirectoryKeyStore:
     def maintain(self) -> Keyring:
         return self.load()
 
-    def ensure_current(self) -> bool:
+    def ensure_current(self, *, actor: str = "sidecar") -> bool:
         if self.load().current(self._clock()) is None:
             raise KeyDirectoryError(f"keys.directory {self.directory} holds no usable private key")
         return False
 
-    def rotate(self, *, immediate: bool = False) -> SigningKey:
+    def rotate(self, *, immediate: bool = False, actor: str = "sidecar") -> SigningKey:
         raise KeyDirectoryError(
             "keys are files in keys.directory: rotate by adding a key file there"
         )
 
-    def retire(self, kid: str) -> bool:
+    def retire(self, kid: str, *, actor: str = "sidecar") -> bool:
         raise KeyDirectoryError("keys are files in keys.directory: retire by removing the file")

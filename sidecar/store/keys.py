@@ -23,6 +23,7 @@ from sidecar.keys.material import (
     private_key_to_pem,
     public_jwk,
 )
+from sidecar.store.changes import SERVICE, record_key_change
 from sidecar.store.db import hold_lease
 from sidecar.store.models import SigningKeyRow
 from sidecar.store.notify import KEYS, notify_change
@@ -115,7 +116,7 @@ class KeyStore:
         rows = session.scalars(select(SigningKeyRow)).all()
         return Keyring([self._to_key(row) for row in rows])
 
-    def encrypt_stored_keys(self) -> int:
+    def encrypt_stored_keys(self, *, actor: str = SERVICE) -> int:
         """Encrypt every key still stored in clear text (encryption was turned on later)."""
         assert self._encryptor is not None
         with self._sessions() as session, session.begin():
@@ -126,11 +127,14 @@ class KeyStore:
             for row in rows:
                 row.private_key = self._encryptor.encrypt(row.private_key, row.kid)
                 row.encryption = self._encryptor.scheme
+                record_key_change(
+                    session, at=self._clock(), action="encrypt", kid=row.kid, actor=actor
+                )
             if rows:
                 notify_change(session, KEYS)
             return len(rows)
 
-    def ensure_current(self) -> bool:
+    def ensure_current(self, *, actor: str = SERVICE) -> bool:
         """Make sure a key signs now; True if the keyring changed. A published ``next`` key is
         brought forward (verifiers may already have it); otherwise a key is generated."""
         with self._sessions() as session, session.begin():
@@ -147,14 +151,16 @@ class KeyStore:
                     .values(activates_at=now)
                 )
                 log.info("signing key kid=%s brought forward", pending.kid)
+                record_key_change(session, at=now, action="forward", kid=pending.kid, actor=actor)
                 notify_change(session, KEYS)
                 return True
             row = self._insert_new_key(session, now, now)
             log.info("generated signing key kid=%s alg=%s", row.kid, row.algorithm)
+            record_key_change(session, at=now, action="generate", kid=row.kid, actor=actor)
             notify_change(session, KEYS)
             return True
 
-    def rotate(self, *, immediate: bool = False) -> SigningKey:
+    def rotate(self, *, immediate: bool = False, actor: str = SERVICE) -> SigningKey:
         """Start a rotation: a new key that signs after ``publish_ahead`` (or at once)."""
         with self._sessions() as session, session.begin():
             hold_lease(session, "keyring")
@@ -186,13 +192,14 @@ class KeyStore:
                 kid = pending.kid
             else:
                 kid = self._insert_new_key(session, now, plan.activates_at).kid
+            record_key_change(session, at=now, action="rotate", kid=kid, actor=actor)
             notify_change(session, KEYS)
             log.info("rotation started: kid=%s activates_at=%.0f", kid, plan.activates_at)
         new_key = self.load().find(kid)
         assert new_key is not None
         return new_key
 
-    def retire(self, kid: str) -> bool:
+    def retire(self, kid: str, *, actor: str = SERVICE) -> bool:
         """Stop signing with ``kid`` now (it stays published for ``retain_after``)."""
         with self._sessions() as session, session.begin():
             hold_lease(session, "keyring")
@@ -204,6 +211,7 @@ class KeyStore:
             row.removes_at = min(
                 row.removes_at or now + self._config.retain_after, now + self._config.retain_after
             )
+            record_key_change(session, at=now, action="retire", kid=kid, actor=actor)
             notify_change(session, KEYS)
         return True
 
@@ -223,7 +231,13 @@ class KeyStore:
         if any(k.removes_at is not None and k.removes_at <= now for k in keyring.keys):
             with self._sessions() as session, session.begin():
                 hold_lease(session, "keyring")
-                session.execute(delete(SigningKeyRow).where(SigningKeyRow.removes_at <= now))
+                removed = session.scalars(
+                    delete(SigningKeyRow)
+                    .where(SigningKeyRow.removes_at <= now)
+                    .returning(SigningKeyRow.kid)
+                ).all()
+                for kid in removed:
+                    record_key_change(session, at=now, action="remove", kid=kid)
                 notify_change(session, KEYS)
             changed = True
         return self.load() if changed else keyring

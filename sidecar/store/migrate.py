@@ -9,9 +9,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
+# The PostgreSQL advisory lock that serialises migrations (any 64-bit number; this one spells
+# "sidecar" in ASCII): a Job and starting pods may all run `sidecar db upgrade` at once.
+MIGRATION_LOCK = 0x73696465636172
 
 
 def alembic_config(url: str) -> Config:
@@ -27,6 +30,11 @@ def alembic_config(url: str) -> Config:
 def upgrade(engine: Engine) -> None:
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Held to the end of this transaction (PostgreSQL's DDL is transactional): the
+            # others wait, then find the schema current. Without it, two first migrations
+            # race to create the same tables and one fails.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -27,6 +27,7 @@ import jwt
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -174,6 +175,17 @@ def test_database_down_is_503_then_recovers_by_itself(
     ready = sidecar.ready()
     assert ready.status_code == 503
     assert ready.json()["checks"]["database"] is False
+    # Operators see why: the database's errors, counted by kind over the workers.
+    scraped = requests.get(f"{sidecar.url}/metrics", timeout=10).text
+    counted = [
+        sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "sidecar_database_errors_total"
+        and sample.labels == {"kind": "OperationalError"}
+    ]
+    assert counted, scraped
+    assert counted[0] > 0
 
     proxy.start()  # PostgreSQL is back, on the same address
 

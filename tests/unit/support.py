@@ -25,6 +25,7 @@ from sidecar.exchange.policy import Policy, PolicySet
 from sidecar.exchange.subject import VerificationKey
 from sidecar.keys.keyring import SigningKey
 from sidecar.keys.material import PrivateKey, generate_private_key, public_jwk
+from sidecar.store.audit_query import EXCHANGES
 from sidecar.store.db import make_engine
 from sidecar.store.migrate import upgrade
 from sidecar.store.models import AuditEventRow
@@ -273,9 +274,15 @@ def flushed(trail: AuditTrail, timeout: float = 5.0) -> bool:
 
 
 def stored_audit_rows(engine: Engine) -> list[AuditEventRow]:
-    """The audit rows of ``engine``'s database, oldest first."""
+    """The exchanges' audit rows of ``engine``'s database, oldest first."""
     with Session(engine) as session:
-        return list(session.scalars(select(AuditEventRow).order_by(AuditEventRow.id)))
+        return list(
+            session.scalars(
+                select(AuditEventRow)
+                .where(AuditEventRow.decision.in_(EXCHANGES))
+                .order_by(AuditEventRow.id)
+            )
+        )
 
 
 class AuditDatabase:

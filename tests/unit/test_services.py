@@ -219,7 +219,11 @@ def test_close_writes_the_queued_audit_events(services: Services, sqlite_url: st
     engine = create_engine(sqlite_url)
     try:
         with engine.connect() as connection:
-            count = connection.scalar(select(func.count()).select_from(AuditEventRow))
+            count = connection.scalar(
+                select(func.count())
+                .select_from(AuditEventRow)
+                .where(AuditEventRow.subject == "alice")
+            )
     finally:
         engine.dispose()
     assert count == 1

@@ -41,10 +41,14 @@ def recorded(config: dict[str, Any], tmp_path: Path) -> Path:
 def test_tail_prints_the_newest_first_with_rfc3339_times(
     config: dict[str, Any], tmp_path: Path
 ) -> None:
-    result = run(recorded(config, tmp_path), "tail", "-n", "5")
+    result = run(recorded(config, tmp_path), "tail", "-n", "50")
 
     assert result.exit_code == 0, result.output
-    header, newest, oldest = result.stdout.splitlines()
+    header, *rows = result.stdout.splitlines()
+    # The key and policy changes that set the service up come first (newer); then the exchanges.
+    changes = [row for row in rows if row.split()[1] in ("key_generate", "policy_create")]
+    assert rows[: len(changes)] == changes
+    newest, oldest = rows[len(changes) :]
     assert header.split()[:3] == ["at", "decision", "error"]
     assert newest.startswith("2026-12-07T04:01:00.000Z  denied")
     assert oldest.startswith("2026-12-07T04:00:00.000Z  granted")
@@ -77,3 +81,28 @@ def test_search_refuses_a_time_without_a_zone(config: dict[str, Any], tmp_path: 
 
     assert result.exit_code == 2
     assert "has no time zone" in result.stderr
+
+
+def test_search_by_kind_change_lists_key_and_policy_changes_with_their_actor(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    config_file = recorded(config, tmp_path)
+    rotated = CliRunner().invoke(
+        main, ["--config", str(config_file), "keys", "rotate", "--actor", "ops", "--json"]
+    )
+    assert rotated.exit_code == 0, rotated.output
+
+    result = run(config_file, "search", "--kind", "change", "--json")
+
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert (found[0]["decision"], found[0]["kid"], found[0]["actor"]) == (
+        "key_rotate",
+        json.loads(rotated.stdout)["kid"],
+        "ops",
+    )
+    decisions = {row["decision"] for row in found}
+    assert decisions == {"key_rotate", "key_generate", "policy_create"}
+    assert {row["actor"] for row in found if row["decision"] == "policy_create"} == {"bootstrap"}
+    exchanges = json.loads(run(config_file, "search", "--kind", "exchange", "--json").stdout)
+    assert sorted(row["decision"] for row in exchanges) == [DENIED, GRANTED]

@@ -21,6 +21,7 @@ from sqlalchemy.orm import sessionmaker
 from sidecar.services import Services
 from sidecar.serving.common import MULTIPROCESS_ENV
 from sidecar.serving.gunicorn_conf import child_exit, post_worker_init, worker_exit
+from sidecar.store.audit_query import EXCHANGES
 from sidecar.store.db import make_engine
 from sidecar.store.models import AuditEventRow
 
@@ -115,7 +116,13 @@ def audit_errors(database_url: str) -> list[str | None]:
     engine = make_engine(database_url)
     try:
         with sessionmaker(engine)() as session:
-            return list(session.scalars(select(AuditEventRow.error).order_by(AuditEventRow.id)))
+            return list(
+                session.scalars(
+                    select(AuditEventRow.error)
+                    .where(AuditEventRow.decision.in_(EXCHANGES))
+                    .order_by(AuditEventRow.id)
+                )
+            )
     finally:
         engine.dispose()
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy import delete
 
 from sidecar.audit import DENIED, GRANTED, AuditEvent
 from sidecar.services import Services
 from sidecar.store.audit_query import AuditFilter, search
+from sidecar.store.models import AuditEventRow
 
 CODE = "https://code-search.internal/mcp"
 TICKETS = "https://tickets.internal/mcp"
@@ -23,6 +25,9 @@ def record(services: Services, *events: AuditEvent) -> None:
 
 @pytest.fixture
 def trail(services: Services) -> Services:
+    # Only these exchanges: not the policy changes that set the service up (test_changes.py).
+    with services.engine.begin() as connection:
+        connection.execute(delete(AuditEventRow))
     record(
         services,
         AuditEvent(at=1000.0, decision=GRANTED, client_id="gateway", subject="alice",
@@ -55,6 +60,8 @@ def test_the_newest_come_first_and_the_limit_holds(trail: Services) -> None:
         (AuditFilter(subject="alice"), [3000.0, 1000.0]),
         (AuditFilter(decision=DENIED), [2000.0]),
         (AuditFilter(jti="j-3"), [3000.0]),
+        (AuditFilter(kind="exchange"), [3000.0, 2000.0, 1000.0]),
+        (AuditFilter(kind="change"), []),
         (AuditFilter(audience=TICKETS), [3000.0, 2000.0]),
         (AuditFilter(audience="https://code-search.internal"), []),  # a prefix is no match
         (AuditFilter(client_id="gateway", decision=GRANTED, audience=CODE), [1000.0]),

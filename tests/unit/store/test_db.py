@@ -26,9 +26,11 @@ from sidecar.store.db import (
     is_sqlite,
     make_engine,
     make_sessionmaker,
+    observe_errors,
     ping,
 )
 from sidecar.store.models import LeaseRow
+from tests.launcher import free_port
 
 
 @pytest.fixture
@@ -274,3 +276,29 @@ def test_the_database_section_sets_the_pool_timeouts_and_tls() -> None:
         "sslmode": "verify-full",
         "sslrootcert": "/etc/sidecar/ca.pem",
     }
+
+
+def test_observe_errors_counts_a_failed_connection_by_kind() -> None:
+    seen: list[str] = []
+    engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none")
+    observe_errors(engine, seen.append)
+
+    with pytest.raises(exc.OperationalError):
+        ping(engine)
+
+    assert seen == ["OperationalError"]
+
+
+def test_observe_errors_does_not_count_a_constraint_violation(sqlite_engine: Engine) -> None:
+    seen: list[str] = []
+    observe_errors(sqlite_engine, seen.append)
+    with sqlite_engine.begin() as connection:
+        connection.execute(text("CREATE TABLE once (name TEXT PRIMARY KEY)"))
+        connection.execute(text("INSERT INTO once VALUES ('a')"))
+
+    with pytest.raises(exc.IntegrityError), sqlite_engine.begin() as connection:
+        connection.execute(text("INSERT INTO once VALUES ('a')"))
+    with pytest.raises(exc.OperationalError), sqlite_engine.begin() as connection:
+        connection.execute(text("SELECT * FROM no_such_table"))
+
+    assert seen == ["OperationalError"]
