@@ -30,6 +30,7 @@ from sidecar.store.keys import KeyStore
 from sidecar.store.models import PolicyRow
 from sidecar.store.notify import KEYS, POLICIES, ChangeListener, listen_conninfo
 from sidecar.store.policies import PolicyStore
+from sidecar.upstreams import ConfiguredUpstreams
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ class Services:
         # Started by start_background, on PostgreSQL only (sidecar.store.notify).
         self.listener: ChangeListener | None = None
         caches = settings.caches
+        self.upstreams = ConfiguredUpstreams.from_settings(settings)
         self.grant = TokenExchangeGrant(
+            upstreams=self.upstreams,
             issuer=settings.issuer,
             max_ttl=settings.tokens.max_ttl,
             leeway=settings.tokens.leeway,
@@ -163,6 +166,8 @@ class Services:
         self.policies.stop()
         self.keyring.stop()
         self.rate_limiter.close()
+        if self.upstreams is not None:
+            self.upstreams.close()
         self.audit.close()
         self.engine.dispose()
         if self.policies.report_loaded_at is not None:

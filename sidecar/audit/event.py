@@ -45,7 +45,7 @@ def granted_event(
     return AuditEvent(
         at=at,
         decision=GRANTED,
-        reason="reused a minted token" if granted.reused else None,
+        reason=_grant_reason(granted),
         client_id=client_id,
         scope=granted.response.scope,
         jti=granted.jti,
@@ -56,6 +56,12 @@ def granted_event(
         policies=" ".join(granted.policies) or None,
         **_facts(granted.facts),
     )
+
+
+def _grant_reason(granted: Granted) -> str | None:
+    if granted.upstream is not None:
+        return f"{granted.credential} credential of upstream {granted.upstream}"
+    return "reused a minted token" if granted.reused else None
 
 
 def denied_event(

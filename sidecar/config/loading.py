@@ -143,9 +143,39 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def read_upstreams_file(name: Any, config_dir: Path | None) -> list[Any]:
+    """The backend definitions of ``upstreams_file``: a JSON or YAML list, or a mapping with
+    that list under ``upstreams`` or ``backends``."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError("upstreams_file: must be a file path")
+    path = Path(name)
+    if not path.is_absolute():
+        path = (config_dir or Path(".")) / path
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+    except OSError as exc:
+        raise ConfigError(f"upstreams_file: cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"upstreams_file: {path} is not JSON or YAML text") from None
+    if isinstance(data, dict) and len(data) == 1:
+        data = data.get("upstreams", data.get("backends"))
+    if not isinstance(data, list):
+        raise ConfigError(
+            f"upstreams_file: {path} must hold a list of upstreams (or backends: [...])"
+        )
+    return data
+
+
 def settings_from_mapping(
     data: dict[str, Any], *, env: Mapping[str, str] | None = None, config_dir: Path | None = None
 ) -> Settings:
+    if data.get("upstreams_file") is not None:
+        # Read on every load (start-up and SIGHUP); its ${NAME}s are substituted below.
+        inline = data.get("upstreams") or []
+        if not isinstance(inline, list):
+            raise ConfigError("upstreams: must be a list")
+        imported = read_upstreams_file(data["upstreams_file"], config_dir)
+        data = {**data, "upstreams": [*inline, *imported]}
     data = substitute_env(data, os.environ if env is None else env, base_dir=config_dir)
     try:
         settings = Settings.model_validate({**data, "config_dir": config_dir or Path(".")})

@@ -27,6 +27,7 @@ from sidecar.config.deployment import (
     ServerConfig,
 )
 from sidecar.config.policies import PolicyConfig, validate_policies
+from sidecar.config.upstreams import ExtAuthzConfig, UpstreamConfig, check_upstreams
 from sidecar.exchange.request import TOKEN_EXCHANGE_GRANT
 
 
@@ -266,6 +267,11 @@ class Settings(StrictModel):
     trusted_issuers: list[TrustedIssuerConfig] = Field(min_length=1)
     clients: list[ClientConfig] = Field(min_length=1)
     policies: list[PolicyConfig] = Field(default_factory=list)
+    # Credentials of upstreams that do not trust our JWKS (policies' credential static or
+    # client_credentials); upstreams_file adds backend definitions from a JSON or YAML file.
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    upstreams_file: Path | None = None
+    ext_authz: ExtAuthzConfig | None = None
     # How often every worker re-reads the policy table (seconds): the bound on how long a
     # policy change takes to reach every worker of every replica.
     policy_refresh_interval: Duration = 5.0
@@ -331,6 +337,14 @@ class Settings(StrictModel):
         if named and self.kubernetes is None:
             raise ValueError("clients with kubernetes_service_account need a kubernetes: issuer")
         refuse_duplicates("clients[].kubernetes_service_account", named)
+        check_upstreams(self.upstreams)
+        if self.ext_authz is not None:
+            if self.ext_authz.client_id not in {c.client_id for c in self.clients}:
+                raise ValueError("ext_authz.client_id is not one of the configured clients")
+            ports = [self.admin.listen_port if self.admin else None]
+            ports.append(self.management.listen_port if self.management else None)
+            if parse_listen(self.ext_authz.listen)[1] in ports:
+                raise ValueError("ext_authz.listen must use a port of its own")
         validate_policies(self.policies, self)
         return self
 

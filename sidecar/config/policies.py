@@ -4,7 +4,7 @@ twice, enabled policies that could match the same request)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
@@ -66,6 +66,11 @@ class PolicyConfig(StrictModel):
     reuse_tokens: bool = True
     # Claims copied from the verified subject token into the minted token (an allowlist).
     copy_claims: list[str] = Field(default_factory=list)
+    # What the client gets for the audience: our own token (mint), the upstream's static API
+    # key (static), or a token from the upstream's own authorization server
+    # (client_credentials); the last two name a configured `upstreams:` entry.
+    credential: Literal["mint", "static", "client_credentials"] = "mint"
+    upstream: str | None = Field(default=None, min_length=1, max_length=64)
 
     @field_validator("scopes", "default_scopes")
     @classmethod
@@ -94,6 +99,14 @@ class PolicyConfig(StrictModel):
         outside = set(self.default_scopes) - set(self.scopes)
         if outside:
             raise ValueError(f"default_scopes {sorted(outside)} are not in scopes")
+        return self
+
+    @model_validator(mode="after")
+    def _credential_has_its_upstream(self) -> PolicyConfig:
+        if self.credential == "mint" and self.upstream is not None:
+            raise ValueError("upstream is only for credential static or client_credentials")
+        if self.credential != "mint" and self.upstream is None:
+            raise ValueError(f"credential {self.credential} needs an upstream (one of upstreams)")
         return self
 
     @model_validator(mode="after")
@@ -128,6 +141,8 @@ class PolicyConfig(StrictModel):
             require_subject_scopes=self.require_subject_scopes,
             reuse_tokens=self.reuse_tokens,
             copy_claims=tuple(self.copy_claims),
+            credential=self.credential,
+            upstream=self.upstream,
             issuer=self.issuer,
             conditions=tuple(
                 self.subject[claim].to_condition(claim) for claim in sorted(self.subject)
@@ -146,6 +161,7 @@ def check_policy_set(policies: list[Policy], settings: Settings) -> None:
     the same request."""
     client_ids = {c.client_id for c in settings.clients}
     issuers = {i.issuer for i in settings.trusted_issuers}
+    upstreams = {u.name: u for u in settings.upstreams}
     seen: dict[str, int] = {}
     for index, policy in enumerate(policies):
         where = f"policies[{index}] ({policy.name})"
@@ -153,6 +169,15 @@ def check_policy_set(policies: list[Policy], settings: Settings) -> None:
             raise ValueError(f"{where}: client_id is not one of the configured clients")
         if policy.issuer is not None and policy.issuer not in issuers:
             raise ValueError(f"{where}: issuer is not one of the trusted_issuers")
+        if policy.upstream is not None:
+            upstream = upstreams.get(policy.upstream)
+            if upstream is None:
+                raise ValueError(f"{where}: upstream {policy.upstream} is not in upstreams")
+            if upstream.mode != policy.credential:
+                raise ValueError(
+                    f"{where}: credential {policy.credential} does not fit upstream "
+                    f"{policy.upstream}, whose credentials are {upstream.credentials.type}"
+                )
         if policy.ttl > settings.tokens.max_ttl:
             raise ValueError(f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl")
         if policy.name in seen:

@@ -24,11 +24,22 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.errors import ProtocolError
+from sidecar.errors import (
+    InvalidRequestError,
+    InvalidTargetError,
+    ProtocolError,
+    TemporarilyUnavailableError,
+)
 from sidecar.exchange.caches import MintedKey, MintedToken, MintedTokenCache, SubjectTokenCache
 from sidecar.exchange.claims import build_claims, check_may_act
-from sidecar.exchange.policy import Decision, PolicySet, decide
-from sidecar.exchange.request import FormParams, TokenExchangeRequest, parse_token_exchange
+from sidecar.exchange.credentials import UpstreamCredentials
+from sidecar.exchange.policy import MINT, Decision, PolicySet, decide
+from sidecar.exchange.request import (
+    ACCESS_TOKEN_TYPE,
+    FormParams,
+    TokenExchangeRequest,
+    parse_token_exchange,
+)
 from sidecar.exchange.subject import (
     IssuerDirectory,
     VerifiedToken,
@@ -46,15 +57,20 @@ class TokenResponse:
     issued_token_type: str
     expires_in: int
     scope: str
+    token_type: str = "Bearer"
+    credential_header: str | None = None  # an API key sent in a header of its own (N_A)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        body = {
             "access_token": self.access_token,
             "issued_token_type": self.issued_token_type,
-            "token_type": "Bearer",
+            "token_type": self.token_type,
             "expires_in": self.expires_in,
             "scope": self.scope,
         }
+        if self.credential_header is not None:
+            body["credential_header"] = self.credential_header
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +88,13 @@ class Facts:
 class Granted:
     response: TokenResponse
     facts: Facts
-    jti: str
-    kid: str
+    jti: str | None  # None: an upstream's own credential, not a token of ours
+    kid: str | None
     expires_at: int
     reused: bool  # a still-fresh token minted earlier for the same request (caches.minted_tokens)
     policies: tuple[str, ...] = ()  # the granting policies, "name@version"
+    credential: str = MINT  # mint, or the upstream credential's mode
+    upstream: str | None = None  # the upstream whose own credential was handed out
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +144,10 @@ class TokenExchangeGrant:
         signer: TokenSigner | None = None,
         subject_cache: SubjectTokenCache | None = None,
         minted_cache: MintedTokenCache | None = None,
+        upstreams: UpstreamCredentials | None = None,
     ) -> None:
         self._issuer = issuer
+        self._upstreams = upstreams
         self._max_ttl = max_ttl
         self._leeway = leeway
         self._issuers = issuers
@@ -211,6 +231,8 @@ class TokenExchangeGrant:
                 policies=policies,
                 now=int(now),
             )
+            if decision.credential != MINT:
+                return self._hand_out(request, decision, int(now), facts, policies)
             cache_key: MintedKey = (
                 client_id,
                 subject_digest,
@@ -304,6 +326,52 @@ class TokenExchangeGrant:
             claims["exp"],
             reused=False,
             policies=granted_by,
+        )
+
+    def _hand_out(
+        self,
+        request: TokenExchangeRequest,
+        decision: Decision,
+        now: int,
+        facts: Facts,
+        policies: PolicySet,
+    ) -> Granted:
+        """The upstream's own credential (static or client_credentials) for the decision."""
+        if request.requested_token_type != ACCESS_TOKEN_TYPE:
+            raise InvalidRequestError(
+                "The requested token type is not available for this audience.",
+                reason=f"requested_token_type is not issued for {decision.credential} audiences",
+            )
+        if self._upstreams is None or decision.upstream is None:
+            raise InvalidTargetError(reason="no upstream credentials are configured")
+        issued = self._upstreams.credential(
+            decision.upstream, decision.scopes, decision.audiences[0]
+        )
+        lifetime = decision.lifetime
+        if issued.expires_in is not None:
+            lifetime = min(lifetime, issued.expires_in)
+        if lifetime <= 0:
+            raise TemporarilyUnavailableError(
+                reason=f"upstream {decision.upstream}: its token expires too soon"
+            )
+        response = TokenResponse(
+            access_token=issued.access_token,
+            issued_token_type=issued.issued_token_type,
+            expires_in=lifetime,
+            scope=issued.scope or " ".join(decision.scopes),
+            token_type=issued.token_type,
+            credential_header=issued.header,
+        )
+        return Granted(
+            response,
+            facts,
+            None,
+            None,
+            now + lifetime,
+            reused=False,
+            policies=_versions(decision, policies),
+            credential=decision.credential,
+            upstream=decision.upstream,
         )
 
 

@@ -21,6 +21,8 @@ from sidecar.exchange.subject import VerifiedToken
 
 Operator = Literal["equals", "one_of", "contains"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Credential modes (the policy's ``credential``).
+MINT, STATIC, CLIENT_CREDENTIALS = "mint", "static", "client_credentials"
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -115,6 +117,10 @@ class Policy:
     # Whether a still-fresh token minted under this policy may be handed out again for an
     # identical request (caches.minted_tokens); off for an upstream that takes each jti once.
     reuse_tokens: bool = True
+    # What the client gets: "mint" (our own token), "static" or "client_credentials" (the
+    # credential of the configured upstream named by ``upstream``).
+    credential: str = MINT
+    upstream: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -175,6 +181,8 @@ class Decision:
     lifetime: int  # seconds
     copy_claims: tuple[str, ...]
     policies: tuple[Policy, ...]
+    credential: str = MINT
+    upstream: str | None = None  # for static and client_credentials
 
     @property
     def reuse_tokens(self) -> bool:
@@ -240,6 +248,13 @@ def decide(
     policy and the rule that refused (for the audit trail and ``policy explain``, never the
     client)."""
     matched = [_policy_for(client_id, target, subject, policies) for target in targets]
+    credential, upstream = matched[0].credential, matched[0].upstream
+    if len(matched) > 1 and any(p.credential != MINT for p in matched):
+        # One credential of an upstream's own is good for that upstream alone.
+        names = ", ".join(p.name for p in matched if p.credential != MINT)
+        raise InvalidTargetError(
+            reason=f"policy {names}: an upstream credential is issued for its audience alone"
+        )
     scopes = _narrow_scopes(requested_scopes, matched, subject)
     # Lifetime = min(policy TTL, global maximum, the subject token's remaining lifetime):
     # a minted token never outlives the token it was exchanged for.
@@ -257,6 +272,8 @@ def decide(
         lifetime=lifetime,
         copy_claims=copy_claims,
         policies=tuple(matched),
+        credential=credential,
+        upstream=upstream,
     )
 
 

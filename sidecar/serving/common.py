@@ -91,14 +91,21 @@ def admin_app() -> Any:
     return build_app(worker_settings(), "admin")
 
 
+def ext_authz_app() -> Any:
+    """granian's factory for ``ext_authz.listen`` (Envoy's authorization checks)."""
+    return build_app(worker_settings(), "ext_authz")
+
+
 def extra_listeners(settings: Settings) -> list[tuple[str, str]]:
-    """The listeners beside the gateway's, as (kind, HOST:PORT): the admin API's and the
-    management listener, when configured."""
+    """The listeners beside the gateway's, as (kind, HOST:PORT): the admin API's, the
+    management listener and Envoy's ext_authz listener, when configured."""
     found = []
     if settings.admin is not None and settings.admin.listen:
         found.append(("admin", settings.admin.listen))
     if settings.management is not None:
         found.append(("management", settings.management.listen))
+    if settings.ext_authz is not None:
+        found.append(("ext_authz", settings.ext_authz.listen))
     return found
 
 

@@ -44,6 +44,8 @@ class PolicyRow(Base):
     require_subject_scopes: Mapped[bool] = mapped_column(Boolean)
     reuse_tokens: Mapped[bool] = mapped_column(Boolean, server_default=true())
     copy_claims: Mapped[str] = mapped_column(Text)  # JSON list
+    credential: Mapped[str] = mapped_column(String(32), server_default="mint")
+    upstream: Mapped[str | None] = mapped_column(String(64), nullable=True)
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[float] = mapped_column(Float)
     updated_by: Mapped[str] = mapped_column(String(255))

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.config import PolicyConfig, format_validation_error
 from sidecar.exchange.policy import Condition, Policy, PolicySet
+from sidecar.store.changes import record_policy_change
 from sidecar.store.db import hold_lease
 from sidecar.store.models import PolicyRow, PolicyVersionRow
 from sidecar.store.notify import POLICIES, notify_change
@@ -75,6 +76,8 @@ def policy_document(policy: Policy) -> dict[str, Any]:
         reuse_tokens=policy.reuse_tokens,
         copy_claims=list(policy.copy_claims),
     )
+    if policy.credential != "mint":
+        document.update(credential=policy.credential, upstream=policy.upstream)
     return document
 
 
@@ -99,6 +102,8 @@ def _from_row(row: PolicyRow) -> Policy:
         require_subject_scopes=row.require_subject_scopes,
         reuse_tokens=row.reuse_tokens,
         copy_claims=tuple(json.loads(row.copy_claims)),
+        credential=row.credential,
+        upstream=row.upstream,
         issuer=row.issuer,
         conditions=tuple(
             Condition(c["claim"], c["operator"], tuple(c["values"]))
@@ -125,6 +130,8 @@ def _write_row(row: PolicyRow, policy: Policy) -> None:
     row.require_subject_scopes = policy.require_subject_scopes
     row.reuse_tokens = policy.reuse_tokens
     row.copy_claims = json.dumps(list(policy.copy_claims))
+    row.credential = policy.credential
+    row.upstream = policy.upstream
 
 
 @dataclass
@@ -368,10 +375,11 @@ class PolicyStore:
     def _update(
         self, session: Session, row: PolicyRow, policy: Policy, actor: str, action: str
     ) -> None:
+        before = _from_row(row)
         _write_row(row, policy)
         row.version = self._next_version(session, policy.name)
         row.updated_at, row.updated_by = self._clock(), actor
-        self._record(session, policy, row.version, action, actor)
+        self._record(session, policy, row.version, action, actor, before)
 
     def _delete(self, session: Session, row: PolicyRow, actor: str) -> None:
         policy = _from_row(row)
@@ -379,8 +387,16 @@ class PolicyStore:
         session.delete(row)
 
     def _record(
-        self, session: Session, policy: Policy, version: int, action: str, actor: str
+        self,
+        session: Session,
+        policy: Policy,
+        version: int,
+        action: str,
+        actor: str,
+        before: Policy | None = None,
     ) -> None:
+        """The history row, and the change's row in the audit trail (same transaction)."""
+        now = self._clock()
         session.add(
             PolicyVersionRow(
                 name=policy.name,
@@ -389,9 +405,23 @@ class PolicyStore:
                 version=version,
                 action=action,
                 document=json.dumps(policy_document(policy)),
-                changed_at=self._clock(),
+                changed_at=now,
                 changed_by=actor,
             )
+        )
+        reason = None
+        if before is not None and before.enabled != policy.enabled:
+            reason = "enabled" if policy.enabled else "disabled"
+        record_policy_change(
+            session,
+            at=now,
+            action=action,
+            actor=actor,
+            name=policy.name,
+            version=version,
+            client_id=policy.client_id,
+            audience=policy.audience,
+            reason=reason,
         )
 
 

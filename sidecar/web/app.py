@@ -17,13 +17,16 @@ from werkzeug.exceptions import HTTPException
 
 from sidecar.audit import AuditEvent
 from sidecar.config import Settings
+from sidecar.config.common import parse_listen
 from sidecar.errors import (
     ProtocolError,
 )
 from sidecar.exchange.request import MAX_BODY_BYTES, TOKEN_EXCHANGE_GRANT
 from sidecar.metrics import KeyringCollector, Metrics
 from sidecar.services import Services
+from sidecar.store.db import observe_errors
 from sidecar.web.admin import admin_blueprint
+from sidecar.web.ext_authz import ExtAuthzEndpoint
 from sidecar.web.responses import (
     NO_STORE,
     json_response,
@@ -104,6 +107,7 @@ def create_app(
             cache.stats.observe = metrics.cache_observer(name)
     services.audit.observe_pending = metrics.audit_queue.set
     services.audit.observe_failure = metrics.audit_write_failures.inc
+    observe_errors(services.engine, lambda kind: metrics.database_errors.labels(kind).inc())
     services.issuers.observe_fetches(
         lambda issuer, outcome: metrics.jwks_fetches.labels(issuer, outcome).inc()
     )
@@ -168,8 +172,11 @@ def create_app(
         # content_type, not mimetype: werkzeug would append a second charset parameter.
         return Response(metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
+    ext_authz = None
+    if settings.ext_authz is not None:
+        ext_authz = ExtAuthzEndpoint(services, endpoint, settings.ext_authz)
     app.wsgi_app = TokenRouter(  # type: ignore[method-assign]
-        endpoint, app.wsgi_app, listener_of=listener_of
+        endpoint, app.wsgi_app, listener_of=listener_of, ext_authz=ext_authz
     )
     return app
 
@@ -199,6 +206,8 @@ def listener_classifier(settings: Settings, listener: str) -> Callable[[dict[str
         ports[settings.admin.listen_port] = "admin"
     if settings.management is not None:
         ports[settings.management.listen_port] = "management"
+    if settings.ext_authz is not None:
+        ports[parse_listen(settings.ext_authz.listen)[1]] = "ext_authz"
     if not ports:
         return lambda environ: "gateway"
     return lambda environ: ports.get(_local_port(environ) or 0, "gateway")

@@ -72,17 +72,46 @@ class TokenEndpoint:
         except Exception as exc:
             log_unexpected(exc)
             outcome = Refused(ServerError(reason=type(exc).__name__), Facts())
+        outcome = self.settle(outcome, client_id, at, started)
+        if isinstance(outcome, Granted):
+            status, headers, body = token_answer(outcome.response.as_dict())
+        else:
+            status, headers, body = error_answer(outcome.error)
+        start_response(STATUS_LINES[status], headers)
+        self._latency.observe(time.perf_counter() - started)
+        return [body]
+
+    def exchange_as(self, client: Client, params: FormParams, at: float, started: float) -> Outcome:
+        """The exchange for a client already known (the ext_authz listener's), under the same
+        rate limit, grant-type check, policies and audit as ``/token``."""
+        outcome: Outcome
+        try:
+            self._admit(client)
+            outcome = self._services.grant.exchange(
+                client.client_id,
+                params,
+                policies=self._services.policies.get(),
+                signing_key=self._services.signing_key(),
+                now=at,
+            )
+        except ProtocolError as exc:
+            outcome = Refused(exc, Facts())
+        except Exception as exc:
+            log_unexpected(exc)
+            outcome = Refused(ServerError(reason=type(exc).__name__), Facts())
+        return self.settle(outcome, client.client_id, at, started)
+
+    def settle(self, outcome: Outcome, client_id: str | None, at: float, started: float) -> Outcome:
+        """Record the outcome (audit trail, metrics); a grant that cannot be recorded becomes a
+        refusal, and no credential is sent."""
         request_id = logs.REQUEST_ID.get()
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         if isinstance(outcome, Granted):
+            assert client_id is not None
             try:
                 self._audit.record(
                     granted_event(
-                        at,
-                        client.client_id,
-                        outcome,
-                        request_id=request_id,
-                        latency_ms=latency_ms,
+                        at, client_id, outcome, request_id=request_id, latency_ms=latency_ms
                     )
                 )
             except ProtocolError as exc:  # the grant could not be recorded: no token is sent
@@ -91,23 +120,19 @@ class TokenEndpoint:
                 log_unexpected(exc)
                 outcome = Refused(ServerError(reason=type(exc).__name__), outcome.facts)
         if isinstance(outcome, Granted):
-            status, headers, body = token_answer(outcome.response.as_dict())
             self._granted.inc()
-        else:
-            self._deny(
-                denied_event(
-                    at,
-                    client_id,
-                    outcome.error,
-                    outcome.facts,
-                    request_id=request_id,
-                    latency_ms=latency_ms,
-                )
+            return outcome
+        self._deny(
+            denied_event(
+                at,
+                client_id,
+                outcome.error,
+                outcome.facts,
+                request_id=request_id,
+                latency_ms=latency_ms,
             )
-            status, headers, body = error_answer(outcome.error)
-        start_response(STATUS_LINES[status], headers)
-        self._latency.observe(time.perf_counter() - started)
-        return [body]
+        )
+        return outcome
 
     def _deny(self, event: AuditEvent) -> None:
         try:
@@ -187,7 +212,8 @@ class TokenEndpoint:
 
 class TokenRouter:
     """The WSGI entry point: ``POST /token`` on the gateway's listener to
-    :class:`TokenEndpoint`, the rest to Flask (which answers only /admin on the admin listener
+    :class:`TokenEndpoint`, everything on the ext_authz listener to Envoy's check endpoint, the
+    rest to Flask (which answers only /admin on the admin listener
     and only the management paths on the management listener)."""
 
     def __init__(
@@ -196,10 +222,12 @@ class TokenRouter:
         flask_app: WsgiApp,
         *,
         listener_of: Callable[[dict[str, Any]], str],
+        ext_authz: WsgiApp | None = None,
     ) -> None:
         self._token = token
         self._flask = flask_app
         self._listener_of = listener_of
+        self._ext_authz = ext_authz
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         # Every request has an id: the client's X-Request-ID when it is a short token, else a
@@ -210,10 +238,14 @@ class TokenRouter:
         def answer(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
             return start_response(status, [*headers, (logs.REQUEST_ID_HEADER, request_id)], *args)
 
+        listener = self._listener_of(environ)
         if (
             environ.get("PATH_INFO") == "/token"
             and environ.get("REQUEST_METHOD") == "POST"
-            and self._listener_of(environ) == "gateway"
+            and listener == "gateway"
         ):
             return self._token(environ, answer)
+        if listener == "ext_authz" and self._ext_authz is not None:
+            # Every method and path: Envoy checks each request as it came.
+            return self._ext_authz(environ, answer)
         return self._flask(environ, answer)

@@ -27,6 +27,11 @@ LAYERS: dict[str, int] = {
     "sidecar.metrics": 3,
     "sidecar.demo": 3,
     "sidecar.logs": 3,
+    "sidecar.upstream_tokens": 3,
+    "sidecar.upstreams": 3,
+    # For gateways and upstreams: standalone (they import no other sidecar module).
+    "sidecar.client": 0,
+    "sidecar.verify": 0,
     "sidecar.services": 4,
     "sidecar.web": 5,
     "sidecar.serving": 6,

@@ -3,16 +3,20 @@ the SQLAlchemy models describe."""
 
 from __future__ import annotations
 
+import multiprocessing
+from typing import Any
+
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, UniqueConstraint, inspect, text
+from sqlalchemy import Engine, UniqueConstraint, create_engine, inspect, text
 
 from sidecar.store import migrate
 from sidecar.store.db import make_sessionmaker
 from sidecar.store.models import Base
 from sidecar.store.policies import PolicyStore
-from tests.conftest import CODE_SEARCH, FakeClock
+from tests.conftest import CODE_SEARCH, FakeClock, fresh_postgres_database
 
 
 def test_upgrade_of_an_empty_database_reaches_head(empty_engine: Engine) -> None:
@@ -130,6 +134,7 @@ def test_migration_0003_gives_existing_policies_reuse_tokens_true(empty_engine: 
     with empty_engine.connect() as connection:
         [reuse] = connection.scalars(text("SELECT reuse_tokens FROM policies")).all()
     assert bool(reuse) is True
+    migrate.upgrade(empty_engine)  # the code reads and writes the newest schema
     store = PolicyStore(make_sessionmaker(empty_engine), FakeClock(1_800_000_000.0))
     [loaded] = list(store.load())
     assert loaded.reuse_tokens is True
@@ -172,6 +177,7 @@ MIGRATION_FILES = (
     "0002_policy_names_conditions",
     "0003_policy_reuse_tokens",
     "0004_audit_operations",
+    "0005_policy_credentials",
 )
 
 
@@ -199,3 +205,60 @@ def test_migration_0004_adds_the_audit_columns_and_indexes(empty_engine: Engine)
     indexes = {tuple(i["column_names"]) for i in inspector.get_indexes("audit_events")}
     assert {"request_id", "latency_ms", "policies"} <= columns
     assert {("at",), ("jti",), ("subject",), ("client_id",)} <= indexes
+
+
+def _upgrade_after(url: str, barrier: Any, outcomes: Any) -> None:
+    """In a child process: migrate ``url`` as soon as every sibling is ready too."""
+    from sidecar.store.db import make_engine
+
+    engine = make_engine(url)
+    barrier.wait(timeout=30)
+    try:
+        migrate.upgrade(engine)
+        outcomes.put("ok")
+    except Exception as exc:  # the parent asserts on it
+        outcomes.put(type(exc).__name__)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_three_processes_migrating_a_new_postgres_database_at_once_all_succeed() -> None:
+    # Released by one barrier, without the advisory lock two of the three fail with a
+    # UniqueViolation on PostgreSQL's catalog (both create alembic_version).
+    context = multiprocessing.get_context("spawn")
+    with fresh_postgres_database("sidecar_migrate_race") as url:
+        barrier, outcomes = context.Barrier(3), context.Queue()
+        processes = [
+            context.Process(target=_upgrade_after, args=(url, barrier, outcomes)) for _ in range(3)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            results = [outcomes.get(timeout=120) for _ in processes]
+        finally:
+            for process in processes:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
+        assert results == ["ok", "ok", "ok"]
+        engine = create_engine(url)
+        try:
+            assert migrate.current_revision(engine) == migrate.head_revision()
+        finally:
+            engine.dispose()
+
+
+def test_migration_0005_keeps_existing_policies_minting(empty_engine: Engine) -> None:
+    migrate_to(empty_engine, "0002")
+    insert_0002_policy(empty_engine)
+
+    migrate.upgrade(empty_engine)
+
+    store = PolicyStore(make_sessionmaker(empty_engine), FakeClock(1_800_000_000.0))
+    [loaded] = list(store.load())
+    assert (loaded.credential, loaded.upstream) == ("mint", None)
+    migrate_to(empty_engine, "0004", down=True)
+    with empty_engine.connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("policies")}
+    assert "credential" not in columns
