@@ -84,5 +84,8 @@ def explain(
         scope=list(decision.scopes),
         lifetime=decision.lifetime,
         copied_claims=[name for name in decision.copy_claims if name in verified.claims],
+        credential=decision.credential,
     )
+    if decision.upstream is not None:
+        result["upstream"] = decision.upstream
     return result

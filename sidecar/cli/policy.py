@@ -43,10 +43,14 @@ def policy_list(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(documents, indent=2))
         return
-    headers = ["name", "client_id", "audience", "subject", "scopes", "default", "ttl", "enabled"]
+    headers = [
+        "name", "client_id", "audience", "subject", "scopes", "default", "ttl", "enabled",
+        "credential",
+    ]  # fmt: skip
     rows = [
         [d["name"], d["client_id"], d["audience"], _conditions(d), " ".join(d["scopes"]),
-         " ".join(d["default_scopes"]), str(d["ttl"]), "yes" if d["enabled"] else "no"]
+         " ".join(d["default_scopes"]), str(d["ttl"]), "yes" if d["enabled"] else "no",
+         f"{d['credential']} ({d['upstream']})" if "upstream" in d else "mint"]
         for d in documents
     ]  # fmt: skip
     table(rows, headers)

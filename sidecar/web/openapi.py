@@ -203,6 +203,15 @@ ADMIN_OPENAPI: dict[str, Any] = {
                         "description": "False: a minted token is never handed out again.",
                     },
                     "copy_claims": {"type": "array", "items": {"type": "string"}},
+                    "credential": {
+                        "enum": ["mint", "static", "client_credentials"],
+                        "default": "mint",
+                        "description": "What the client gets: our token, or the upstream's own.",
+                    },
+                    "upstream": {
+                        "type": "string",
+                        "description": "For static and client_credentials: an upstreams: name.",
+                    },
                     "version": {"type": "integer", "readOnly": True},
                 },
             },

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "sidecar.web": 5,
     "sidecar.serving": 6,
     "sidecar.cli": 6,
+    "sidecar.walkthrough": 6,
     "sidecar.__main__": 6,
 }
 # The protocol core does no I/O: none of these, whatever layer they would sit in.

@@ -4,6 +4,7 @@ that name the key path."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -1024,3 +1025,97 @@ def test_a_default_name_too_long_to_store_is_refused(tmp_path: Path) -> None:
 
     named = load(tmp_path, with_policy(audience=audience, name="long upstream"))
     assert named.policies[0].to_policy().name == "long upstream"
+
+
+# --- upstream credentials (upstreams:, upstreams_file:, policies' credential) -------------------
+
+VENDOR = "https://api.vendor.example/mcp"
+BACKENDS = [
+    {
+        "name": "vendor",
+        "url": VENDOR,
+        "credentials": {"type": "bearer", "token": "${VENDOR_API_KEY}"},
+    }
+]
+
+
+def vendor_policy(**changes: Any) -> dict[str, Any]:
+    policy: dict[str, Any] = {
+        "client_id": "gateway",
+        "audience": VENDOR,
+        "scopes": ["vendor.read"],
+        "credential": "static",
+        "upstream": "vendor",
+    }
+    policy.update(changes)
+    return policy
+
+
+@pytest.mark.parametrize("shape", ["list", "backends", "upstreams"])
+def test_backend_definitions_are_imported_from_upstreams_file(tmp_path: Path, shape: str) -> None:
+    document: Any = BACKENDS if shape == "list" else {shape: BACKENDS}
+    (tmp_path / "backends.json").write_text(json.dumps(document))
+
+    settings = load(
+        tmp_path,
+        config(upstreams_file="backends.json", policies=[vendor_policy()]),
+        env={"VENDOR_API_KEY": "vk-123"},
+    )
+
+    [vendor] = settings.upstreams
+    assert (vendor.name, vendor.url, vendor.mode) == ("vendor", VENDOR, "static")
+    assert vendor.credentials.token.get_secret_value() == "vk-123"  # type: ignore[union-attr]
+    assert "vk-123" not in repr(settings)
+
+
+def test_inline_upstreams_and_the_file_add_up_and_a_name_twice_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "backends.json").write_text(json.dumps(BACKENDS))
+
+    message = refused(
+        tmp_path,
+        config(upstreams_file="backends.json", upstreams=BACKENDS),
+        env={"VENDOR_API_KEY": "vk"},
+    )
+
+    assert "upstreams" in message
+    assert "vk" not in message.replace("vendor", "")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read"),
+        ("{not json", "not JSON or YAML"),
+        ('{"name": "x"}', "must hold a list"),
+    ],
+)
+def test_an_unusable_upstreams_file_names_the_key(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
+    if content is not None:
+        (tmp_path / "backends.json").write_text(content)
+
+    message = refused(tmp_path, config(upstreams_file="backends.json"))
+
+    assert message.startswith("upstreams_file:")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (vendor_policy(upstream="nowhere"), "upstream nowhere is not in upstreams"),
+        (vendor_policy(credential="client_credentials"), "does not fit upstream vendor"),
+        (vendor_policy(upstream=None), "needs an upstream"),
+        (vendor_policy(credential="mint"), "upstream is only for credential"),
+        (vendor_policy(credential="api_key"), "credential"),
+    ],
+)
+def test_a_policy_credential_must_fit_a_configured_upstream(
+    tmp_path: Path, policy: dict[str, Any], expected: str
+) -> None:
+    message = refused(
+        tmp_path, config(upstreams=BACKENDS, policies=[policy]), env={"VENDOR_API_KEY": "vk"}
+    )
+
+    assert expected in message
