@@ -196,6 +196,13 @@ class Metrics:
             ["issuer", "outcome"],
             registry=self.registry,
         )
+        self.upstream_token_fetches = Counter(
+            "sidecar_upstream_token_fetches",
+            "Token requests to an upstream's own authorization server (credential "
+            "client_credentials), by upstream and outcome (ok or failed).",
+            ["upstream", "outcome"],
+            registry=self.registry,
+        )
         self.audit_write_failures = Counter(
             "sidecar_audit_write_failures",
             "Audit batches the database refused (retried; grants are refused meanwhile).",

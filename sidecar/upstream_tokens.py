@@ -116,6 +116,8 @@ class ClientCredentialsSource:
         self._in_flight: dict[CacheKey, Future[UpstreamToken]] = {}
         self._generation = 0  # bumped by clear(): a fetch begun before it is not cached
         self._warned_no_lifetime = False
+        # Called with "ok" or "failed" after each fetch from the authorization server (metrics).
+        self.observe: Callable[[str], None] | None = None
         s = settings
         # A waiter gives up once the fetch it waits for must have ended: every attempt timed
         # out and every wait between them was the longest it can be.
@@ -158,6 +160,7 @@ class ClientCredentialsSource:
         try:
             token, usable_until = self._fetch(*key)
         except BaseException as exc:
+            self._observe("failed")
             with self._lock:
                 del self._in_flight[key]
             # Waiters share the leader's error; an unexpected one still reaches them as a 503.
@@ -168,6 +171,7 @@ class ClientCredentialsSource:
                 )
             future.set_exception(shared)
             raise
+        self._observe("ok")
         with self._lock:
             if generation == self._generation:
                 self._cache[key] = (token, usable_until)
@@ -177,6 +181,13 @@ class ClientCredentialsSource:
             del self._in_flight[key]
         future.set_result(token)
         return token
+
+    def _observe(self, outcome: str) -> None:
+        if self.observe is not None:
+            try:
+                self.observe(outcome)
+            except Exception:  # a metric never fails a token request
+                log.exception("upstream %s: observer failed", self.settings.name)
 
     def _fetch(self, scopes: tuple[str, ...], target: str | None) -> Fetched:
         s = self.settings

@@ -5,6 +5,7 @@ sidecar's client credentials (:mod:`sidecar.upstream_tokens`: cached, single-fli
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -78,6 +79,12 @@ class ConfiguredUpstreams:
             expires_in=int(token.expires_at - self._clock()),
             scope=token.scope,
         )
+
+    def observe_fetches(self, observe: Callable[[str, str], None]) -> None:
+        """Call ``observe(upstream, outcome)`` after each fetch from an upstream's
+        authorization server (``ok`` or ``failed``)."""
+        for name, source in self._sources.items():
+            source.observe = functools.partial(observe, name)
 
     def close(self) -> None:
         for source in self._sources.values():

@@ -108,6 +108,10 @@ def create_app(
     services.audit.observe_pending = metrics.audit_queue.set
     services.audit.observe_failure = metrics.audit_write_failures.inc
     observe_errors(services.engine, lambda kind: metrics.database_errors.labels(kind).inc())
+    if services.upstreams is not None:
+        services.upstreams.observe_fetches(
+            lambda upstream, outcome: metrics.upstream_token_fetches.labels(upstream, outcome).inc()
+        )
     services.issuers.observe_fetches(
         lambda issuer, outcome: metrics.jwks_fetches.labels(issuer, outcome).inc()
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -441,3 +442,17 @@ def test_secrets_in_the_config_never_reach_the_policy_table(sidecar: Served) -> 
     for secret in (VENDOR_KEY, HEADER_KEY, UPSTREAM_SECRET):
         assert secret not in dump
     assert "tickets-saas" in dump  # the policies name the upstream
+
+
+def test_upstream_token_fetches_are_counted_by_outcome(sidecar: Served) -> None:
+    # After the tests above: fetches that succeeded and fetches that failed, over both workers.
+    scraped = requests.get(f"{sidecar.url}/metrics", timeout=10).text
+    counts = {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "sidecar_upstream_token_fetches_total"
+        and sample.labels["upstream"] == "tickets-saas"
+    }
+    assert counts["ok"] >= 3
+    assert counts["failed"] >= 4
