@@ -160,6 +160,7 @@ class _JwksCache:
     algorithms: frozenset[str]
     refresh_interval: float
     cache_ttl: float
+    max_stale: float
     timeout: float
     session: requests.Session
     clock: Callable[[], float]
@@ -175,6 +176,9 @@ class _JwksCache:
                     self._refresh()
         if self.fetched_at is None:
             raise JwksUnavailable("no JWKS fetched")
+        if self.clock() - self.fetched_at > self.max_stale:
+            # Fail closed: a key retired (or compromised) meanwhile must not verify for ever.
+            raise JwksUnavailable("JWKS older than max_stale")
         return self.keys.get(kid)
 
     def _expired(self) -> bool:
@@ -254,6 +258,7 @@ class TokenVerifier:
         required_claims: Iterable[str] = RFC9068_CLAIMS,
         refresh_interval: float = 30.0,
         cache_ttl: float = 300.0,
+        max_stale: float = 3600.0,
         timeout: float = 3.0,
         realm: str | None = None,
         session: requests.Session | None = None,
@@ -275,6 +280,7 @@ class TokenVerifier:
             algorithms=allowed,
             refresh_interval=refresh_interval,
             cache_ttl=cache_ttl,
+            max_stale=max_stale,
             timeout=timeout,
             session=session or requests.Session(),
             clock=clock,

@@ -503,6 +503,17 @@ def test_cached_keys_stay_in_use_while_the_jwks_is_failing(
     assert len(jwks.hits) == 2
 
 
+def test_cached_keys_are_refused_once_older_than_max_stale(
+    verifier: TokenVerifier, keys: dict[str, SigningKey], jwks: JwksServer, clock: FakeClock
+) -> None:
+    verifier.verify(sign(keys["ES256"]))
+    jwks.status = 500
+    clock.advance(3601)
+
+    with pytest.raises(JwksUnavailable):
+        verifier.verify(sign(keys["ES256"]))
+
+
 def test_unusable_keys_of_the_jwks_are_skipped_and_the_good_ones_kept(
     verifier: TokenVerifier, keys: dict[str, SigningKey], jwks: JwksServer
 ) -> None:
