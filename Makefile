@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= deploy/demo.yaml
 
-.PHONY: run test lint typecheck check install tools clean bench
+.PHONY: run demo test lint typecheck check install tools clean bench
 
 $(BIN)/sidecar: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ run: install
 	$(BIN)/sidecar --config $(CONFIG) db upgrade
 	$(BIN)/sidecar --config $(CONFIG) policy apply $(CONFIG)
 	$(BIN)/sidecar --config $(CONFIG) serve
+
+## make demo: the whole idea in one command, on loopback: a demo IdP, the sidecar, a gateway
+## and two upstreams (sidecar/walkthrough.py); every process it starts is stopped at the end.
+demo: install
+	$(BIN)/sidecar demo
 
 ## make test: the whole suite.
 test: install tools

@@ -1,4 +1,5 @@
-"""`sidecar demo-init` / `demo-token`: the demo identity provider of `make run`."""
+"""`sidecar demo-init` / `demo-token`: the demo identity provider of `make run`; `sidecar demo`:
+the whole story of `make demo` (sidecar/walkthrough.py)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,17 @@ def demo_token_command(
             ttl=ttl,
         )
     )
+
+
+@main.command("demo")
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (config, db, log).")
+def demo_command(keep: bool) -> None:
+    """Show the whole idea on loopback: a demo IdP, this sidecar, a gateway and two upstreams;
+    a few calls, and what each hop presented and why it was accepted or refused."""
+    from sidecar.walkthrough import DemoFailed, run_demo, stop_on_sigterm
+
+    stop_on_sigterm()  # so that `kill` stops the demo's sidecar too, as Ctrl-C does
+    try:
+        run_demo(keep=keep)
+    except DemoFailed as exc:
+        fail(str(exc))

@@ -13,6 +13,7 @@ never hold one."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 
@@ -37,6 +38,9 @@ FORBIDDEN_HEADERS = frozenset(
     }
 )
 UPSTREAM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+# An ext_authz route's host: a DNS name or IPv4 address, or "*." and a name (any subdomain).
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+ROUTE_HOST = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 
 
 class BearerCredential(StrictModel):
@@ -118,7 +122,16 @@ class ExtAuthzRoute(StrictModel):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        return value.lower()
+        # A name as Envoy sends it in Host, without the port (stripped before matching): a
+        # port, brackets, a scheme or a "*" anywhere but a leading "*." could never match.
+        name = value.lower()
+        if ROUTE_HOST.match(name):
+            return name
+        try:  # an IPv6 literal, written without brackets
+            return str(ipaddress.IPv6Address(name))
+        except ValueError:
+            pass
+        raise ValueError(f"{value!r} is not a host name, *.suffix or IP address without a port")
 
     def matches(self, host: str, path: str) -> bool:
         name = host.lower()

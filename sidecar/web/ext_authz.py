@@ -15,8 +15,9 @@ to forward (``Authorization`` always), and no body. This endpoint:
    ``Authorization``; an API key sent in a header of its own comes with
    ``x-envoy-auth-headers-to-remove: authorization``, so the user's token is removed, never
    forwarded. Otherwise ``401`` (no or bad user token, with ``WWW-Authenticate: Bearer``),
-   ``403`` (refused by policy), ``429`` (rate limit) or ``503`` (a dependency down), each with a
-   fixed body, which Envoy returns to the client.
+   ``403`` (no route, or refused by policy) or ``429`` (rate limit), each with a fixed body,
+   which Envoy returns to the client; ``503`` (a dependency down), which Envoy, like any 5xx,
+   answers with its ``status_on_error`` (``deploy/envoy/envoy.yaml`` sets 503).
 
 The listener must be reachable only by the pod's Envoy: anything that can reach it exchanges
 tokens as ``ext_authz.client_id``.
@@ -71,12 +72,22 @@ class ExtAuthzEndpoint:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         started = time.perf_counter()
+        try:
+            return self._check(environ, start_response, started)
+        finally:
+            self._token.observe_latency(started)
+
+    def _check(
+        self, environ: dict[str, Any], start_response: Callable[..., Any], started: float
+    ) -> list[bytes]:
         at = self._clock()
         client_id = self._config.client_id
         path = environ.get("PATH_INFO", "")
         prefix = self._config.path_prefix
         route = None
-        if not prefix or path == prefix or path.startswith(prefix + "/"):
+        # A path the upstream could read as another one ("/mcp/../admin", "//", "\\") matches
+        # no route: a path prefix must be a boundary the upstream sees too.
+        if _plain(path) and (not prefix or path == prefix or path.startswith(prefix + "/")):
             route = self._config.route_for(environ.get("HTTP_HOST", ""), path[len(prefix) :] or "/")
         if route is None:
             refused = InvalidTargetError(reason="ext_authz: no route for the host and path")
@@ -105,10 +116,11 @@ class ExtAuthzEndpoint:
         response = outcome.response
         headers = [("Cache-Control", "no-store"), ("Content-Length", "0")]
         if response.token_type == NOT_APPLICABLE and response.credential_header:
-            headers += [
-                (response.credential_header, response.access_token),
-                (REMOVE_HEADERS, "authorization"),
-            ]
+            headers.append((response.credential_header, response.access_token))
+            # Envoy removes after it sets: a key that goes in Authorization itself replaces the
+            # user's token already, and removing "authorization" would drop the key too.
+            if response.credential_header.lower() != "authorization":
+                headers.append((REMOVE_HEADERS, "authorization"))
         else:
             headers.append(("Authorization", f"{response.token_type} {response.access_token}"))
         start_response(STATUS_LINES[200], headers)
@@ -125,11 +137,20 @@ class ExtAuthzEndpoint:
             ("Cache-Control", "no-store"),
         ]
         if status == 401:
-            headers.append(("WWW-Authenticate", 'Bearer error="invalid_token"'))
+            # RFC 6750 §3.1: no error code when the request carried no token at all.
+            challenge = 'Bearer error="invalid_token"' if error is not None else "Bearer"
+            headers.append(("WWW-Authenticate", challenge))
         if error is not None and status in (429, 503):
             headers.extend(error.response_headers().items())
         start_response(STATUS_LINES[status], headers)
         return [body]
+
+
+def _plain(path: str) -> bool:
+    """No dot segment, empty segment or backslash (the path is already percent-decoded)."""
+    if "\\" in path or "//" in path:
+        return False
+    return not any(segment in (".", "..") for segment in path.split("/"))
 
 
 def _status_of(error: ProtocolError) -> int:

@@ -81,6 +81,9 @@ class TokenEndpoint:
         self._latency.observe(time.perf_counter() - started)
         return [body]
 
+    def observe_latency(self, started: float) -> None:
+        self._latency.observe(time.perf_counter() - started)
+
     def exchange_as(self, client: Client, params: FormParams, at: float, started: float) -> Outcome:
         """The exchange for a client already known (the ext_authz listener's), under the same
         rate limit, grant-type check, policies and audit as ``/token``."""

@@ -39,6 +39,14 @@ def refused(config: dict[str, Any]) -> str:
     return str(caught.value)
 
 
+def route(host: str, path_prefix: str | None = None) -> ExtAuthzRoute:
+    """A route to CODE_SEARCH; without ``path_prefix``, the model's default."""
+    values = {"host": host, "audience": CODE_SEARCH}
+    if path_prefix is not None:
+        values["path_prefix"] = path_prefix
+    return ExtAuthzRoute.model_validate(values)
+
+
 def ext_authz(*routes: dict[str, Any]) -> ExtAuthzConfig:
     return ExtAuthzConfig.model_validate(
         {"listen": "127.0.0.1:9191", "client_id": "gateway", "routes": list(routes)}
@@ -54,28 +62,30 @@ def audience_for(config: ExtAuthzConfig, host: str, path: str) -> str | None:
 
 
 def test_an_exact_host_matches_itself_whatever_its_case() -> None:
-    route = ExtAuthzRoute(host="Code-Search.Internal", audience=CODE_SEARCH)
+    exact = route("Code-Search.Internal")
 
-    assert route.host == "code-search.internal"
-    assert route.matches("code-search.internal", "/")
-    assert route.matches("CODE-SEARCH.internal", "/")
+    assert exact.host == "code-search.internal"
+    assert exact.matches("code-search.internal", "/")
+    assert exact.matches("CODE-SEARCH.internal", "/")
 
 
 @pytest.mark.parametrize("host", ["search.internal", "x.code-search.internal", "code-search"])
 def test_an_exact_host_matches_no_other_name(host: str) -> None:
-    assert not ExtAuthzRoute(host="code-search.internal", audience=CODE_SEARCH).matches(host, "/")
+    assert not route("code-search.internal").matches(host, "/")
 
 
-@pytest.mark.parametrize("host", ["api.vendors.example", "a.b.vendors.example", "API.Vendors.example"])
+@pytest.mark.parametrize(
+    "host", ["api.vendors.example", "a.b.vendors.example", "API.Vendors.example"]
+)
 def test_a_wildcard_host_matches_names_under_its_suffix(host: str) -> None:
-    assert ExtAuthzRoute(host="*.vendors.example", audience=ANY_VENDOR).matches(host, "/")
+    assert route("*.vendors.example").matches(host, "/")
 
 
 @pytest.mark.parametrize(
     "host", ["vendors.example", ".vendors.example", "evilvendors.example", "vendors.example.evil"]
 )
 def test_a_wildcard_host_does_not_match_the_bare_suffix_nor_a_lookalike(host: str) -> None:
-    assert not ExtAuthzRoute(host="*.vendors.example", audience=ANY_VENDOR).matches(host, "/")
+    assert not route("*.vendors.example").matches(host, "/")
 
 
 # --- ExtAuthzRoute.matches: the path ------------------------------------------------------------
@@ -83,31 +93,29 @@ def test_a_wildcard_host_does_not_match_the_bare_suffix_nor_a_lookalike(host: st
 
 @pytest.mark.parametrize("path", ["/mcp", "/mcp/", "/mcp/tools", "/mcp/tools/call"])
 def test_a_path_prefix_matches_itself_and_the_paths_below_it(path: str) -> None:
-    assert ExtAuthzRoute(host="h", path_prefix="/mcp", audience=CODE_SEARCH).matches("h", path)
+    assert route("h", "/mcp").matches("h", path)
 
 
 @pytest.mark.parametrize("path", ["/mcpx", "/mcp-admin", "/", "/other/mcp", "/MCP"])
 def test_a_path_prefix_stops_at_a_segment_boundary(path: str) -> None:
-    assert not ExtAuthzRoute(host="h", path_prefix="/mcp", audience=CODE_SEARCH).matches("h", path)
+    assert not route("h", "/mcp").matches("h", path)
 
 
 @pytest.mark.parametrize(("path", "matched"), [("/mcp", True), ("/mcp/x", True), ("/mcpx", False)])
 def test_a_path_prefix_with_a_trailing_slash_is_the_same_segment(path: str, matched: bool) -> None:
-    route = ExtAuthzRoute(host="h", path_prefix="/mcp/", audience=CODE_SEARCH)
-
-    assert route.matches("h", path) is matched
+    assert route("h", "/mcp/").matches("h", path) is matched
 
 
 @pytest.mark.parametrize("path", ["/", "/anything", "/a/b?c"])
 def test_the_default_path_prefix_matches_every_path(path: str) -> None:
-    assert ExtAuthzRoute(host="h", audience=CODE_SEARCH).matches("h", path)
+    assert route("h").matches("h", path)
 
 
 def test_a_route_matches_only_when_both_host_and_path_do() -> None:
-    route = ExtAuthzRoute(host="h", path_prefix="/mcp", audience=CODE_SEARCH)
+    mcp = route("h", "/mcp")
 
-    assert not route.matches("other", "/mcp")
-    assert not route.matches("h", "/api")
+    assert not mcp.matches("other", "/mcp")
+    assert not mcp.matches("h", "/api")
 
 
 @pytest.mark.parametrize("prefix", ["mcp", "", "https://h/mcp"])
@@ -149,7 +157,11 @@ def test_an_ipv6_literal_does_not_match_another_address() -> None:
 def test_the_longest_path_prefix_wins_whatever_the_order_of_the_routes() -> None:
     config = ext_authz(
         {"host": "code-search.internal", "audience": "https://code-search.internal/"},
-        {"host": "code-search.internal", "path_prefix": "/mcp/admin", "audience": CODE_SEARCH_ADMIN},
+        {
+            "host": "code-search.internal",
+            "path_prefix": "/mcp/admin",
+            "audience": CODE_SEARCH_ADMIN,
+        },
         {"host": "code-search.internal", "path_prefix": "/mcp", "audience": CODE_SEARCH},
     )
 
@@ -169,7 +181,9 @@ def test_an_exact_host_beats_a_wildcard_one() -> None:
 
 
 def test_no_route_for_an_unknown_host_or_path() -> None:
-    config = ext_authz({"host": "code-search.internal", "path_prefix": "/mcp", "audience": CODE_SEARCH})
+    config = ext_authz(
+        {"host": "code-search.internal", "path_prefix": "/mcp", "audience": CODE_SEARCH}
+    )
 
     assert config.route_for("vendor.example", "/mcp") is None
     assert config.route_for("code-search.internal", "/api") is None
@@ -340,7 +354,9 @@ def with_ext_authz(config: dict[str, Any], **values: Any) -> dict[str, Any]:
         "listen": "127.0.0.1:9191",
         "client_id": "gateway",
         "path_prefix": "/ext_authz",
-        "routes": [{"host": "code-search.internal", "path_prefix": "/mcp", "audience": CODE_SEARCH}],
+        "routes": [
+            {"host": "code-search.internal", "path_prefix": "/mcp", "audience": CODE_SEARCH}
+        ],
         **values,
     }
     return config
@@ -404,3 +420,17 @@ def test_an_ext_authz_error_names_its_key_path(config: dict[str, Any]) -> None:
     message = refused(with_ext_authz(config, routes=[{"host": "h", "audience": ""}]))
 
     assert message.startswith("ext_authz.routes[0].audience: ")
+
+
+@pytest.mark.parametrize(
+    "host", ["vendor.example:10000", "[::1]", "*foo.example", "https://vendor.example", "a..b", ""]
+)
+def test_a_route_host_that_could_never_match_is_refused(host: str) -> None:
+    with pytest.raises(ValidationError, match="host"):
+        ExtAuthzConfig.model_validate(
+            {
+                "listen": "127.0.0.1:9191",
+                "client_id": "gateway",
+                "routes": [{"host": host, "audience": "https://a.example"}],
+            }
+        )
