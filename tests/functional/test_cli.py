@@ -331,6 +331,7 @@ def test_policy_list_prints_a_table_and_json(started: Path) -> None:
         "default",
         "ttl",
         "enabled",
+        "credential",
     ]
     assert len(lines) == 6
     # The default name is "CLIENT -> AUDIENCE"; then the client and audience columns.

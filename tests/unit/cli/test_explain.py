@@ -310,6 +310,7 @@ def test_explain_names_the_policy_that_granted(services: Services, idp: TestIdP)
         "scope": ["code.search"],
         "lifetime": 90,
         "copied_claims": ["email", "groups"],
+        "credential": "mint",
     }
 
 

@@ -95,7 +95,7 @@ def test_list_table_shows_the_subject_conditions_of_a_policy(
     [wiki] = [line for line in result.stdout.splitlines() if line.startswith("wiki ")]
     assert f'iss={idp.issuer}; groups contains "eng"; mfa equals true' in wiki
     [tickets] = [line for line in result.stdout.splitlines() if line.startswith(TICKETS_POLICY)]
-    assert tickets.split()[5:] == ["-", "tickets.read", "tickets.read", "60", "yes"]
+    assert tickets.split()[5:] == ["-", "tickets.read", "tickets.read", "60", "yes", "mint"]
 
 
 # --- apply ------------------------------------------------------------------------------------
