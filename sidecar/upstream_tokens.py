@@ -51,11 +51,12 @@ class ClientCredentialsSettings:
     client_secret: str = field(repr=False)
     auth_method: str = "client_secret_basic"  # or "client_secret_post"
     audience_parameter: str = "resource"  # "resource" (RFC 8707), "audience" or "none"
-    timeout: float = 5.0  # seconds, per attempt: connecting, and each read
-    retries: int = 2  # extra attempts after the first, on transient failures only
+    timeout: float = 2.0  # seconds, per attempt: connecting, and each read
+    retries: int = 1  # extra attempts after the first, on transient failures only
     backoff: float = 0.2  # first wait (seconds); doubled each retry, plus up to 50% jitter
     margin: float = 30.0  # stop using a token this long before it expires (at most 10% of it)
     max_entries: int = 1000
+    failure_memory: float = 5.0  # after a failed fetch, answer 503 at once for this long
 
     def __post_init__(self) -> None:
         url = urlsplit(self.token_url)
@@ -114,6 +115,7 @@ class ClientCredentialsSource:
         self._lock = threading.Lock()
         self._cache: OrderedDict[CacheKey, Fetched] = OrderedDict()
         self._in_flight: dict[CacheKey, Future[UpstreamToken]] = {}
+        self._failed: dict[CacheKey, tuple[float, str]] = {}  # key -> (not before, reason)
         self._generation = 0  # bumped by clear(): a fetch begun before it is not cached
         self._warned_no_lifetime = False
         # Called with "ok" or "failed" after each fetch from the authorization server (metrics).
@@ -140,6 +142,11 @@ class ClientCredentialsSource:
         Raises :class:`TemporarilyUnavailableError` on any failure."""
         key: CacheKey = (tuple(sorted({word for s in scopes for word in s.split()})), target)
         with self._lock:
+            failed = self._failed.get(key)
+            if failed is not None and self._clock() < failed[0]:
+                # A server that just failed is not asked again at once: requests are answered
+                # 503 now rather than each holding a thread through the same timeouts.
+                raise TemporarilyUnavailableError(reason=f"{failed[1]} (failed recently)")
             cached = self._cache.get(key)
             if cached is not None and self._clock() < cached[1]:
                 self._cache.move_to_end(key)
@@ -163,6 +170,10 @@ class ClientCredentialsSource:
             self._observe("failed")
             with self._lock:
                 del self._in_flight[key]
+                reason = getattr(exc, "reason", None) or f"upstream {self.settings.name}: failed"
+                self._failed[key] = (self._clock() + self.settings.failure_memory, reason)
+                while len(self._failed) > self.settings.max_entries:
+                    self._failed.pop(next(iter(self._failed)))
             # Waiters share the leader's error; an unexpected one still reaches them as a 503.
             shared = exc
             if not isinstance(exc, TemporarilyUnavailableError):
@@ -173,6 +184,7 @@ class ClientCredentialsSource:
             raise
         self._observe("ok")
         with self._lock:
+            self._failed.pop(key, None)
             if generation == self._generation:
                 self._cache[key] = (token, usable_until)
                 self._cache.move_to_end(key)
@@ -264,8 +276,15 @@ class ClientCredentialsSource:
         expires_in, scope = document.get("expires_in", DEFAULT_LIFETIME), document.get("scope")
         if not isinstance(access_token, str) or not access_token:
             raise _Failure("token response has no access_token", transient=False)
+        if not B64TOKEN.fullmatch(access_token):
+            # RFC 6750 §2.1 b64token: it goes into an Authorization header as it is.
+            raise _Failure("token response has an access_token unfit for a header", transient=False)
         if not isinstance(token_type, str) or not token_type:
             raise _Failure("token response has no token_type", transient=False)
+        if token_type.lower() != "bearer":
+            # A DPoP (RFC 9449) or other token needs more than the token to be used: refused.
+            raise _Failure("token response is not a bearer token", transient=False)
+        token_type = "Bearer"
         # type() rather than isinstance(): JSON true is not a lifetime.
         if type(expires_in) is not int or expires_in <= 0:
             raise _Failure("token response has an unusable expires_in", transient=False)
@@ -281,6 +300,9 @@ class ClientCredentialsSource:
         expires_at = sent_at + expires_in
         token = UpstreamToken(access_token, token_type, expires_at, scope)
         return token, expires_at - min(self.settings.margin, expires_in / 10)
+
+
+B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 
 
 def _error_code(body: bytes) -> str:

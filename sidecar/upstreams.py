@@ -16,12 +16,13 @@ from sidecar.config.upstreams import (
     HeaderCredential,
     UpstreamConfig,
 )
-from sidecar.errors import InvalidTargetError
+from sidecar.errors import InvalidTargetError, TemporarilyUnavailableError
 from sidecar.exchange.credentials import (
     API_KEY_TOKEN_TYPE,
     NOT_APPLICABLE,
     UpstreamCredential,
 )
+from sidecar.exchange.policy import STATIC
 from sidecar.exchange.request import ACCESS_TOKEN_TYPE
 from sidecar.upstream_tokens import ClientCredentialsSettings, ClientCredentialsSource
 
@@ -62,16 +63,30 @@ class ConfiguredUpstreams:
         return cls(settings.upstreams) if settings.upstreams else None
 
     def credential(
-        self, upstream: str, scopes: tuple[str, ...], audience: str
+        self, upstream: str, scopes: tuple[str, ...], audience: str, mode: str
     ) -> UpstreamCredential:
         static = self._static.get(upstream)
-        if static is not None:
-            return static
         source = self._sources.get(upstream)
-        if source is None:
+        if (static, source) == (None, None):
             # A stored policy names an upstream the configuration no longer has: fail closed.
             raise InvalidTargetError(reason=f"upstream {upstream} is not configured")
+        if (static is not None) != (mode == STATIC):
+            # The policy asked for one kind, the configuration now holds another: neither is
+            # handed out until they agree again.
+            raise InvalidTargetError(
+                reason=f"upstream {upstream}: its credentials do not fit credential {mode}"
+            )
+        if static is not None:
+            return static
+        assert source is not None
         token = source.token(scopes, audience)  # raises TemporarilyUnavailableError
+        if token.scope is not None and not set(token.scope.split()) <= set(scopes):
+            # RFC 6749 §3.3: the server may grant another scope than asked for; never more
+            # than the policy granted.
+            raise TemporarilyUnavailableError(
+                reason=f"upstream {upstream}: its authorization server granted more scope "
+                "than the policy allows"
+            )
         return UpstreamCredential(
             access_token=token.access_token,
             token_type=token.token_type,
@@ -101,4 +116,5 @@ def _source_settings(name: str, config: ClientCredentialsCredential) -> ClientCr
         audience_parameter=config.audience_parameter,
         timeout=config.timeout,
         retries=config.retries,
+        failure_memory=config.failure_memory,
     )

@@ -4,6 +4,7 @@ list them (never a secret), and import gateway backend definitions as an ``upstr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from sidecar.cli import fail, main, settings_of, table
 
 SECRET_FIELDS = ("token", "client_secret")
+REFERENCE = re.compile(r"\$\{[^${}]+\}")  # the whole value: one ${NAME} or ${file:PATH}
 
 
 @main.group()
@@ -86,7 +88,7 @@ def upstreams_import(file: Path) -> None:
         credentials = definition.get("credentials") or {}
         for name in SECRET_FIELDS:
             value = credentials.get(name)
-            if isinstance(value, str) and not value.startswith("${"):
+            if isinstance(value, str) and not REFERENCE.fullmatch(value):
                 # Printing it would copy a secret into a terminal and a config file.
                 fail(f"{file}: [{index}].credentials.{name} is a literal: use ${{NAME}} or "
                      "${file:PATH}", 2)  # fmt: skip

@@ -5,6 +5,7 @@ twice, enabled policies that could match the same request)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
@@ -178,6 +179,15 @@ def check_policy_set(policies: list[Policy], settings: Settings) -> None:
                     f"{where}: credential {policy.credential} does not fit upstream "
                     f"{policy.upstream}, whose credentials are {upstream.credentials.type}"
                 )
+            if (
+                getattr(upstream.credentials, "audience_parameter", None) == "resource"
+                and not _absolute_uri(policy.audience)
+            ):
+                raise ValueError(
+                    f"{where}: upstream {policy.upstream} is asked with resource=AUDIENCE "
+                    "(RFC 8707: an absolute URI); make the audience one, or set the "
+                    "upstream's audience_parameter to audience or none"
+                )
         if policy.ttl > settings.tokens.max_ttl:
             raise ValueError(f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl")
         if policy.name in seen:
@@ -193,3 +203,8 @@ def check_policy_set(policies: list[Policy], settings: Settings) -> None:
                     "disable one"
                 )
         seen[policy.name] = index
+
+
+def _absolute_uri(value: str) -> bool:
+    parts = urlsplit(value)
+    return bool(parts.scheme and parts.netloc) and not parts.fragment

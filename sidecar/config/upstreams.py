@@ -19,10 +19,18 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from sidecar.config.common import Duration, Listen, StrictModel, check_http_url, refuse_duplicates
+from sidecar.config.common import (
+    Duration,
+    Listen,
+    StrictModel,
+    check_http_url,
+    parse_listen,
+    refuse_duplicates,
+)
 
 # RFC 9110 §5.6.2: a header name is a token.
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HEADER_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 # Headers a credential may never be sent in: hop-by-hop, framing, or routing.
 FORBIDDEN_HEADERS = frozenset(
     {
@@ -43,11 +51,21 @@ _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 ROUTE_HOST = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 
 
+def _header_value(value: SecretStr) -> SecretStr:
+    # It goes into an HTTP header as it is: visible ASCII, spaces only inside (RFC 9110 §5.5).
+    # (A Secret read with ${NAME} keeps a trailing line break; ${file:...} drops one.)
+    if not HEADER_VALUE.fullmatch(value.get_secret_value()):
+        raise ValueError("must be visible ASCII, without line breaks or edge spaces")
+    return value
+
+
 class BearerCredential(StrictModel):
     """An API key the upstream takes as ``Authorization: Bearer KEY``."""
 
     type: Literal["bearer"]
     token: SecretStr = Field(min_length=1)
+
+    check_token = field_validator("token")(_header_value)
 
 
 class HeaderCredential(StrictModel):
@@ -56,6 +74,8 @@ class HeaderCredential(StrictModel):
     type: Literal["header"]
     header: str = Field(min_length=1, max_length=64)
     token: SecretStr = Field(min_length=1)
+
+    check_token = field_validator("token")(_header_value)
 
     @field_validator("header")
     @classmethod
@@ -75,8 +95,12 @@ class ClientCredentialsCredential(StrictModel):
     auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
     # How the upstream's audience is passed on: RFC 8707 `resource`, `audience`, or not at all.
     audience_parameter: Literal["resource", "audience", "none"] = "resource"
-    timeout: Duration = Field(5.0, gt=0, le=60)
-    retries: int = Field(2, ge=0, le=5)
+    # Short, so that a gateway's own timeout (sidecar.client: 2 s) is not spent waiting on a
+    # vendor: at worst timeout x (retries + 1) plus a backoff; a failure then answers 503 at
+    # once for failure_memory.
+    timeout: Duration = Field(2.0, gt=0, le=60)
+    retries: int = Field(1, ge=0, le=5)
+    failure_memory: Duration = Field(5.0, ge=0, le=300)
 
     @field_validator("token_url")
     @classmethod
@@ -155,10 +179,24 @@ class ExtAuthzConfig(StrictModel):
     client_id: str = Field(min_length=1)  # the policies' client for requests through Envoy
     path_prefix: str = Field("", pattern=r"^(/[^?#]*)?$")  # Envoy's http_service.path_prefix
     routes: list[ExtAuthzRoute] = Field(min_length=1)
+    # Proof that the caller is Envoy: the value Envoy adds in the x-sidecar-ext-authz header of
+    # each check (authorization_request.headers_to_add). Required unless listen is loopback:
+    # whoever can call this listener is handed upstream credentials.
+    secret: SecretStr | None = Field(default=None, min_length=16)
 
     @model_validator(mode="after")
     def _routes(self) -> ExtAuthzConfig:
         refuse_duplicates("ext_authz.routes", [f"{r.host}{r.path_prefix}" for r in self.routes])
+        return self
+
+    @model_validator(mode="after")
+    def _reachable_only_by_envoy(self) -> ExtAuthzConfig:
+        host = parse_listen(self.listen)[0]
+        if self.secret is None and not _loopback(host):
+            raise ValueError(
+                "ext_authz.listen is not a loopback address: set ext_authz.secret (Envoy sends "
+                "it in x-sidecar-ext-authz), or whoever reaches the listener gets credentials"
+            )
         return self
 
     def route_for(self, host: str, path: str) -> ExtAuthzRoute | None:
@@ -171,3 +209,12 @@ class ExtAuthzConfig(StrictModel):
         return max(
             found, key=lambda r: (not r.host.startswith("*."), len(r.path_prefix)), default=None
         )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -36,9 +36,10 @@ class UpstreamCredential:
 
 class UpstreamCredentials(Protocol):
     def credential(
-        self, upstream: str, scopes: tuple[str, ...], audience: str
+        self, upstream: str, scopes: tuple[str, ...], audience: str, mode: str
     ) -> UpstreamCredential:
-        """The credential of ``upstream`` for these scopes and that audience; raises a
-        ProtocolError (``temporarily_unavailable`` when the upstream's authorization server
-        fails, ``invalid_target`` when the upstream is not configured)."""
+        """The credential of ``upstream`` for these scopes and that audience, of the policy's
+        ``mode`` (static or client_credentials); raises a ProtocolError
+        (``temporarily_unavailable`` when the upstream's authorization server fails,
+        ``invalid_target`` when the upstream is not configured, or not for that mode)."""
         ...

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.errors import (
@@ -53,7 +53,7 @@ from sidecar.keys.keyring import SigningKey, TokenSigner
 class TokenResponse:
     """RFC 8693 §2.2.1 successful response."""
 
-    access_token: str
+    access_token: str = field(repr=False)
     issued_token_type: str
     expires_in: int
     scope: str
@@ -345,7 +345,7 @@ class TokenExchangeGrant:
         if self._upstreams is None or decision.upstream is None:
             raise InvalidTargetError(reason="no upstream credentials are configured")
         issued = self._upstreams.credential(
-            decision.upstream, decision.scopes, decision.audiences[0]
+            decision.upstream, decision.scopes, decision.audiences[0], decision.credential
         )
         lifetime = decision.lifetime
         if issued.expires_in is not None:
@@ -358,7 +358,7 @@ class TokenExchangeGrant:
             access_token=issued.access_token,
             issued_token_type=issued.issued_token_type,
             expires_in=lifetime,
-            scope=issued.scope or " ".join(decision.scopes),
+            scope=issued.scope if issued.scope is not None else " ".join(decision.scopes),
             token_type=issued.token_type,
             credential_header=issued.header,
         )

@@ -25,7 +25,9 @@ tokens as ``ext_authz.client_id``.
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -42,9 +44,14 @@ if TYPE_CHECKING:
     from sidecar.services import Services
     from sidecar.web.token import TokenEndpoint
 
+log = logging.getLogger(__name__)
+
 # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token
 BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9._~+/-]+=*) *$")
 REMOVE_HEADERS = "x-envoy-auth-headers-to-remove"
+# ext_authz.secret arrives in this header, added by Envoy (authorization_request.headers_to_add).
+SECRET_HEADER = "x-sidecar-ext-authz"
+SECRET_HEADER_ENVIRON = "HTTP_X_SIDECAR_EXT_AUTHZ"
 # Fixed bodies: nothing of the request, nor why exactly (that is in the audit trail).
 DENIED = {
     401: {"error": "invalid_token", "error_description": "A valid bearer token is required."},
@@ -80,6 +87,11 @@ class ExtAuthzEndpoint:
     def _check(
         self, environ: dict[str, Any], start_response: Callable[..., Any], started: float
     ) -> list[bytes]:
+        if not self._from_envoy(environ):
+            # Not audited: nothing but Envoy should reach this listener, and a stranger's
+            # requests must not become database writes.
+            log.warning("ext_authz: a check without the configured secret was refused")
+            return self._deny(start_response, 403)
         at = self._clock()
         client_id = self._config.client_id
         path = environ.get("PATH_INFO", "")
@@ -125,6 +137,13 @@ class ExtAuthzEndpoint:
             headers.append(("Authorization", f"{response.token_type} {response.access_token}"))
         start_response(STATUS_LINES[200], headers)
         return [b""]
+
+    def _from_envoy(self, environ: dict[str, Any]) -> bool:
+        secret = self._config.secret
+        if secret is None:  # a loopback listener (validated): only the pod reaches it
+            return True
+        sent = environ.get(SECRET_HEADER_ENVIRON, "")
+        return hmac.compare_digest(sent.encode(), secret.get_secret_value().encode())
 
     @staticmethod
     def _deny(

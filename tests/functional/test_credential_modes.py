@@ -44,7 +44,7 @@ VENDOR_KEY = "vendor-key-" + "k" * 24
 HEADER_KEY = "header-key-" + "h" * 24
 UPSTREAM_SECRET = "upstream-client-secret-" + "s" * 16
 LEAK_MARKER = "do-not-leak-this-upstream-detail"
-SCOPES = ["tickets.read", "t1", "t2", "t3", "t4", "t5", "t6"]
+SCOPES = ["tickets.read", "t1", "t2", "t3", "t4", "t5", "t6", "t7"]
 
 
 @dataclass
@@ -56,6 +56,7 @@ class FakeAuthorizationServer:
     expires_in: int = 300
     delay: float = 0.0
     error: str | None = None
+    extra_scope: tuple[str, ...] = ()
     requests: list[dict[str, Any]] = field(default_factory=list)
     issued: int = 0
 
@@ -79,7 +80,7 @@ class FakeAuthorizationServer:
                         "access_token": f"upstream-token-{number}",
                         "token_type": "Bearer",
                         "expires_in": fake.expires_in,
-                        "scope": form.get("scope", [""])[0],
+                        "scope": " ".join([form.get("scope", [""])[0], *fake.extra_scope]),
                     }
                 else:
                     body = {"error": fake.error or "server_error", "error_description": LEAK_MARKER}
@@ -99,7 +100,14 @@ class FakeAuthorizationServer:
         self._thread.start()
 
     def script(self, **values: Any) -> None:
-        for name, value in {"status": 200, "expires_in": 300, "delay": 0.0, "error": None}.items():
+        defaults = {
+            "status": 200,
+            "expires_in": 300,
+            "delay": 0.0,
+            "error": None,
+            "extra_scope": (),
+        }
+        for name, value in defaults.items():
             setattr(self, name, values.get(name, value))
         self.requests.clear()
 
@@ -396,6 +404,18 @@ def test_an_upstream_authorization_server_failure_is_a_503_that_leaks_nothing(
     assert UPSTREAM_SECRET not in sidecar.log()
     # A transient failure is retried (retries: 1); a refusal is not.
     assert len(authorization_server.requests) == (2 if status == 500 else 1)
+
+
+def test_a_token_with_more_scope_than_the_policy_granted_is_refused(
+    sidecar: Served, idp: TestIdP, authorization_server: FakeAuthorizationServer
+) -> None:
+    # RFC 6749 §3.3: the upstream's server may grant another scope than asked for.
+    authorization_server.script(extra_scope=("tickets.admin",))
+
+    answer = exchange(sidecar, idp.token(), TICKETS_SAAS, scope="t7")
+
+    assert answer.status_code == 503
+    assert "upstream-token" not in answer.text
 
 
 def test_an_unreachable_upstream_authorization_server_is_a_503(

@@ -164,6 +164,9 @@ def make_source(
                 "token_url": server.url,
                 "client_id": "sidecar:tickets",
                 "client_secret": SECRET,
+                "timeout": 5.0,
+                "retries": 2,
+                "failure_memory": 0.0,  # the tests of remembered failures set their own
                 **overrides,
             }
         )
@@ -720,3 +723,50 @@ def test_no_secret_or_token_appears_in_any_error_or_repr(
     for text in texts:
         assert SECRET not in text
         assert "upstream-token" not in text
+
+
+def test_a_failure_is_remembered_briefly_and_answered_at_once(
+    make_source: Callable[..., ClientCredentialsSource],
+    server: AuthorizationServer,
+    clock: FakeClock,
+) -> None:
+    source = make_source(failure_memory=5.0)
+    server.replies = [oauth_error(401, "invalid_client", "bad secret")]
+    failure(lambda: source.token((), TICKETS))
+
+    remembered = failure(lambda: source.token((), TICKETS))
+    other_scope = source.token(("tickets.read",), TICKETS)  # another key: asked
+    clock.advance(5.0)
+    later = source.token((), TICKETS)
+
+    assert "invalid_client" in remembered.reason
+    assert "failed recently" in remembered.reason
+    assert other_scope.access_token == "upstream-token-2"
+    assert later.access_token == "upstream-token-3"
+    assert server.count == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"access_token": "t", "token_type": "DPoP", "expires_in": 60}, "not a bearer token"),
+        ({"access_token": "t\r\nX-Evil: 1", "token_type": "Bearer", "expires_in": 60}, "unfit"),
+        ({"access_token": "a b", "token_type": "Bearer", "expires_in": 60}, "unfit"),
+    ],
+)
+def test_a_token_that_cannot_go_into_a_bearer_header_is_refused(
+    source: ClientCredentialsSource, server: AuthorizationServer, body: Any, reason: str
+) -> None:
+    server.replies = [Reply(200, body)]
+
+    error = failure(lambda: source.token((), TICKETS))
+
+    assert reason in error.reason
+
+
+def test_a_lower_case_bearer_token_type_is_spelled_bearer(
+    source: ClientCredentialsSource, server: AuthorizationServer
+) -> None:
+    server.replies = [Reply(200, {"access_token": "t", "token_type": "bearer", "expires_in": 60})]
+
+    assert source.token((), TICKETS).token_type == "Bearer"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.unit.support import cli, invoke, one_line_error
@@ -79,9 +80,10 @@ def test_import_prints_an_upstreams_section_keeping_references(tmp_path: Path) -
     assert yaml.safe_load(result.stdout) == {"upstreams": definitions}
 
 
-def test_import_refuses_a_literal_secret_without_printing_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("token", [KEY, "${VENDOR}" + KEY, KEY + "${VENDOR}"])
+def test_import_refuses_a_literal_secret_without_printing_it(tmp_path: Path, token: str) -> None:
     file = tmp_path / "backends.json"
-    file.write_text(json.dumps([{"name": "v", "credentials": {"type": "bearer", "token": KEY}}]))
+    file.write_text(json.dumps([{"name": "v", "credentials": {"type": "bearer", "token": token}}]))
 
     line = one_line_error(invoke("upstreams", "import", str(file)))
 

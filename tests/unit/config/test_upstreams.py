@@ -434,3 +434,61 @@ def test_a_route_host_that_could_never_match_is_refused(host: str) -> None:
                 "routes": [{"host": host, "audience": "https://a.example"}],
             }
         )
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9191", "10.0.0.5:9191", "[::]:9191"])
+def test_ext_authz_off_loopback_needs_a_secret(config: dict[str, Any], listen: str) -> None:
+    message = refused(with_ext_authz(config, listen=listen))
+
+    assert "set ext_authz.secret" in message
+
+
+def test_ext_authz_off_loopback_with_a_secret_is_accepted(config: dict[str, Any]) -> None:
+    secret = "envoy-proof-" + "e" * 20
+    settings = settings_from_mapping(
+        with_ext_authz(config, listen="0.0.0.0:9191", secret=secret), env={}
+    )
+
+    assert settings.ext_authz is not None
+    assert secret not in repr(settings)
+
+
+@pytest.mark.parametrize("token", ["key\n", "ke\r\ny", " key", "key ", "k\x00ey", "kéy"])
+def test_a_static_key_that_cannot_go_into_a_header_is_refused(token: str) -> None:
+    for credentials in (
+        {"type": "bearer", "token": token},
+        {"type": "header", "header": "X-API-Key", "token": token},
+    ):
+        message = refusal(UpstreamConfig, name="v", credentials=credentials)
+
+        assert "visible ASCII" in message
+        assert token.strip() not in message or token.strip() == ""
+
+
+def test_a_resource_audience_for_client_credentials_must_be_an_absolute_uri(
+    config: dict[str, Any],
+) -> None:
+    config["upstreams"] = [
+        {
+            "name": "saas",
+            "credentials": {
+                "type": "client_credentials",
+                "token_url": "https://auth.saas.example/token",
+                "client_id": "sidecar",
+                "client_secret": "s" * 24,
+            },
+        }
+    ]
+    config["policies"] = [
+        {
+            "client_id": "gateway",
+            "audience": "saas-api",
+            "scopes": ["s.read"],
+            "credential": "client_credentials",
+            "upstream": "saas",
+        }
+    ]
+
+    assert "RFC 8707" in refused(config)
+    config["upstreams"][0]["credentials"]["audience_parameter"] = "audience"
+    assert settings_from_mapping(config, env={}).policies[0].audience == "saas-api"

@@ -35,12 +35,14 @@ class RecordingUpstreams:
 
     credentials: dict[str, UpstreamCredential]
     calls: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
     failure: Exception | None = None
 
     def credential(
-        self, upstream: str, scopes: tuple[str, ...], audience: str
+        self, upstream: str, scopes: tuple[str, ...], audience: str, mode: str
     ) -> UpstreamCredential:
         self.calls.append((upstream, scopes, audience))
+        self.modes.append(mode)
         if self.failure is not None:
             raise self.failure
         return self.credentials[upstream]
@@ -146,6 +148,7 @@ def test_a_static_policy_hands_out_the_upstreams_key_for_the_policy_lifetime(
         "vendor",
     )
     assert upstreams.calls == [("vendor", ("v.read",), VENDOR)]
+    assert upstreams.modes == ["static"]
 
 
 def test_a_key_sent_in_a_header_of_its_own_is_not_applicable_as_a_bearer_token(

@@ -552,3 +552,26 @@ def test_an_invalid_user_token_gets_the_invalid_token_challenge(client: FlaskCli
     response = check(client, "code-search.internal", "/mcp", "Bearer not.a.jwt")
 
     assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+
+
+def test_with_a_secret_only_a_check_carrying_it_gets_a_credential(
+    client_for: Callable[[ConfigEdit], FlaskClient], idp: TestIdP
+) -> None:
+    secret = "envoy-proof-" + "e" * 20
+
+    def with_secret(config: dict[str, Any]) -> dict[str, Any]:
+        config["ext_authz"].update(listen="0.0.0.0:9191", secret=secret)
+        return config
+
+    client = client_for(with_secret)
+    user = f"Bearer {idp.token()}"
+    headers = {"Host": "code-search.internal", "Authorization": user}
+
+    without = client.get("/ext_authz/mcp", headers=headers)
+    wrong = client.get("/ext_authz/mcp", headers={**headers, "X-Sidecar-Ext-Authz": "guess"})
+    right = client.get("/ext_authz/mcp", headers={**headers, "X-Sidecar-Ext-Authz": secret})
+
+    assert_denied(without, 403)
+    assert_denied(wrong, 403)
+    assert right.status_code == 200
+    assert right.headers["Authorization"].startswith("Bearer ey")
