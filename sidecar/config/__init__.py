@@ -22,6 +22,7 @@ from sidecar.config.deployment import (
 from sidecar.config.loading import (
     format_validation_error,
     load_policies_file,
+    load_policies_with_origins,
     load_settings,
     read_yaml,
     settings_from_mapping,
@@ -40,13 +41,16 @@ from sidecar.config.models import (
     TrustedIssuerConfig,
 )
 from sidecar.config.policies import (
+    ORIGINS,
     ConditionConfig,
+    Origins,
     PolicyConfig,
     check_policy_set,
     validate_policies,
 )
 
 __all__ = [
+    "ORIGINS",
     "AdminConfig",
     "AdminCredential",
     "AuditConfig",
@@ -60,6 +64,7 @@ __all__ = [
     "KubernetesConfig",
     "LogConfig",
     "ManagementConfig",
+    "Origins",
     "PolicyConfig",
     "RateLimitConfig",
     "RedisConfig",
@@ -70,6 +75,7 @@ __all__ = [
     "check_policy_set",
     "format_validation_error",
     "load_policies_file",
+    "load_policies_with_origins",
     "load_settings",
     "parse_duration",
     "read_yaml",

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from sidecar.config.common import ConfigError
 from sidecar.config.models import Settings
-from sidecar.config.policies import PolicyConfig, validate_policies
+from sidecar.config.policies import Origins, PolicyConfig, validate_policies
+from sidecar.exchange.policy import default_policy_name
 
 # `$${` (an escaped literal), `${NAME}`, or an unterminated `${` (an error, not a literal).
 _ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
@@ -203,24 +204,52 @@ def load_settings(
 
 def load_policies_file(path: Path, settings: Settings) -> list[PolicyConfig]:
     """The ``policies:`` list of a YAML file (a policy file or a whole config file)."""
+    return load_policies_with_origins(path, settings)[0]
+
+
+def load_policies_with_origins(
+    path: Path, settings: Settings
+) -> tuple[list[PolicyConfig], Origins]:
+    """The ``policies:`` of a file, and where each one is in it (``FILE, line N``), for messages
+    that name what the user wrote, in the file's own checks and in the database's (``apply``)."""
     data = read_yaml(path)
     raw = data.get("policies")
     if raw is None:
         raise ConfigError(f"{path}: no 'policies' key")
     raw = substitute_env(raw, os.environ, ("policies",), base_dir=path.resolve().parent)
     if not isinstance(raw, list):
-        raise ConfigError("policies: must be a list")
+        raise ConfigError(f"{path}: policies: must be a list")
+    lines = _item_lines(path, "policies")
     policies = []
     for index, item in enumerate(raw):
+        at = f"{path}, line {lines[index]}" if index < len(lines) else str(path)
         try:
             policies.append(PolicyConfig.model_validate(item))
         except ValidationError as exc:
             text = format_validation_error(exc)
             raise ConfigError(
-                "\n".join(f"policies[{index}].{line}" for line in text.splitlines())
+                "\n".join(f"{at}: policies[{index}].{line}" for line in text.splitlines())
             ) from None
+    labels = [f"{path}, line {lines[i]}" if i < len(lines) else str(path) for i in range(len(raw))]
+    elsewhere = f"in the database, not in {path}"
+    hint = "`policy apply --prune` deletes the database's policies the file does not name"
     try:
-        validate_policies(policies, settings)
+        validate_policies(policies, settings, labels, elsewhere=elsewhere, hint=hint)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return policies
+    names = [p.name or default_policy_name(p.client_id, p.audience) for p in policies]
+    return policies, Origins(dict(zip(names, labels, strict=True)), elsewhere, hint)
+
+
+def _item_lines(path: Path, key: str) -> list[int]:
+    """The line (1-based) of each item of the top-level ``key`` list of a YAML file."""
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    for key_node, value_node in root.value:
+        if getattr(key_node, "value", None) == key and isinstance(value_node, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value_node.value]
+    return []

@@ -4,6 +4,9 @@ twice, enabled policies that could match the same request)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
@@ -45,6 +48,10 @@ class ConditionConfig(StrictModel):
         if self.equals is not None:
             return Condition(claim, "equals", (self.equals,))
         return Condition(claim, "contains", (self.contains,))
+
+
+# The admin API's sub-resources of /admin/policies/NAME: no name may end like one.
+SUBRESOURCES = ("/history", "/disable", "/enable", "/rollback")
 
 
 class PolicyConfig(StrictModel):
@@ -116,8 +123,10 @@ class PolicyConfig(StrictModel):
         # decode %2F before the app sees the path (granian) cannot tell "a%2Fhistory" from the
         # history of "a": no name may end like a sub-resource, so both read the same way.
         name = self.name or default_policy_name(self.client_id, self.audience)
-        if name.endswith(("/history", "/disable")):
-            raise ValueError("a policy name must not end with /history or /disable")
+        if name.endswith(SUBRESOURCES):
+            raise ValueError(
+                "a policy name must not end with " + ", ".join(SUBRESOURCES) + " (admin API paths)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -151,25 +160,73 @@ class PolicyConfig(StrictModel):
         )
 
 
-def validate_policies(policies: list[PolicyConfig], settings: Settings) -> None:
-    """Cross-checks the ``policies:`` of a file against the settings and each other."""
-    check_policy_set([config.to_policy() for config in policies], settings)
+@dataclass(frozen=True)
+class Origins:
+    """Where the policies being checked come from, so that a message names what the user wrote:
+    ``by_name`` maps a policy name to e.g. ``"policies.yaml, line 12"``; the others are
+    ``elsewhere`` (e.g. ``"in the database, not in policies.yaml"``), and ``hint`` says how to
+    remove those (``--prune``)."""
+
+    by_name: Mapping[str, str]
+    elsewhere: str | None = None
+    hint: str | None = None
+
+    def of(self, policy: Policy) -> str:
+        where = self.by_name.get(policy.name, self.elsewhere)
+        return f'policy "{policy.name}"' + (f" ({where})" if where else "")
 
 
-def check_policy_set(policies: list[Policy], settings: Settings) -> None:
-    """Checks a whole policy set; raises ValueError naming the policy: unknown client or issuer,
-    ttl above tokens.max_ttl, a name used twice, and two enabled policies that could both match
-    the same request."""
+# Set by a command that writes a file's policies (``policy apply``) around the write, so that
+# the check of the resulting set, made deep in the store, names the file and its lines.
+ORIGINS: ContextVar[Origins | None] = ContextVar("policy_origins", default=None)
+
+
+def validate_policies(
+    policies: list[PolicyConfig],
+    settings: Settings,
+    labels: list[str] | None = None,
+    *,
+    elsewhere: str | None = None,
+    hint: str | None = None,
+) -> None:
+    """Cross-checks the ``policies:`` of a file against the settings and each other; ``labels``
+    say where each one is (``FILE, line N``; default ``policies[i]``)."""
+    labels = labels or [f"policies[{i}]" for i in range(len(policies))]
+    built = [config.to_policy() for config in policies]
+    first: dict[str, int] = {}
+    for index, policy in enumerate(built):
+        if policy.name in first:
+            raise ValueError(
+                f'policy "{policy.name}" ({labels[index]}): the name is already used by the '
+                f"policy at {labels[first[policy.name]]}; give policies for the same client and "
+                "audience distinct names"
+            )
+        first[policy.name] = index
+    origins = Origins(
+        {p.name: label for p, label in zip(built, labels, strict=True)}, elsewhere, hint
+    )
+    check_policy_set(built, settings, origins)
+
+
+def check_policy_set(
+    policies: list[Policy], settings: Settings, origins: Origins | None = None
+) -> None:
+    """Checks a whole policy set; raises ValueError naming the policy (and where it came from):
+    unknown client or issuer, ttl above tokens.max_ttl, a name used twice, and two enabled
+    policies that could both match the same request (with the fix)."""
+    origins = origins or ORIGINS.get() or Origins({})
     client_ids = {c.client_id for c in settings.clients}
     issuers = {i.issuer for i in settings.trusted_issuers}
     upstreams = {u.name: u for u in settings.upstreams}
-    seen: dict[str, int] = {}
-    for index, policy in enumerate(policies):
-        where = f"policies[{index}] ({policy.name})"
+    seen: dict[str, Policy] = {}
+    for policy in policies:
+        where = origins.of(policy)
         if policy.client_id not in client_ids:
-            raise ValueError(f"{where}: client_id is not one of the configured clients")
+            raise ValueError(
+                f"{where}: client_id {policy.client_id!r} is not one of the configured clients"
+            )
         if policy.issuer is not None and policy.issuer not in issuers:
-            raise ValueError(f"{where}: issuer is not one of the trusted_issuers")
+            raise ValueError(f"{where}: issuer {policy.issuer!r} is not one of the trusted_issuers")
         if policy.upstream is not None:
             upstream = upstreams.get(policy.upstream)
             if upstream is None:
@@ -179,30 +236,32 @@ def check_policy_set(policies: list[Policy], settings: Settings) -> None:
                     f"{where}: credential {policy.credential} does not fit upstream "
                     f"{policy.upstream}, whose credentials are {upstream.credentials.type}"
                 )
-            if (
-                getattr(upstream.credentials, "audience_parameter", None) == "resource"
-                and not _absolute_uri(policy.audience)
-            ):
+            if getattr(
+                upstream.credentials, "audience_parameter", None
+            ) == "resource" and not _absolute_uri(policy.audience):
                 raise ValueError(
                     f"{where}: upstream {policy.upstream} is asked with resource=AUDIENCE "
                     "(RFC 8707: an absolute URI); make the audience one, or set the "
                     "upstream's audience_parameter to audience or none"
                 )
         if policy.ttl > settings.tokens.max_ttl:
-            raise ValueError(f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl")
+            raise ValueError(
+                f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl ({settings.tokens.max_ttl})"
+            )
         if policy.name in seen:
             raise ValueError(
-                f"{where}: the name is already used by policies[{seen[policy.name]}] "
-                "(give policies for the same client and audience distinct names)"
+                f"{where}: the name is already used by {origins.of(seen[policy.name])}; give "
+                "policies for the same client and audience distinct names"
             )
-        for other_index, other in enumerate(policies[:index]):
+        for other in seen.values():
             if could_overlap(policy, other):
+                fix = "make their issuer or subject conditions exclusive, or disable one"
+                if origins.hint and other.name not in origins.by_name:
+                    fix += f"; {origins.hint}"
                 raise ValueError(
-                    f"{where}: could match the same requests as policies[{other_index}] "
-                    f"({other.name}); make their issuer or subject conditions exclusive, or "
-                    "disable one"
+                    f"{where} could match the same requests as {origins.of(other)}: {fix}"
                 )
-        seen[policy.name] = index
+        seen[policy.name] = policy
 
 
 def _absolute_uri(value: str) -> bool:

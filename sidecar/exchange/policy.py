@@ -93,7 +93,19 @@ class Condition:
 
     def describe(self) -> str:
         shown = list(self.values) if self.operator == "one_of" else self.values[0]
-        return f"{self.claim} {self.operator} {shown!r}"
+        return f"{self.claim} {self.operator} {_as_written(shown)}"
+
+
+def _as_written(value: Any) -> str:
+    """A condition's value as a policy file spells it: true/false/null as in YAML (not Python's
+    True), strings quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ", ".join(_as_written(v) for v in value) + "]"
+    return repr(value)
 
 
 def _member(value: Any, candidates: Iterable[Any]) -> bool:

@@ -292,7 +292,7 @@ def test_explain_names_the_policy_and_the_failed_condition(
         "decision": "denied",
         "client_id": "gateway",
         "error": "invalid_target",
-        "reason": "policy payroll for engineers: condition failed: mfa equals True",
+        "reason": "policy payroll for engineers: condition failed: mfa equals true",
     }
 
 

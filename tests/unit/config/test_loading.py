@@ -13,8 +13,11 @@ import yaml
 
 from sidecar.config import (
     ConfigError,
+    PolicyConfig,
     Settings,
+    check_policy_set,
     load_policies_file,
+    load_policies_with_origins,
     load_settings,
     parse_duration,
 )
@@ -766,7 +769,7 @@ def test_bad_policy_in_a_file_names_its_path(tmp_path: Path, settings: Settings)
 
 def test_policy_file_is_checked_against_the_settings(tmp_path: Path, settings: Settings) -> None:
     unknown_client = {**BASE["policies"][0], "client_id": "nobody"}
-    with pytest.raises(ConfigError, match=r"policies\[0\].*not one of the configured clients"):
+    with pytest.raises(ConfigError, match=r"p\.yaml, line 2\): client_id 'nobody' is not one of"):
         load_policies_file(write(tmp_path, {"policies": [unknown_client]}, "p.yaml"), settings)
 
     too_long = {**BASE["policies"][0], "ttl": 3000}
@@ -893,7 +896,9 @@ def test_issuer_filter_must_name_a_trusted_issuer(tmp_path: Path) -> None:
     assert accepted.policies[0].to_policy().issuer == OTHER_IDP["issuer"]
 
     message = refused(tmp_path, with_policies({"name": "code", "issuer": "https://idp.evil"}))
-    assert message == "policies[0] (code): issuer is not one of the trusted_issuers"
+    assert message == (
+        "policy \"code\" (policies[0]): issuer 'https://idp.evil' is not one of the trusted_issuers"
+    )
 
 
 @pytest.mark.parametrize(
@@ -960,13 +965,15 @@ def test_overlapping_enabled_policies_are_refused_naming_both(
     tmp_path: Path, first: dict[str, Any], second: dict[str, Any]
 ) -> None:
     message = refused(tmp_path, with_policies({"name": "a", **first}, {"name": "b", **second}))
-    assert message.startswith("policies[1] (b): could match the same requests as policies[0] (a)")
+    assert message.startswith(
+        'policy "b" (policies[1]) could match the same requests as policy "a" (policies[0]): '
+    )
 
 
 def test_enabling_a_disabled_duplicate_is_refused(tmp_path: Path) -> None:
     assert load(tmp_path, with_policies({"name": "a"}, {"name": "b", "enabled": False}))
     message = refused(tmp_path, with_policies({"name": "a"}, {"name": "b", "enabled": True}))
-    assert "policies[1] (b)" in message
+    assert 'policy "b" (policies[1])' in message
 
 
 def test_two_policies_with_one_name_are_refused_naming_it(tmp_path: Path) -> None:
@@ -974,7 +981,9 @@ def test_two_policies_with_one_name_are_refused_naming_it(tmp_path: Path) -> Non
         tmp_path,
         with_policies({"name": "code"}, {"name": "code", "audience": "https://other.internal"}),
     )
-    assert message.startswith("policies[1] (code): the name is already used by policies[0]")
+    assert message.startswith(
+        'policy "code" (policies[1]): the name is already used by the policy at policies[0]'
+    )
 
 
 def test_default_name_is_client_arrow_audience(tmp_path: Path) -> None:
@@ -987,17 +996,17 @@ def test_default_name_is_client_arrow_audience(tmp_path: Path) -> None:
     [
         pytest.param({"scopes": ["code.read", "*"]}, "policies[1].scopes", id="wildcard"),
         pytest.param({"scopes": ["code.read", "all"]}, "policies[1].scopes", id="all"),
-        pytest.param({"ttl": 301}, "policies[1] (bad-policy): ttl 301", id="ttl"),
+        pytest.param({"ttl": 301}, '"bad-policy" (', id="ttl"),
         pytest.param(
             {"default_scopes": ["code.read", "code.write"]},
             "policies[1].default_scopes",
             id="dflt",
         ),
-        pytest.param({"client_id": "nobody"}, "policies[1] (bad-policy): client_id", id="client"),
-        pytest.param({"issuer": "https://nobody.example"}, "policies[1] (bad-policy)", id="iss"),
-        pytest.param({"name": "good-policy"}, "policies[1] (good-policy)", id="name"),
+        pytest.param({"client_id": "nobody"}, '"bad-policy" (', id="client"),
+        pytest.param({"issuer": "https://nobody.example"}, '"bad-policy" (', id="iss"),
+        pytest.param({"name": "good-policy"}, '"good-policy" (', id="name"),
         pytest.param(
-            {"audience": "https://code-search.internal/mcp"}, "(bad-policy)", id="overlap"
+            {"audience": "https://code-search.internal/mcp"}, '"bad-policy" (', id="overlap"
         ),
         pytest.param({"subject": {"tenant": {"equals": 0.5}}}, "policies[1].subject", id="cond"),
     ],
@@ -1013,6 +1022,7 @@ def test_every_policy_refusal_in_a_policy_file_names_the_policy(
         load_policies_file(path, settings)
 
     assert named in str(caught.value)
+    assert f"{path}, line " in str(caught.value)  # where it is written
 
 
 def test_a_default_name_too_long_to_store_is_refused(tmp_path: Path) -> None:
@@ -1119,3 +1129,22 @@ def test_a_policy_credential_must_fit_a_configured_upstream(
     )
 
     assert expected in message
+
+
+def test_an_overlap_with_a_policy_only_in_the_database_suggests_prune(
+    tmp_path: Path, settings: Settings
+) -> None:
+    stored = {**BASE["policies"][0], "name": "old-code-search"}
+    path = write(tmp_path, {"policies": [{**BASE["policies"][0], "name": "code"}]}, "p.yaml")
+    configs, origins = load_policies_with_origins(path, settings)
+    resulting = [PolicyConfig.model_validate(stored).to_policy(), configs[0].to_policy()]
+
+    with pytest.raises(ValueError, match="could match") as refused:
+        check_policy_set(resulting, settings, origins)
+
+    assert str(refused.value) == (
+        f'policy "code" ({path}, line 2) could match the same requests as policy '
+        f'"old-code-search" (in the database, not in {path}): make their issuer or subject '
+        "conditions exclusive, or disable one; `policy apply --prune` deletes the database's "
+        "policies the file does not name"
+    )

@@ -91,13 +91,15 @@ def test_a_policy_becomes_the_policy_the_grant_decides_with() -> None:
 
 @pytest.mark.parametrize("name", ["a/history", "a/disable", "team/x/history"])
 def test_a_name_ending_like_an_admin_sub_resource_is_refused(name: str) -> None:
-    assert policy_refusal(name=name) == "a policy name must not end with /history or /disable"
+    assert policy_refusal(name=name) == (
+        "a policy name must not end with /history, /disable, /enable, /rollback (admin API paths)"
+    )
 
 
 @pytest.mark.parametrize("audience", ["https://api.internal/history", "https://x.internal/disable"])
 def test_a_default_name_ending_like_a_sub_resource_needs_a_name(audience: str) -> None:
     # The default name is "CLIENT -> AUDIENCE": an audience ending so needs a name of its own.
-    assert "must not end with /history or /disable" in policy_refusal(audience=audience)
+    assert "must not end with /history, /disable" in policy_refusal(audience=audience)
     assert PolicyConfig.model_validate({**POLICY, "audience": audience, "name": "api"})
 
 
@@ -182,12 +184,14 @@ def test_the_configured_policies_pass_as_a_set(settings: Settings) -> None:
 
 def test_a_policy_for_an_unknown_client_is_refused_naming_it(settings: Settings) -> None:
     message = set_refusal([policy("p", client_id="nobody")], settings)
-    assert message == "policies[0] (p): client_id is not one of the configured clients"
+    assert message == "policy \"p\": client_id 'nobody' is not one of the configured clients"
 
 
 def test_a_policy_for_an_untrusted_issuer_is_refused_naming_it(settings: Settings) -> None:
     message = set_refusal([policy("p", issuer="https://idp.evil.example")], settings)
-    assert message == "policies[0] (p): issuer is not one of the trusted_issuers"
+    assert message == (
+        "policy \"p\": issuer 'https://idp.evil.example' is not one of the trusted_issuers"
+    )
 
 
 def test_a_ttl_up_to_max_ttl_is_accepted(settings: Settings) -> None:
@@ -197,20 +201,28 @@ def test_a_ttl_up_to_max_ttl_is_accepted(settings: Settings) -> None:
 def test_a_ttl_over_max_ttl_is_refused_naming_the_policy(settings: Settings) -> None:
     ttl = settings.tokens.max_ttl + 1
     message = set_refusal([policy("ok", audience=TICKETS), policy("p", ttl=ttl)], settings)
-    assert message == f"policies[1] (p): ttl {ttl} exceeds tokens.max_ttl"
+    assert message == f'policy "p": ttl {ttl} exceeds tokens.max_ttl ({ttl - 1})'
 
 
 def test_a_name_used_twice_is_refused_naming_both_positions(settings: Settings) -> None:
-    policies = [policy("p"), policy("other", audience=TICKETS), policy("p", audience=THIRD)]
-    message = set_refusal(policies, settings)
-    assert message.startswith("policies[2] (p): the name is already used by policies[0]")
+    configs = [
+        PolicyConfig.model_validate({**POLICY, "name": "p"}),
+        PolicyConfig.model_validate({**POLICY, "name": "other", "audience": TICKETS}),
+        PolicyConfig.model_validate({**POLICY, "name": "p", "audience": THIRD}),
+    ]
+    with pytest.raises(ValueError, match="already used") as refused:
+        validate_policies(configs, settings)
+    assert str(refused.value).startswith(
+        'policy "p" (policies[2]): the name is already used by the policy at policies[0]'
+    )
 
 
 def test_two_enabled_policies_for_one_request_are_refused_naming_both(
     settings: Settings,
 ) -> None:
     message = set_refusal([policy("a"), policy("b", scopes=frozenset({"code.search"}))], settings)
-    assert message.startswith("policies[1] (b): could match the same requests as policies[0] (a)")
+    assert message.startswith('policy "b" could match the same requests as policy "a": ')
+    assert "disable one" in message
 
 
 def test_a_disabled_policy_overlaps_nothing(settings: Settings) -> None:
@@ -236,5 +248,5 @@ def test_validate_policies_checks_the_entries_as_a_set(settings: Settings) -> No
         PolicyConfig.model_validate({**POLICY, "name": "a"}),
         PolicyConfig.model_validate({**POLICY, "name": "b"}),
     ]
-    with pytest.raises(ValueError, match=r"^policies\[1\] \(b\): could match"):
+    with pytest.raises(ValueError, match=r'^policy "b" \(policies\[1\]\) could match the same '):
         validate_policies(configs, settings)

@@ -131,7 +131,7 @@ def test_condition_describes_itself_for_the_refusal_reason() -> None:
     assert equals("tenant", "acme").describe() == "tenant equals 'acme'"
     assert one_of("tenant", "acme", "globex").describe() == "tenant one_of ['acme', 'globex']"
     assert contains("groups", "eng").describe() == "groups contains 'eng'"
-    assert equals("mfa", True).describe() == "mfa equals True"
+    assert equals("mfa", True).describe() == "mfa equals true"
 
 
 @pytest.mark.parametrize(
@@ -193,9 +193,9 @@ def test_every_condition_must_hold() -> None:
 
 def test_typed_equality_holds_in_a_decision() -> None:
     mfa = gateway_policy(name="mfa only", conditions=(equals("mfa", True),))
-    assert "mfa equals True" in refusal_of(mfa, token=subject(mfa=1))
-    assert "mfa equals True" in refusal_of(mfa, token=subject(mfa="true"))
-    assert "mfa equals True" in refusal_of(mfa, token=subject())
+    assert "mfa equals true" in refusal_of(mfa, token=subject(mfa=1))
+    assert "mfa equals true" in refusal_of(mfa, token=subject(mfa="true"))
+    assert "mfa equals true" in refusal_of(mfa, token=subject())
 
 
 def test_issuer_filter_refuses_a_subject_of_another_issuer() -> None:
