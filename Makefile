@@ -26,11 +26,11 @@ $(TOOLS)/bin/checkov:
 tools: $(TOOLS)/bin/checkov
 
 ## make run: install, migrate the embedded SQLite database, create the demo IdP key and a
-## signing key, apply the demo policies, and serve on 127.0.0.1:8080.
+## signing key, and serve on 127.0.0.1:8080; serve applies the demo policies to an empty policy
+## table only, so the changes a user made (the README's policy tour) survive the next make run.
 run: install
 	$(BIN)/sidecar demo-init
 	$(BIN)/sidecar --config $(CONFIG) db upgrade
-	$(BIN)/sidecar --config $(CONFIG) policy apply $(CONFIG)
 	$(BIN)/sidecar --config $(CONFIG) serve
 
 ## make demo: the whole idea in one command, on loopback: a demo IdP, the sidecar, a gateway
