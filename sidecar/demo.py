@@ -19,6 +19,8 @@ from sidecar.keys.material import (
 )
 
 DEMO_ALGORITHM = "ES256"
+# The claims demo_token sets itself: `extra` may not replace them (sub and scope are arguments).
+SET_BY_DEMO_TOKEN = frozenset({"iss", "sub", "aud", "scope", "iat", "exp", "jti"})
 
 
 class DemoKeyConflict(Exception):
@@ -66,6 +68,11 @@ def demo_token(
     ttl: int,
     extra: dict[str, Any] | None = None,
 ) -> str:
+    """A subject token of the demo IdP; ``extra`` adds claims (``groups``, ``tenant``...) for
+    policies with subject conditions, but may not replace the ones that make it a token of the
+    demo IdP for the gateway (ValueError)."""
+    if replaced := sorted(SET_BY_DEMO_TOKEN.intersection(extra or {})):
+        raise ValueError(f"demo_token sets {', '.join(replaced)} itself")
     key = private_key_from_pem(private_path.read_bytes())
     now = int(time.time())
     claims = {

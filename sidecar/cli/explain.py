@@ -2,19 +2,26 @@
 why, without minting anything. It runs the same steps as ``/token`` after client authentication
 (the client's grant types, target parsing, subject verification, and
 :meth:`sidecar.exchange.grant.TokenExchangeGrant.evaluate`, which calls the one decision
-function), so the two cannot disagree."""
+function), so the two cannot disagree.
+
+It decides with the live policy table unless given a :class:`PolicySet` of its own: a proposed
+policy file (``explain --policies FILE``, ``sidecar policy test``) is judged by the same code
+before it ships."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from sidecar.config import Settings, load_policies_file
 from sidecar.errors import (
     InvalidClientError,
     InvalidRequestError,
     ProtocolError,
     UnauthorizedClientError,
 )
+from sidecar.exchange.policy import PolicySet
 from sidecar.exchange.request import TOKEN_EXCHANGE_GRANT, parse_resource, parse_scope
 from sidecar.exchange.subject import ID_TOKEN_CLAIMS, VerifiedToken, scopes_of, verify_token
 from sidecar.services import Services
@@ -40,6 +47,29 @@ def verified_from_claims(claims: Mapping[str, Any], *, now: int, max_ttl: int) -
     )
 
 
+def policies_from_file(path: Path, settings: Settings) -> PolicySet:
+    """The ``policies:`` of a policy or config file, validated as ``policy apply`` validates
+    them (clients, issuers, upstreams, overlaps): raises ConfigError naming the policy."""
+    return PolicySet(p.to_policy() for p in load_policies_file(path, settings))
+
+
+def _verified(
+    services: Services, token_or_claims: Mapping[str, Any] | str, *, role: str, now: int
+) -> VerifiedToken:
+    settings = services.settings
+    if isinstance(token_or_claims, str):
+        return verify_token(
+            token_or_claims, services.issuers, leeway=settings.tokens.leeway, role=role
+        )
+    verified = verified_from_claims(token_or_claims, now=now, max_ttl=settings.tokens.max_ttl)
+    # What /token refuses before any policy is consulted, claims can show as well.
+    if services.issuers.find_issuer(verified.issuer) is None:
+        raise InvalidRequestError(reason=f"{role} token issuer is not trusted")
+    if any(name in verified.claims for name in ID_TOKEN_CLAIMS):
+        raise InvalidRequestError(reason=f"{role} token is an ID token")
+    return verified
+
+
 def explain(
     services: Services,
     *,
@@ -49,8 +79,11 @@ def explain(
     scope: str | None,
     subject: Mapping[str, Any] | str,
     now: int,
+    actor: Mapping[str, Any] | str | None = None,
+    policies: PolicySet | None = None,
 ) -> dict[str, Any]:
-    settings = services.settings
+    """The decision for one exchange: ``subject`` (and ``actor``) a token, verified as /token
+    verifies it, or claims taken as verified; ``policies`` instead of the live table."""
     result: dict[str, Any] = {"decision": "denied", "client_id": client_id}
     try:
         client = services.authenticator.clients.get(client_id)
@@ -62,17 +95,16 @@ def explain(
         if not targets:
             raise InvalidRequestError(reason="no target requested")
         scopes = parse_scope(scope)
-        if isinstance(subject, str):
-            verified = verify_token(subject, services.issuers, leeway=settings.tokens.leeway)
-        else:
-            verified = verified_from_claims(subject, now=now, max_ttl=settings.tokens.max_ttl)
-            # What /token refuses before any policy is consulted, claims can show as well.
-            if services.issuers.find_issuer(verified.issuer) is None:
-                raise InvalidRequestError(reason="subject token issuer is not trusted")
-            if any(name in verified.claims for name in ID_TOKEN_CLAIMS):
-                raise InvalidRequestError(reason="subject token is an ID token")
+        verified = _verified(services, subject, role="subject", now=now)
+        acting = None if actor is None else _verified(services, actor, role="actor", now=now)
         decision = services.grant.evaluate(
-            client_id, targets, scopes, verified, None, policies=services.policies.get(), now=now
+            client_id,
+            targets,
+            scopes,
+            verified,
+            acting,
+            policies=services.policies.get() if policies is None else policies,
+            now=now,
         )
     except ProtocolError as exc:
         result.update(error=exc.error, reason=exc.reason)
@@ -89,3 +121,20 @@ def explain(
     if decision.upstream is not None:
         result["upstream"] = decision.upstream
     return result
+
+
+def yaml_scalar(value: Any) -> str:
+    """A value of the result as YAML spells it (``true``, ``false``, ``null``, ``[]``), a list
+    of names space-separated as ``scope`` is: never Python's ``True`` or ``None``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return " ".join(yaml_scalar(v) for v in value) if value else "[]"
+    return str(value)
+
+
+def explain_lines(result: Mapping[str, Any]) -> list[str]:
+    """The result of :func:`explain` as ``key: value`` lines."""
+    return [f"{key}: {yaml_scalar(value)}" for key, value in result.items()]

@@ -232,3 +232,137 @@ def test_demo_commands_with_an_invalid_configuration_exit_2(
 
         assert result.exit_code == 2, command
         assert "trusted_issuers[0].audiences" in one_line_error(result)
+
+
+# --- demo-token --claim / --claim-json ----------------------------------------------------------
+
+
+def unverified(result: Any) -> dict[str, Any]:
+    """The claims of the token a command printed (its signature is checked above)."""
+    assert result.exit_code == 0, result.output
+    claims: dict[str, Any] = jwt.decode(result.stdout.strip(), options={"verify_signature": False})
+    return claims
+
+
+def test_claims_are_typed_as_yaml_reads_a_plain_scalar(initialised: Path) -> None:
+    result = cli(
+        initialised, "demo-token",
+        "--claim", "groups=eng,ops",
+        "--claim", "teams=core,",
+        "--claim", "tenant=acme",
+        "--claim", "mfa=true",
+        "--claim", "admin=false",
+        "--claim", "level=3",
+        "--claim", "postcode=01234",
+        "--claim", "flags=1,true,x",
+        "--claim", "note=",
+    )  # fmt: skip
+
+    claims = unverified(result)
+    assert {name: claims[name] for name in (
+        "groups", "teams", "tenant", "mfa", "admin", "level", "postcode", "flags", "note"
+    )} == {
+        "groups": ["eng", "ops"],
+        "teams": ["core"],
+        "tenant": "acme",
+        "mfa": True,
+        "admin": False,
+        "level": 3,
+        "postcode": "01234",
+        "flags": [1, True, "x"],
+        "note": "",
+    }  # fmt: skip
+
+
+def test_claim_json_adds_any_json_value_beside_the_claim_options(
+    initialised: Path, demo_jwks: Path, idp: TestIdP
+) -> None:
+    result = cli(
+        initialised, "demo-token", "--sub", "bob",
+        "--claim", "tenant=acme",
+        "--claim-json", '{"groups": ["eng"], "org": {"id": 7}, "ratio": 0.5}',
+        "--claim-json", '{"email": "bob@example.com"}',
+    )  # fmt: skip
+
+    claims = verified(result.stdout.strip(), demo_jwks, idp)  # still the demo IdP's token
+    assert claims["sub"] == "bob"
+    assert claims["tenant"] == "acme"
+    assert claims["groups"] == ["eng"]
+    assert (claims["org"], claims["ratio"], claims["email"]) == ({"id": 7}, 0.5, "bob@example.com")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--claim", "iss=https://evil.example"], "claim iss is set by demo-token"),
+        (["--claim", "aud=x"], "claim aud: give it with --audience"),
+        (["--claim-json", '{"exp": 1}'], "claim exp: give it with --ttl"),
+        (["--claim", "iat=1"], "claim iat is set by demo-token"),
+        (["--claim-json", '{"jti": "x"}'], "claim jti is set by demo-token"),
+        (["--claim", "sub=mallory"], "claim sub: give it with --sub"),
+        (["--claim-json", '{"scope": "admin"}'], "claim scope: give it with --scope"),
+        (["--claim", "tenant=a", "--claim-json", '{"tenant": "b"}'], "claim tenant is given twice"),
+        (["--claim", "groups"], "--claim 'groups': write NAME=VALUE"),
+        (["--claim", "=eng"], "--claim '=eng': write NAME=VALUE"),
+        (["--claim-json", '["eng"]'], "--claim-json must be a JSON object"),
+        (["--claim-json", "{groups: eng}"], "--claim-json is not valid JSON"),
+    ],
+    ids=["iss", "aud", "exp", "iat", "jti", "sub", "scope", "twice", "no-equals", "no-name",
+         "json-list", "json-invalid"],
+)  # fmt: skip
+def test_demo_token_refuses_claims_it_cannot_add(
+    initialised: Path, args: list[str], message: str
+) -> None:
+    result = cli(initialised, "demo-token", *args)
+
+    assert result.exit_code == 2
+    assert one_line_error(result).startswith(f"sidecar: error: {message}")
+
+
+def test_demo_token_never_lets_extra_claims_replace_its_own(initialised: Path) -> None:
+    from sidecar.demo import demo_token
+
+    with pytest.raises(ValueError, match="demo_token sets iss itself"):
+        demo_token(
+            initialised.parent / "demo" / KEY_NAME,
+            issuer="https://idp.test.example",
+            audience="https://gateway.test.example",
+            subject="alice",
+            scope="code.read",
+            ttl=60,
+            extra={"iss": "https://evil.example"},
+        )
+
+
+def test_demo_tokens_with_claims_exercise_subject_conditions_end_to_end(
+    initialised: Path, tmp_path: Path
+) -> None:
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(yaml.safe_dump({"policies": [{
+        "name": "code-search", "client_id": "gateway", "audience": CODE_SEARCH,
+        "issuer": TestIdP.issuer,
+        "subject": {"groups": {"contains": "eng"}, "tenant": {"one_of": ["acme", "acme-eu"]}},
+        "scopes": ["code.read", "code.search"], "default_scopes": ["code.read"],
+        "require_subject_scopes": True, "copy_claims": ["email", "tenant"], "ttl": 120,
+    }]}))  # fmt: skip
+    for name, claims in [
+        ("alice.jwt", ["--claim", "groups=eng,ops", "--claim", "tenant=acme-eu"]),
+        ("bob.jwt", ["--claim", "groups=sales,", "--claim", "tenant=acme"]),
+    ]:
+        token = cli(initialised, "demo-token", "--scope", "code.read", *claims)
+        assert token.exit_code == 0, token.output
+        (tmp_path / name).write_text(token.stdout)
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(yaml.safe_dump({"policies": "policies.yaml", "cases": [
+        {"name": "alice", "client": "gateway", "subject_token_file": "alice.jwt",
+         "audience": CODE_SEARCH,
+         "expect": {"decision": "granted", "scopes": ["code.read"], "copied_claims": ["tenant"]}},
+        {"name": "bob", "client": "gateway", "subject_token_file": "bob.jwt",
+         "audience": CODE_SEARCH,
+         "expect": {"decision": "denied", "reason": "groups contains 'eng'"}},
+    ]}))  # fmt: skip
+
+    result = cli(initialised, "policy", "test", str(cases))
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:2] == ["PASS alice", "PASS bob"]

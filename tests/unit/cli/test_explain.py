@@ -418,3 +418,136 @@ def test_policy_explain_command_exits_3_when_refused(config_file: Path) -> None:
         "error": "invalid_target",
         "reason": "policy payroll for engineers: condition failed: groups contains 'eng'",
     }
+
+
+# --- explain --policies FILE, and the text output -------------------------------------------------
+
+ENGINEERS_ONLY = {
+    "name": "engineers only",
+    "client_id": "gateway",
+    "audience": CODE_SEARCH,
+    "subject": {"groups": {"contains": "eng"}},
+    "scopes": ["code.read"],
+    "default_scopes": ["code.read"],
+    "ttl": 30,
+}
+SALES_CLAIMS = json.dumps({"iss": TestIdP.issuer, "sub": "bob@example.com", "groups": ["sales"]})
+
+
+def explain_in_process(config_file: Path, *args: str) -> Any:
+    return CliRunner().invoke(
+        main, ["--config", str(config_file), "policy", "explain", *args], env={}
+    )
+
+
+def test_policy_explain_decides_with_a_policy_file_instead_of_the_table(
+    config_file: Path, tmp_path: Path
+) -> None:
+    # The table lets any subject of the gateway search code; the proposed file engineers only.
+    proposed = tmp_path / "proposed.yaml"
+    proposed.write_text(yaml.safe_dump({"policies": [ENGINEERS_ONLY]}))
+    request = ["--client", "gateway", "--audience", CODE_SEARCH, "--claims", SALES_CLAIMS]
+
+    live = explain_in_process(config_file, *request)
+    from_file = explain_in_process(config_file, *request, "--policies", str(proposed))
+
+    assert live.exit_code == 0, live.output
+    assert from_file.exit_code == 3, from_file.output
+    assert from_file.stdout.splitlines() == [
+        "decision: denied",
+        "client_id: gateway",
+        "error: invalid_target",
+        "reason: policy engineers only: condition failed: groups contains 'eng'",
+    ]
+
+
+def test_policy_explain_with_a_policy_file_needs_no_database(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    database = tmp_path / "never" / "sidecar.db"
+    config["database_url"] = f"sqlite:///{database}"
+    config_file = tmp_path / "no-database.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    # A whole config file serves as the policy file: its `policies:`.
+    result = explain_in_process(
+        config_file, "--client", "gateway", "--audience", CODE_SEARCH,
+        "--claims", SALES_CLAIMS, "--policies", str(config_file), "--json",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["lifetime"] == 120
+    assert not database.exists()
+
+
+def test_policy_explain_refuses_an_invalid_policy_file_with_exit_2(
+    config_file: Path, tmp_path: Path
+) -> None:
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text(yaml.safe_dump({"policies": [{**ENGINEERS_ONLY, "client_id": "nobody"}]}))
+
+    result = explain_in_process(
+        config_file, "--client", "gateway", "--audience", CODE_SEARCH,
+        "--claims", SALES_CLAIMS, "--policies", str(invalid),
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("sidecar: error: invalid policies: ")
+    assert "nobody" in line
+
+
+def test_policy_explain_prints_a_grant_as_key_value_lines(config_file: Path) -> None:
+    claims = {"iss": TestIdP.issuer, "sub": "alice", "groups": ["eng"], "mfa": True,
+              "email": "alice@example.com"}  # fmt: skip
+
+    result = explain_in_process(
+        config_file, "--client", "gateway", "--audience", CONDITIONAL,
+        "--scope", "code.read code.search", "--claims", json.dumps(claims),
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "decision: granted",
+        "client_id: gateway",
+        "policies: payroll for engineers",
+        f"audience: {CONDITIONAL}",
+        "scope: code.read code.search",
+        "lifetime: 90",
+        "copied_claims: email groups",
+        "credential: mint",
+    ]
+
+
+def test_policy_explain_prints_values_as_yaml_spells_them(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No field of today's result is a boolean or null: the printing is checked on one that is.
+    result_with_every_kind = {
+        "decision": "granted",
+        "reuse_tokens": True,
+        "cached": False,
+        "upstream": None,
+        "copied_claims": [],
+        "scope": ["code.read", "code.search"],
+        "lifetime": 60,
+    }
+    monkeypatch.setattr(
+        "sidecar.cli.explain.explain", lambda services, **request: result_with_every_kind
+    )
+
+    result = explain_in_process(
+        config_file, "--client", "gateway", "--audience", CODE_SEARCH, "--claims", SALES_CLAIMS
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "decision: granted",
+        "reuse_tokens: true",
+        "cached: false",
+        "upstream: null",
+        "copied_claims: []",
+        "scope: code.read code.search",
+        "lifetime: 60",
+    ]
