@@ -10,7 +10,7 @@ import click
 
 from sidecar.cli import fail, main, services_of, table
 from sidecar.logs import rfc3339
-from sidecar.store.changes import CHANGES
+from sidecar.store.actions import CHANGES
 
 
 @main.group()

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from sidecar.cli import fail, main, services_of, table, when
+from sidecar.cli.policy import actor_option
 
 
 @main.group()
@@ -48,7 +49,7 @@ def keys_list(ctx: click.Context, as_json: bool) -> None:
 
 @keys.command("rotate")
 @click.option("--now", "immediate", is_flag=True, help="Sign with the new key at once.")
-@click.option("--actor", default="cli", show_default=True, help="Who makes the change (audit).")
+@actor_option("audit")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def keys_rotate(ctx: click.Context, immediate: bool, actor: str, as_json: bool) -> None:
@@ -71,7 +72,7 @@ def keys_rotate(ctx: click.Context, immediate: bool, actor: str, as_json: bool) 
 # A kid is base64url and may start with "-": it must not be taken for an option.
 @keys.command("retire", context_settings={"ignore_unknown_options": True})
 @click.argument("kid")
-@click.option("--actor", default="cli", show_default=True, help="Who makes the change (audit).")
+@actor_option("audit")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def keys_retire(ctx: click.Context, kid: str, actor: str, as_json: bool) -> None:

@@ -10,10 +10,8 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from sidecar.store.changes import CHANGES
+from sidecar.store.actions import CHANGES, EXCHANGES
 from sidecar.store.models import AuditEventRow
-
-EXCHANGES = ("granted", "denied")
 
 COLUMNS = (
     "at",

@@ -11,13 +11,10 @@ import json
 
 from sqlalchemy.orm import Session
 
+from sidecar.store.actions import CHANGES, KEY_ACTIONS, POLICY_ACTIONS, SERVICE
 from sidecar.store.models import AuditEventRow
 
-# The changes recorded: policy_<action> for each policy_versions action, and key_<action>.
-POLICY_ACTIONS = ("create", "update", "delete", "rollback")
-KEY_ACTIONS = ("generate", "forward", "rotate", "retire", "remove", "encrypt")
-CHANGES = tuple(f"policy_{a}" for a in POLICY_ACTIONS) + tuple(f"key_{a}" for a in KEY_ACTIONS)
-SERVICE = "sidecar"  # the actor of changes the service makes by itself (scheduled rotation)
+__all__ = ["CHANGES", "SERVICE", "record_key_change", "record_policy_change"]
 
 
 def record_policy_change(

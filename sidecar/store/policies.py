@@ -1,5 +1,6 @@
 """The policy table: the policy set the service decides with, declarative apply, single-policy
-writes with optimistic concurrency (the admin API), and a version history with rollback.
+writes with optimistic concurrency (the admin API and the single-policy commands: enable, disable,
+delete), and a version history with rollback and version-to-version diffs.
 
 Every write happens in one transaction under the ``policies`` lease, validates the *resulting*
 whole set (overlaps, unknown clients, ttl) before commit, and records one ``policy_versions`` row
@@ -9,85 +10,60 @@ write that changes something also notifies every worker on commit (:mod:`sidecar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sidecar.config import PolicyConfig, format_validation_error
+from sidecar.config import PolicyConfig
 from sidecar.exchange.policy import Condition, Policy, PolicySet
 from sidecar.store.changes import record_policy_change
 from sidecar.store.db import hold_lease
 from sidecar.store.models import PolicyRow, PolicyVersionRow
 from sidecar.store.notify import POLICIES, notify_change
+from sidecar.store.policy_documents import (
+    DOCUMENT_FIELDS,
+    FieldChange,
+    PolicyChanges,
+    PolicyError,
+    PolicyExists,
+    PolicyInvalid,
+    PolicyNotFound,
+    PolicyVersion,
+    StaleVersion,
+    StoredPolicy,
+    VersionNotFound,
+    document_changes,
+    policy_document,
+    policy_file_text,
+    policy_from_document,
+)
+
+__all__ = [
+    "DOCUMENT_FIELDS",
+    "FieldChange",
+    "PolicyChanges",
+    "PolicyError",
+    "PolicyExists",
+    "PolicyInvalid",
+    "PolicyNotFound",
+    "PolicyStore",
+    "PolicyVersion",
+    "SetValidator",
+    "StaleVersion",
+    "StoredPolicy",
+    "VersionNotFound",
+    "document_changes",
+    "policy_document",
+    "policy_file_text",
+    "policy_from_document",
+]
 
 # Validates a whole policy set; raises ValueError naming the offending policy.
 SetValidator = Callable[[list[Policy]], None]
-
-
-class PolicyError(Exception):
-    """A policy write that cannot be made; the message says why."""
-
-
-class PolicyInvalid(PolicyError):
-    pass
-
-
-class PolicyNotFound(PolicyError):
-    pass
-
-
-class PolicyExists(PolicyError):
-    pass
-
-
-class StaleVersion(PolicyError):
-    """The policy changed since the version the writer read (optimistic concurrency)."""
-
-    def __init__(self, name: str, current: int) -> None:
-        super().__init__(f"policy {name} is at version {current}")
-        self.current = current
-
-
-def policy_document(policy: Policy) -> dict[str, Any]:
-    """The policy as it is written in a policy file (every field, sorted lists)."""
-    document: dict[str, Any] = {
-        "name": policy.name,
-        "client_id": policy.client_id,
-        "audience": policy.audience,
-    }
-    if policy.issuer is not None:
-        document["issuer"] = policy.issuer
-    if policy.conditions:
-        document["subject"] = {
-            c.claim: {c.operator: list(c.values) if c.operator == "one_of" else c.values[0]}
-            for c in policy.conditions
-        }
-    document.update(
-        scopes=sorted(policy.scopes),
-        default_scopes=sorted(policy.default_scopes),
-        ttl=policy.ttl,
-        enabled=policy.enabled,
-        require_subject_scopes=policy.require_subject_scopes,
-        reuse_tokens=policy.reuse_tokens,
-        copy_claims=list(policy.copy_claims),
-    )
-    if policy.credential != "mint":
-        document.update(credential=policy.credential, upstream=policy.upstream)
-    return document
-
-
-def policy_from_document(document: Any, *, strict: bool = False) -> Policy:
-    """Parse a policy document (a policy file entry, an admin API body, a history version);
-    ``strict`` refuses any type coercion (JSON from the admin API: "60" is not a ttl)."""
-    try:
-        return PolicyConfig.model_validate(document, strict=strict).to_policy()
-    except ValidationError as exc:
-        raise PolicyInvalid("; ".join(format_validation_error(exc).splitlines())) from None
 
 
 def _from_row(row: PolicyRow) -> Policy:
@@ -132,36 +108,6 @@ def _write_row(row: PolicyRow, policy: Policy) -> None:
     row.copy_claims = json.dumps(list(policy.copy_claims))
     row.credential = policy.credential
     row.upstream = policy.upstream
-
-
-@dataclass
-class PolicyChanges:
-    created: list[Policy] = field(default_factory=list)
-    updated: list[tuple[Policy, Policy]] = field(default_factory=list)  # (before, after)
-    deleted: list[Policy] = field(default_factory=list)
-    unchanged: list[Policy] = field(default_factory=list)
-
-    @property
-    def any(self) -> bool:
-        return bool(self.created or self.updated or self.deleted)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredPolicy:
-    policy: Policy
-    version: int
-    updated_at: float
-    updated_by: str
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyVersion:
-    name: str
-    version: int
-    action: str
-    document: dict[str, Any]
-    changed_at: float
-    changed_by: str
 
 
 class PolicyStore:
@@ -239,17 +185,18 @@ class PolicyStore:
                 .where(PolicyVersionRow.name == name)
                 .order_by(PolicyVersionRow.version, PolicyVersionRow.id)
             ).all()
-            return [
-                PolicyVersion(
-                    name=row.name,
-                    version=row.version,
-                    action=row.action,
-                    document=json.loads(row.document),
-                    changed_at=row.changed_at,
-                    changed_by=row.changed_by,
-                )
-                for row in rows
-            ]
+            return [_version(row) for row in rows]
+
+    def diff(self, name: str, from_version: int, to_version: int) -> list[FieldChange]:
+        """The fields that differ between two versions of policy ``name``, as its history
+        recorded them (a deletion's version holds the policy as it was deleted)."""
+        documents = {v.version: v.document for v in self.history(name)}
+        if not documents:
+            raise PolicyNotFound(f"no policy {name}")
+        for version in (from_version, to_version):
+            if version not in documents:
+                raise VersionNotFound(f"policy {name} has no version {version}")
+        return document_changes(documents[from_version], documents[to_version])
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -271,6 +218,7 @@ class PolicyStore:
         with self._sessions() as session, session.begin():
             hold_lease(session, "policies")
             rows = {row.name: row for row in session.scalars(select(PolicyRow))}
+            heads = self._heads(session, [*wanted, *rows])
             for name, policy in wanted.items():
                 row = rows.get(name)
                 if row is None:
@@ -288,6 +236,8 @@ class PolicyStore:
                     if name not in wanted:
                         changes.deleted.append(_from_row(row))
                         self._delete(session, row, actor)
+            changed = [*changes.created, *(after for _, after in changes.updated), *changes.deleted]
+            changes.previous = {p.name: heads[p.name] for p in changed if p.name in heads}
             self._check(session)
             if dry_run:
                 session.rollback()
@@ -320,17 +270,54 @@ class PolicyStore:
             notify_change(session, POLICIES)
             return _stored(row)
 
-    def rollback(self, name: str, version: int, *, actor: str) -> StoredPolicy:
-        """Restore the policy as it was at ``version``, as a new version."""
+    def set_enabled(
+        self, name: str, enabled: bool, *, actor: str, if_version: int | None = None
+    ) -> StoredPolicy:
+        """Enable or disable policy ``name``, recorded as action ``enable`` / ``disable``; no new
+        version when it already is. With ``if_version``, only while that is its version (else
+        :class:`StaleVersion`). Enabling is checked against the whole set like any write."""
         with self._sessions() as session, session.begin():
             hold_lease(session, "policies")
+            row = self._current(session, name, if_version)
+            if row.enabled == enabled:
+                return _stored(row)
+            policy = dataclasses.replace(_from_row(row), enabled=enabled)
+            self._update(session, row, policy, actor, "enable" if enabled else "disable")
+            self._check(session)
+            notify_change(session, POLICIES)
+            return _stored(row)
+
+    def delete(self, name: str, *, actor: str, if_version: int | None = None) -> int:
+        """Delete policy ``name``, recorded as action ``delete`` (its history stays, so it can
+        be rolled back); the version that records the deletion. With ``if_version``, only
+        while that is its version (else :class:`StaleVersion`)."""
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "policies")
+            row = self._current(session, name, if_version)
+            version = self._delete(session, row, actor)
+            self._check(session)
+            notify_change(session, POLICIES)
+            return version
+
+    def rollback(
+        self, name: str, version: int, *, actor: str, if_version: int | None = None
+    ) -> StoredPolicy:
+        """Restore the policy as it was at ``version``, as a new version. With ``if_version``,
+        only while that is its newest version (for a deleted policy, its deletion's)."""
+        with self._sessions() as session, session.begin():
+            hold_lease(session, "policies")
+            newest = self._next_version(session, name) - 1
+            if newest == 0:
+                raise PolicyNotFound(f"no policy {name}")
+            if if_version is not None and if_version != newest:
+                raise StaleVersion(name, newest)
             target = session.scalars(
                 select(PolicyVersionRow).where(
                     PolicyVersionRow.name == name, PolicyVersionRow.version == version
                 )
             ).first()
             if target is None:
-                raise PolicyNotFound(f"policy {name} has no version {version}")
+                raise VersionNotFound(f"policy {name} has no version {version}")
             if target.action == "delete":
                 raise PolicyInvalid(f"version {version} of policy {name} is its deletion")
             policy = policy_from_document(json.loads(target.document))
@@ -354,6 +341,30 @@ class PolicyStore:
             self._validate(resulting)
         except ValueError as exc:
             raise PolicyInvalid(str(exc)) from None
+
+    @staticmethod
+    def _current(session: Session, name: str, if_version: int | None) -> PolicyRow:
+        """The row of policy ``name``, at version ``if_version`` when one is given."""
+        row = session.scalars(select(PolicyRow).where(PolicyRow.name == name)).first()
+        if row is None:
+            raise PolicyNotFound(f"no policy {name}")
+        if if_version is not None and row.version != if_version:
+            raise StaleVersion(name, row.version)
+        return row
+
+    @staticmethod
+    def _heads(session: Session, names: Sequence[str]) -> dict[str, PolicyVersion]:
+        """The newest history version of each of ``names`` that has one: the row each name
+        wrote last (versions and ids grow together), without reading whole histories."""
+        if not names:
+            return {}
+        newest = (
+            select(func.max(PolicyVersionRow.id))
+            .where(PolicyVersionRow.name.in_(set(names)))
+            .group_by(PolicyVersionRow.name)
+        )
+        rows = session.scalars(select(PolicyVersionRow).where(PolicyVersionRow.id.in_(newest)))
+        return {row.name: _version(row) for row in rows}
 
     def _next_version(self, session: Session, name: str) -> int:
         versions = session.scalars(
@@ -381,10 +392,12 @@ class PolicyStore:
         row.updated_at, row.updated_by = self._clock(), actor
         self._record(session, policy, row.version, action, actor, before)
 
-    def _delete(self, session: Session, row: PolicyRow, actor: str) -> None:
+    def _delete(self, session: Session, row: PolicyRow, actor: str) -> int:
         policy = _from_row(row)
-        self._record(session, policy, self._next_version(session, policy.name), "delete", actor)
+        version = self._next_version(session, policy.name)
+        self._record(session, policy, version, "delete", actor)
         session.delete(row)
+        return version
 
     def _record(
         self,
@@ -427,3 +440,14 @@ class PolicyStore:
 
 def _stored(row: PolicyRow) -> StoredPolicy:
     return StoredPolicy(_from_row(row), row.version, row.updated_at, row.updated_by)
+
+
+def _version(row: PolicyVersionRow) -> PolicyVersion:
+    return PolicyVersion(
+        name=row.name,
+        version=row.version,
+        action=row.action,
+        document=json.loads(row.document),
+        changed_at=row.changed_at,
+        changed_by=row.changed_by,
+    )

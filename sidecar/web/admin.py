@@ -1,9 +1,11 @@
-"""The policy admin API (``/admin``), for tooling: list, get, create, update and disable policies
-as JSON, read their history. Disabled (404) unless ``admin:`` is configured.
+"""The policy admin API (``/admin``), for tooling: list, get, create, update, enable, disable,
+delete and roll back policies as JSON, read their history and the diff of two versions, export
+them as a policy file. Disabled (404) unless ``admin:`` is configured. The same operations as
+``sidecar policy``, on the same store, so either leaves the same history.
 
 - Authenticated by its own bearer tokens (``admin.credentials``), never by the gateway's client
   credentials; the credential's name is recorded in the policy history as ``admin:NAME``.
-- Optimistic concurrency: a policy's ``ETag`` is its version; an update or disable must send
+- Optimistic concurrency: a policy's ``ETag`` is its version; every write but a create must send
   ``If-Match`` with it (428 without, 412 when stale); creating an existing policy is 409.
 - With ``admin.listen``, the API answers only on that listener and the listener answers nothing
   else, so the gateway's network path cannot reach it.
@@ -28,16 +30,21 @@ from sidecar.store.policies import (
     PolicyNotFound,
     StaleVersion,
     StoredPolicy,
+    VersionNotFound,
     policy_document,
+    policy_file_text,
     policy_from_document,
 )
 from sidecar.web.openapi import ADMIN_OPENAPI
-from sidecar.web.responses import NO_STORE, json_response
+from sidecar.web.responses import NO_STORE, STATUS_LINES, json_response
 
 # RFC 9110 §13.1.1: If-Match uses the strong comparison; a weak tag never matches.
 _ETAG = re.compile(r'^\s*"(\d+)"\s*$')
 _WEAK_ETAG = re.compile(r'^\s*W/"\d+"\s*$')
+_VERSION = re.compile(r"^[1-9][0-9]{0,9}$")
 MAX_ADMIN_BODY_BYTES = 64 * 1024
+# The methods of /admin/policies/NAME: what a POST to NAME%2Fdisable (no route) is told.
+_POLICY_METHODS = ["DELETE", "GET", "HEAD", "PUT"]
 
 
 def admin_error(status: int, error: str, description: str, **headers: str) -> Response:
@@ -87,6 +94,27 @@ def _body() -> Any:
     return document
 
 
+def _rollback_version() -> int | None:
+    """The version a rollback body (``{"version": N}``) names; None when it names none."""
+    if (request.content_length or 0) > MAX_ADMIN_BODY_BYTES:
+        return None
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or set(body) != {"version"}:
+        return None
+    version = body["version"]
+    # Strict JSON types, as for policy documents: not "3", not 3.0, not true.
+    return version if type(version) is int and version >= 1 else None
+
+
+def _version_argument(name: str) -> int | None:
+    value = request.args.get(name, "")
+    return int(value) if _VERSION.match(value) else None
+
+
+def _precondition_required() -> Response:
+    return admin_error(428, "precondition_required", "If-Match with the ETag is required.")
+
+
 def _sent_as_path_segment(word: str) -> bool:
     """Whether the request path as sent ends with ``/word``, a real path segment. The router sees
     the decoded path, where the policy named ``a/history`` (sent as ``a%2Fhistory``) and the
@@ -131,6 +159,8 @@ def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
             return admin_error(400, "invalid_policy", str(exc))
         except PolicyExists:
             return admin_error(409, "conflict", "A policy with this name exists.")
+        except VersionNotFound:
+            return admin_error(404, "not_found", "No such version of the policy.")
         except PolicyNotFound:
             return admin_error(404, "not_found", "No such policy.")
         except StaleVersion as exc:
@@ -158,6 +188,8 @@ def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
     def policy_history(name: str) -> Response:
         if not _sent_as_path_segment("history"):
             return get_policy(f"{name}/history")
+        if "from" in request.args or "to" in request.args:
+            return history_diff(name)
         versions = store.history(name)
         if not versions:
             return admin_error(404, "not_found", "No such policy.")
@@ -177,6 +209,27 @@ def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
             },
             headers=NO_STORE,
         )
+
+    def history_diff(name: str) -> Response:
+        from_version, to_version = _version_argument("from"), _version_argument("to")
+        if from_version is None or to_version is None:
+            return admin_error(400, "invalid_request", "from and to must both be version numbers.")
+
+        def read() -> Response:
+            changes = store.diff(name, from_version, to_version)
+            body = {"name": name, "from": from_version, "to": to_version,
+                    "changes": [change.as_dict() for change in changes]}  # fmt: skip
+            return json_response(body, headers=NO_STORE)
+
+        return guarded(read)
+
+    @admin.get("/export")
+    def export() -> Response:
+        # The policy file `sidecar policy export` writes, which `sidecar policy apply` takes.
+        text = policy_file_text(s.policy for s in store.all())
+        response = Response(text, status=STATUS_LINES[200], content_type="application/yaml")
+        response.headers.update(NO_STORE)
+        return response
 
     @admin.post("/policies")
     def create_policy() -> Response:
@@ -203,23 +256,53 @@ def admin_blueprint(services: Services, config: AdminConfig) -> Blueprint:
 
         return guarded(write)
 
-    @admin.post("/policies/<path:name>/disable")
-    def disable_policy(name: str) -> Response:
-        if not _sent_as_path_segment("disable"):
-            # A POST to the policy named "NAME/disable", which is not a route: never a disable
+    def set_enabled(name: str, enabled: bool) -> Response:
+        word = "enable" if enabled else "disable"
+        if not _sent_as_path_segment(word):
+            # A POST to the policy named "NAME/disable", which is not a route: never a change
             # of the policy NAME.
-            raise MethodNotAllowed(valid_methods=["GET", "HEAD", "PUT"])
+            raise MethodNotAllowed(valid_methods=_POLICY_METHODS)
         version = _if_match()
         if version is None:
-            return admin_error(428, "precondition_required", "If-Match with the ETag is required.")
+            return _precondition_required()
+        return guarded(
+            lambda: changed(store.set_enabled(name, enabled, actor=actor(), if_version=version))
+        )
+
+    @admin.post("/policies/<path:name>/disable")
+    def disable_policy(name: str) -> Response:
+        return set_enabled(name, False)
+
+    @admin.post("/policies/<path:name>/enable")
+    def enable_policy(name: str) -> Response:
+        return set_enabled(name, True)
+
+    @admin.post("/policies/<path:name>/rollback")
+    def rollback_policy(name: str) -> Response:
+        if not _sent_as_path_segment("rollback"):
+            raise MethodNotAllowed(valid_methods=_POLICY_METHODS)
+        version = _if_match()
+        if version is None:
+            return _precondition_required()
+        target = _rollback_version()
+        if target is None:
+            return admin_error(400, "invalid_request", 'The body must be {"version": N}.')
+        return guarded(
+            lambda: changed(store.rollback(name, target, actor=actor(), if_version=version))
+        )
+
+    @admin.delete("/policies/<path:name>")
+    def delete_policy(name: str) -> Response:
+        version = _if_match()
+        if version is None:
+            return _precondition_required()
 
         def write() -> Response:
-            stored = store.get(name)
-            if stored is None:
-                raise PolicyNotFound(name)
-            document = {**policy_document(stored.policy), "enabled": False}
-            policy = policy_from_document(document)
-            return changed(store.put(policy, actor=actor(), if_version=version, create=False))
+            store.delete(name, actor=actor(), if_version=version)
+            services.policies.invalidate()
+            response = Response(status=STATUS_LINES[204], headers=NO_STORE)
+            del response.headers["Content-Type"]  # no content, so no type
+            return response
 
         return guarded(write)
 

@@ -22,6 +22,14 @@ _IF_MATCH = {
 }
 
 
+_VERSION_QUERY = {
+    "in": "query",
+    "required": False,
+    "description": "With the other of from/to: the fields that differ between the two versions.",
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
 
@@ -41,7 +49,8 @@ ADMIN_OPENAPI: dict[str, Any] = {
         "version": "1",
         "description": (
             "Exchange policies as JSON. Every change is recorded in the policy history with the "
-            "admin credential's name. Changes reach every worker within policy_refresh_interval."
+            "admin credential's name, as `sidecar policy` records its --actor. Changes reach "
+            "every worker within policy_refresh_interval."
         ),
     },
     "security": [{"adminToken": []}],
@@ -55,6 +64,21 @@ ADMIN_OPENAPI: dict[str, Any] = {
                         "description": "The OpenAPI document of the admin API.",
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     }
+                },
+            },
+        },
+        "/admin/export": {
+            "get": {
+                "summary": "Every policy as a policy file",
+                "responses": {
+                    "200": {
+                        "description": (
+                            "YAML `policies:`, sorted by name, no versions, as `sidecar policy "
+                            "export` writes it; `sidecar policy apply` takes it as it is."
+                        ),
+                        "content": {"application/yaml": {"schema": {"type": "string"}}},
+                    },
+                    "401": _error("Missing or wrong admin credentials."),
                 },
             },
         },
@@ -125,6 +149,63 @@ ADMIN_OPENAPI: dict[str, Any] = {
                     "428": _error("If-Match is required."),
                 },
             },
+            "delete": {
+                "summary": "Delete a policy (optimistic concurrency; its history stays)",
+                "parameters": [_IF_MATCH],
+                "responses": {
+                    "204": {"description": "Deleted (a new version records it)."},
+                    "401": _error("Missing or wrong admin credentials."),
+                    "404": _error("No such policy."),
+                    "412": _error("Stale If-Match: the policy changed (current ETag returned)."),
+                    "428": _error("If-Match is required."),
+                },
+            },
+        },
+        "/admin/policies/{name}/enable": {
+            "parameters": [_POLICY_NAME],
+            "post": {
+                "summary": "Enable a policy (optimistic concurrency)",
+                "parameters": [_IF_MATCH],
+                "responses": {
+                    "200": _policy("Enabled (new version in ETag; the same if it was)."),
+                    "400": _error("Enabled, it would overlap another enabled policy."),
+                    "401": _error("Missing or wrong admin credentials."),
+                    "404": _error("No such policy."),
+                    "412": _error("Stale If-Match."),
+                    "428": _error("If-Match is required."),
+                },
+            },
+        },
+        "/admin/policies/{name}/rollback": {
+            "parameters": [_POLICY_NAME],
+            "post": {
+                "summary": "Restore an earlier version, as a new version (optimistic concurrency)",
+                "parameters": [
+                    {
+                        **_IF_MATCH,
+                        "description": (
+                            'The policy\'s ETag, e.g. "3"; for a deleted policy, the version of '
+                            "its deletion (from its history)."
+                        ),
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/RollbackRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _policy("Restored (new version in ETag)."),
+                    "400": _error("No version in the body, a deletion, or an overlap."),
+                    "401": _error("Missing or wrong admin credentials."),
+                    "404": _error("No such policy, or no such version."),
+                    "412": _error("Stale If-Match (current version returned)."),
+                    "428": _error("If-Match is required."),
+                },
+            },
         },
         "/admin/policies/{name}/disable": {
             "parameters": [_POLICY_NAME],
@@ -132,7 +213,7 @@ ADMIN_OPENAPI: dict[str, Any] = {
                 "summary": "Disable a policy (optimistic concurrency)",
                 "parameters": [_IF_MATCH],
                 "responses": {
-                    "200": _policy("Disabled (new version in ETag)."),
+                    "200": _policy("Disabled (new version in ETag; the same if it was)."),
                     "401": _error("Missing or wrong admin credentials."),
                     "404": _error("No such policy."),
                     "412": _error("Stale If-Match."),
@@ -143,16 +224,28 @@ ADMIN_OPENAPI: dict[str, Any] = {
         "/admin/policies/{name}/history": {
             "parameters": [_POLICY_NAME],
             "get": {
-                "summary": "Every version of a policy",
+                "summary": "Every version of a policy, or the diff of two",
+                "parameters": [
+                    {**_VERSION_QUERY, "name": "from"},
+                    {**_VERSION_QUERY, "name": "to"},
+                ],
                 "responses": {
                     "200": {
-                        "description": "Versions, oldest first.",
+                        "description": "Versions, oldest first; with from and to, their diff.",
                         "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/History"}}
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/History"},
+                                        {"$ref": "#/components/schemas/HistoryDiff"},
+                                    ]
+                                }
+                            }
                         },
                     },
+                    "400": _error("from or to is not a version number, or one is missing."),
                     "401": _error("Missing or wrong admin credentials."),
-                    "404": _error("No such policy."),
+                    "404": _error("No such policy, or no such version."),
                 },
             },
         },
@@ -225,7 +318,16 @@ ADMIN_OPENAPI: dict[str, Any] = {
                             "type": "object",
                             "properties": {
                                 "version": {"type": "integer"},
-                                "action": {"enum": ["create", "update", "delete", "rollback"]},
+                                "action": {
+                                    "enum": [
+                                        "create",
+                                        "update",
+                                        "enable",
+                                        "disable",
+                                        "delete",
+                                        "rollback",
+                                    ]
+                                },
                                 "changed_at": {"type": "number"},
                                 "changed_by": {"type": "string"},
                                 "policy": {"$ref": "#/components/schemas/Policy"},
@@ -233,6 +335,34 @@ ADMIN_OPENAPI: dict[str, Any] = {
                         },
                     },
                 },
+            },
+            "HistoryDiff": {
+                "type": "object",
+                "required": ["name", "from", "to", "changes"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "from": {"type": "integer"},
+                    "to": {"type": "integer"},
+                    "changes": {
+                        "type": "array",
+                        "description": "The fields that differ, in document order.",
+                        "items": {
+                            "type": "object",
+                            "required": ["field", "before", "after"],
+                            "properties": {
+                                "field": {"type": "string"},
+                                "before": {"description": "null where the field is absent."},
+                                "after": {"description": "null where the field is absent."},
+                            },
+                        },
+                    },
+                },
+            },
+            "RollbackRequest": {
+                "type": "object",
+                "required": ["version"],
+                "additionalProperties": False,
+                "properties": {"version": {"type": "integer", "minimum": 1}},
             },
             "Error": {
                 "type": "object",

@@ -58,7 +58,9 @@ def unexpected_error_response(exc: BaseException) -> Response:
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         json.dumps(body, separators=(",", ":")),
-        status=status,
+        # The whole status line, with its RFC 9110 reason phrase: given only the code, werkzeug
+        # writes its own upper-case phrase, and a server writes what the app gave it.
+        status=STATUS_LINES.get(status, str(status)),
         mimetype="application/json",
         headers=headers,
     )

@@ -114,6 +114,12 @@ COMMANDS = [
     ["policy"],
     ["policy", "list"],
     ["policy", "apply"],
+    ["policy", "show"],
+    ["policy", "diff"],
+    ["policy", "export"],
+    ["policy", "enable"],
+    ["policy", "disable"],
+    ["policy", "delete"],
     ["policy", "history"],
     ["policy", "rollback"],
     ["policy", "explain"],
@@ -291,12 +297,13 @@ def test_policy_apply_json_lists_the_changes(migrated: Path) -> None:
     report = json.loads(result.stdout)
     assert report["dry_run"] is False
     assert report["unchanged"] == 0
-    assert {
+    [created] = [c for c in report["changes"] if c["name"] == f"gateway -> {CODE_SEARCH}"]
+    assert {key: created[key] for key in ("action", "client_id", "audience")} == {
         "action": "create",
-        "name": f"gateway -> {CODE_SEARCH}",
         "client_id": "gateway",
         "audience": CODE_SEARCH,
-    } in report["changes"]
+    }
+    assert created["after"]["scopes"] == ["code.read", "code.search"]  # the new policy
 
 
 def test_policy_apply_of_an_invalid_file_changes_nothing(
@@ -310,7 +317,9 @@ def test_policy_apply_of_an_invalid_file_changes_nothing(
     result = run("policy", "apply", str(bad), config=migrated)
 
     assert result.returncode == 2
-    assert "policies[5]" in one_line_error(result)
+    line = one_line_error(result)
+    assert f'policy "stranger -> https://x.internal" ({bad}, line ' in line
+    assert "client_id 'stranger' is not one of the configured clients" in line
     assert policy_ttls(migrated) == {}
 
 
@@ -435,7 +444,7 @@ def test_policy_apply_dry_run_of_an_overlapping_file_exits_2(
 
     assert result.exit_code == 2
     assert result.stdout == ""
-    assert "(twin)" in result.stderr
+    assert f'policy "twin" ({bad}, line ' in result.stderr
     assert "could match the same requests" in result.stderr
 
 
@@ -469,7 +478,7 @@ def test_policy_history_of_an_unknown_policy_fails(started: Path) -> None:
     result = cli(started, "policy", "history", "nope")
 
     assert result.exit_code == 1
-    assert result.stderr.strip() == "sidecar: error: no history for policy nope"
+    assert result.stderr.strip() == "sidecar: error: no policy nope"
 
 
 def test_policy_rollback_restores_a_version_as_a_new_one(started: Path, shorter_ttl: Path) -> None:

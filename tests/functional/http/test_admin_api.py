@@ -554,7 +554,7 @@ def test_history_records_each_change_with_the_admin_identity(
     assert [(v["version"], v["action"], v["changed_by"]) for v in versions] == [
         (1, "create", "admin:ops"),
         (2, "update", "admin:ops"),
-        (3, "update", "admin:ci"),
+        (3, "disable", "admin:ci"),
     ]
     for version, response_of_change in zip(versions, (created, updated, disabled), strict=True):
         assert response_of_change.headers["ETag"] == etag(version["version"])
@@ -774,7 +774,7 @@ def test_a_name_ending_in_a_slash_round_trips(admin: AdminClient) -> None:
 
 
 @sqlite_only
-@pytest.mark.parametrize("suffix", ["/history", "/disable"])
+@pytest.mark.parametrize("suffix", ["/history", "/disable", "/enable", "/rollback"])
 def test_a_policy_named_like_a_sub_resource_url_is_refused(admin: AdminClient, suffix: str) -> None:
     # "gateway -> https://audit.internal/history" would read, on a server that decodes %2F
     # before the app sees the path, as the history of "gateway -> https://audit.internal".
@@ -783,7 +783,7 @@ def test_a_policy_named_like_a_sub_resource_url_is_refused(admin: AdminClient, s
     response = admin.create(document)
 
     assert response.status_code == 400
-    assert "must not end with /history or /disable" in response.text
+    assert "must not end with /history, /disable, /enable, /rollback" in response.text
     named = admin.create({**document, "name": "audit-history"})
     assert named.status_code == 201, named.text
 

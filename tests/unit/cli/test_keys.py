@@ -113,6 +113,18 @@ def test_rotate_prints_the_new_key_and_when_it_signs(started: Path) -> None:
     assert result.stdout == f"new key {new['kid']} (ES256) signs from {new['activates']}\n"
 
 
+def test_a_key_change_without_actor_is_audited_as_the_operating_system_user(
+    started: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOGNAME", "dana")  # getpass.getuser() reads it first
+    assert cli(started, "keys", "rotate").exit_code == 0
+
+    result = cli(started, "audit", "search", "--kind", "change", "--json")
+
+    rotations = [row for row in json.loads(result.stdout) if row["decision"] == "key_rotate"]
+    assert [row["actor"] for row in rotations] == ["dana"]
+
+
 def test_rotate_now_signs_with_the_new_key_at_once_and_warns(started: Path) -> None:
     [old] = states(started)
 

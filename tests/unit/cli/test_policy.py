@@ -36,6 +36,14 @@ def history(config_file: Path, name: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
+def os_user(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The operating-system user the commands run as (getpass reads LOGNAME first): the actor
+    of a change made without --actor."""
+    monkeypatch.setenv("LOGNAME", "dana")
+    return "dana"
+
+
+@pytest.fixture
 def kept(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The configuration's policies but TICKETS's."""
     return [p for p in config["policies"] if p["audience"] != TICKETS]
@@ -131,7 +139,9 @@ def test_apply_accepts_a_file_of_policies_only(
     result = cli(started, "policy", "apply", str(policies))
 
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == ["create: wiki", "1 change(s), 5 unchanged"]
+    lines = result.stdout.splitlines()
+    assert (lines[0], lines[-1]) == ("create: wiki", "1 change(s), 5 unchanged")
+    assert '    scopes: ["wiki.read"]' in lines  # the new policy's fields
     assert documents(started)["wiki"]["scopes"] == ["wiki.read"]
 
 
@@ -196,7 +206,10 @@ def test_an_invalid_policy_file_exits_2_and_changes_nothing(
     result = cli(started, "policy", "apply", str(policies))
 
     assert result.exit_code == 2
-    assert one_line_error(result).startswith("sidecar: error: invalid policies: policies[5].")
+    line = one_line_error(result)
+    # Where the user wrote it: the file, the line, the entry and the key.
+    assert line.startswith(f"sidecar: error: invalid policies: {policies}, line ")
+    assert ": policies[5].scopes: " in line
     assert documents(started) == before
 
 
@@ -221,10 +234,9 @@ def test_two_policies_of_one_name_exit_2(
     result = cli(started, "policy", "apply", str(policies))
 
     assert result.exit_code == 2
-    assert one_line_error(result).startswith(
-        "sidecar: error: invalid policies: policies[6] (wiki): the name is already used by "
-        "policies[5]"
-    )
+    line = one_line_error(result)
+    assert line.startswith(f'sidecar: error: invalid policies: policy "wiki" ({policies}, line ')
+    assert f"the name is already used by the policy at {policies}, line " in line
     assert "wiki" not in documents(started)
 
 
@@ -257,7 +269,9 @@ def test_history_table_has_a_row_per_version(
     assert "scopes=tickets.read ttl=60 enabled=no subject=-" in second
 
 
-def test_rollback_after_a_prune_brings_the_policy_back_as_a_new_version(pruned: Path) -> None:
+def test_rollback_after_a_prune_brings_the_policy_back_as_a_new_version(
+    os_user: str, pruned: Path
+) -> None:
     result = cli(pruned, "policy", "rollback", TICKETS_POLICY, "--to", "1", "--actor", "carol")
 
     assert result.exit_code == 0, result.output
@@ -266,7 +280,7 @@ def test_rollback_after_a_prune_brings_the_policy_back_as_a_new_version(pruned: 
     versions = history(pruned, TICKETS_POLICY)
     assert [(v["action"], v["changed_by"]) for v in versions] == [
         ("create", "bootstrap"),
-        ("delete", "cli"),
+        ("delete", os_user),
         ("rollback", "carol"),
     ]
     assert versions[2]["policy"] == versions[0]["policy"]
@@ -286,7 +300,14 @@ def test_rollback_of_an_unknown_policy_fails(started: Path) -> None:
     result = cli(started, "policy", "rollback", "nope", "--to", "1")
 
     assert result.exit_code == 1
-    assert one_line_error(result) == "sidecar: error: policy nope has no version 1"
+    assert one_line_error(result) == "sidecar: error: no policy nope"
+
+
+def test_rollback_to_a_version_a_policy_does_not_have_fails(started: Path) -> None:
+    result = cli(started, "policy", "rollback", CODE_SEARCH_POLICY, "--to", "2")
+
+    assert result.exit_code == 1
+    assert one_line_error(result) == f"sidecar: error: policy {CODE_SEARCH_POLICY} has no version 2"
 
 
 def test_rollback_needs_the_version(started: Path) -> None:
@@ -324,3 +345,22 @@ def test_apply_on_an_unmigrated_database_says_to_upgrade(config_file: Path) -> N
 
     assert result.exit_code == 1
     assert "run `sidecar db upgrade`" in one_line_error(result)
+
+
+def test_an_overlap_with_a_policy_only_the_database_has_names_both_and_suggests_prune(
+    started: Path, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    # The file renames the first policy: without --prune the old name stays in the database
+    # and overlaps the new one.
+    renamed = [{**config["policies"][0], "name": "code search"}, *config["policies"][1:]]
+    policies = write_config(tmp_path / "policies.yaml", {"policies": renamed})
+    old_name = f"gateway -> {config['policies'][0]['audience']}"
+
+    refused = cli(started, "policy", "apply", str(policies))
+    pruned = cli(started, "policy", "apply", str(policies), "--prune")
+
+    line = one_line_error(refused)
+    assert f'policy "code search" ({policies}, line 2)' in line
+    assert f'policy "{old_name}" (in the database, not in {policies})' in line
+    assert "`policy apply --prune` deletes" in line
+    assert pruned.exit_code == 0, pruned.output

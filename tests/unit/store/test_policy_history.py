@@ -16,7 +16,13 @@ from sidecar.config import PolicyConfig, Settings, check_policy_set
 from sidecar.exchange.policy import Condition, Policy
 from sidecar.store import migrate
 from sidecar.store.db import make_sessionmaker
-from sidecar.store.policies import PolicyInvalid, PolicyNotFound, PolicyStore
+from sidecar.store.policies import (
+    PolicyInvalid,
+    PolicyNotFound,
+    PolicyStore,
+    StaleVersion,
+    VersionNotFound,
+)
 from tests.conftest import CODE_SEARCH, TICKETS, FakeClock
 from tests.unit.store.tables import snapshot
 from tests.unit.support import gateway_policy_config
@@ -113,8 +119,8 @@ def test_a_renamed_policy_without_prune_overlaps_its_old_self_and_changes_nothin
     with pytest.raises(PolicyInvalid) as caught:
         store.apply([policy("new")], actor="bob")
 
-    assert "(new)" in str(caught.value)
-    assert "(old)" in str(caught.value)
+    assert 'policy "new"' in str(caught.value)
+    assert 'policy "old"' in str(caught.value)
     assert snapshot(engine) == before
 
 
@@ -289,6 +295,182 @@ def test_rollback_whose_result_would_overlap_is_refused_and_changes_nothing(
     assert snapshot(engine) == before
 
 
+# --- enable, disable, delete: single-policy writes ------------------------------------------------
+
+
+def test_disable_and_enable_are_versions_of_their_own(store: PolicyStore, engine: Engine) -> None:
+    store.apply([policy("code", ttl=45)], actor="alice")
+
+    disabled = store.set_enabled("code", False, actor="bob")
+    enabled = store.set_enabled("code", True, actor="carol", if_version=2)
+
+    assert (disabled.version, disabled.policy.enabled, disabled.updated_by) == (2, False, "bob")
+    assert (enabled.version, enabled.policy.enabled) == (3, True)
+    history = store.history("code")
+    assert [(v.version, v.action, v.changed_by, v.document["enabled"]) for v in history] == [
+        (1, "create", "alice", True),
+        (2, "disable", "bob", False),
+        (3, "enable", "carol", True),
+    ]
+    assert {k: v for k, v in history[1].document.items() if k != "enabled"} == {
+        k: v for k, v in history[0].document.items() if k != "enabled"
+    }
+    with engine.connect() as connection:
+        decisions = connection.execute(
+            text("SELECT decision, actor, reason FROM audit_events ORDER BY id")
+        ).all()
+    assert [tuple(row) for row in decisions] == [
+        ("policy_create", "alice", None),
+        ("policy_disable", "bob", "disabled"),
+        ("policy_enable", "carol", "enabled"),
+    ]
+
+
+def test_setting_the_state_a_policy_has_makes_no_version(
+    store: PolicyStore, engine: Engine
+) -> None:
+    store.apply([policy("code")], actor="alice")
+    before = snapshot(engine)
+
+    stored = store.set_enabled("code", True, actor="bob", if_version=1)
+
+    assert stored.version == 1
+    after = snapshot(engine)
+    for table in ("policies", "policy_versions"):  # the lease was taken, and let go
+        assert after[table] == before[table]
+
+
+def test_enabling_a_policy_that_would_overlap_is_refused(
+    store: PolicyStore, engine: Engine
+) -> None:
+    store.apply([policy("code"), policy("twin", enabled=False)], actor="alice")
+    before = snapshot(engine)
+
+    with pytest.raises(PolicyInvalid, match="could match the same requests"):
+        store.set_enabled("twin", True, actor="bob")
+
+    assert snapshot(engine) == before
+
+
+def test_delete_records_the_deletion_and_keeps_the_history(store: PolicyStore) -> None:
+    store.apply([policy("code", ttl=45)], actor="alice")
+
+    version = store.delete("code", actor="bob", if_version=1)
+
+    assert version == 2
+    assert store.get("code") is None
+    assert list(store.load()) == []
+    assert [(v.version, v.action, v.changed_by) for v in store.history("code")] == [
+        (1, "create", "alice"),
+        (2, "delete", "bob"),
+    ]
+    assert store.rollback("code", 1, actor="carol", if_version=2).policy.ttl == 45
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda store: store.set_enabled("code", False, actor="bob", if_version=1),
+        lambda store: store.delete("code", actor="bob", if_version=1),
+        lambda store: store.rollback("code", 1, actor="bob", if_version=1),
+    ],
+    ids=["disable", "delete", "rollback"],
+)
+def test_a_single_policy_write_of_a_stale_version_changes_nothing(
+    store: PolicyStore, engine: Engine, write: Any
+) -> None:
+    store.apply([policy("code")], actor="alice")
+    store.apply([policy("code", ttl=30)], actor="alice")
+    before = snapshot(engine)
+
+    with pytest.raises(StaleVersion) as caught:
+        write(store)
+
+    assert caught.value.current == 2
+    assert snapshot(engine) == before
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda store: store.set_enabled("nope", True, actor="bob"),
+        lambda store: store.delete("nope", actor="bob"),
+        lambda store: store.rollback("nope", 1, actor="bob"),
+    ],
+    ids=["enable", "delete", "rollback"],
+)
+def test_a_single_policy_write_of_an_unknown_name_is_refused(
+    store: PolicyStore, write: Any
+) -> None:
+    with pytest.raises(PolicyNotFound, match=r"^no policy nope$"):
+        write(store)
+
+
+# --- diff of two versions -----------------------------------------------------------------------
+
+
+def test_diff_lists_the_fields_that_differ_between_two_versions(store: PolicyStore) -> None:
+    store.apply([policy("code")], actor="alice")
+    store.apply([policy("code", ttl=30, scopes=["code.read"], **tenant("acme"))], actor="bob")
+
+    changes = store.diff("code", 1, 2)
+
+    assert [c.as_dict() for c in changes] == [
+        {"field": "subject", "before": None, "after": {"tenant": {"equals": "acme"}}},
+        {"field": "scopes", "before": ["code.read", "code.search"], "after": ["code.read"]},
+        {"field": "ttl", "before": 120, "after": 30},
+    ]
+    assert [c.key for c in store.diff("code", 2, 1)] == ["subject", "scopes", "ttl"]
+    assert store.diff("code", 2, 2) == []
+
+
+def test_diff_tells_a_boolean_from_an_integer(store: PolicyStore) -> None:
+    store.apply([policy("code", subject={"level": {"equals": 1}})], actor="alice")
+    store.apply([policy("code", subject={"level": {"equals": True}})], actor="bob")
+
+    [change] = store.diff("code", 1, 2)
+
+    assert (change.key, change.before, change.after) == (
+        "subject",
+        {"level": {"equals": 1}},
+        {"level": {"equals": True}},
+    )
+
+
+def test_diff_of_a_missing_version_or_policy_is_refused(store: PolicyStore) -> None:
+    store.apply([policy("code")], actor="alice")
+
+    with pytest.raises(VersionNotFound, match=r"^policy code has no version 2$"):
+        store.diff("code", 1, 2)
+    with pytest.raises(PolicyNotFound, match=r"^no policy nope$") as caught:
+        store.diff("nope", 1, 1)
+    assert not isinstance(caught.value, VersionNotFound)
+
+
+# --- what an apply replaces -----------------------------------------------------------------------
+
+
+def test_apply_reports_the_newest_version_each_change_replaces(
+    store: PolicyStore, clock: FakeClock
+) -> None:
+    store.apply([policy("code"), policy("wiki", "https://wiki.internal")], actor="alice")
+    store.set_enabled("code", False, actor="admin:ops")
+    store.delete("wiki", actor="bob")
+
+    changes = store.apply(
+        [policy("code", ttl=30), policy("wiki", "https://wiki.internal"),
+         policy("new", "https://new.internal")],
+        actor="carol",
+        dry_run=True,
+    )  # fmt: skip
+
+    assert {name: (v.version, v.action, v.changed_by) for name, v in changes.previous.items()} == {
+        "code": (2, "disable", "admin:ops"),
+        "wiki": (2, "delete", "bob"),
+    }
+    assert changes.previous["code"].changed_at == clock.now
+
+
 # --- a refused write changes nothing ------------------------------------------------------------
 
 
@@ -298,12 +480,12 @@ def test_rollback_whose_result_would_overlap_is_refused_and_changes_nothing(
         pytest.param(policy("intruder"), "could match the same requests", id="overlap"),
         pytest.param(
             policy("stranger", "https://x.internal", client_id="stranger"),
-            "client_id is not one of the configured clients",
+            "is not one of the configured clients",
             id="unknown-client",
         ),
         pytest.param(
             policy("alien", "https://x.internal", issuer="https://idp.evil"),
-            "issuer is not one of the trusted_issuers",
+            "is not one of the trusted_issuers",
             id="unknown-issuer",
         ),
         pytest.param(
@@ -328,7 +510,7 @@ def test_failed_apply_leaves_the_database_exactly_as_it_was(
         )
 
     assert reason in str(caught.value)
-    assert f"({bad.name})" in str(caught.value)  # the refusal names the policy
+    assert f'policy "{bad.name}"' in str(caught.value)  # the refusal names the policy
     assert snapshot(engine) == before
 
 
@@ -347,7 +529,7 @@ def test_failed_apply_of_plain_policies_is_checked_like_a_file(
         ttl=60,
     )
 
-    with pytest.raises(PolicyInvalid, match=r"\(twin\)"):
+    with pytest.raises(PolicyInvalid, match='policy "twin"'):
         store.apply([twin], actor="bob")
 
     assert snapshot(engine) == before

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
@@ -124,9 +125,17 @@ def test_a_write_without_credentials_changes_nothing(app: Flask, services: Servi
         client.post("/admin/policies", json=wiki_policy()),
         client.put(policy_path(TICKETS_POLICY), json=wiki_policy(), headers={"If-Match": '"1"'}),
         client.post(policy_path(TICKETS_POLICY, "/disable"), headers={"If-Match": '"1"'}),
+        client.post(policy_path(TICKETS_POLICY, "/enable"), headers={"If-Match": '"1"'}),
+        client.delete(policy_path(TICKETS_POLICY), headers={"If-Match": '"1"'}),
+        client.post(
+            policy_path(TICKETS_POLICY, "/rollback"),
+            json={"version": 1},
+            headers={"If-Match": '"1"'},
+        ),
+        client.get("/admin/export"),
     ]
 
-    assert [r.status_code for r in responses] == [401, 401, 401]
+    assert [r.status_code for r in responses] == [401] * 7
     assert table_state(services.engine) == before
 
 
@@ -342,6 +351,195 @@ def test_disable_of_an_unknown_policy_is_404(admin: Admin) -> None:
     assert admin.disable("nope", '"1"').status_code == 404
 
 
+# --- enable, delete, rollback -----------------------------------------------------------------
+
+
+def enable(admin: Admin, name: str, if_match: str | None) -> TestResponse:
+    return admin.request("POST", policy_path(name, "/enable"), if_match=if_match)
+
+
+def delete(admin: Admin, name: str, if_match: str | None) -> TestResponse:
+    return admin.request("DELETE", policy_path(name), if_match=if_match)
+
+
+def rollback(admin: Admin, name: str, if_match: str | None, body: Any) -> TestResponse:
+    return admin.request("POST", policy_path(name, "/rollback"), if_match=if_match, json=body)
+
+
+def test_enable_of_a_disabled_policy_is_a_version_of_its_own(admin: Admin) -> None:
+    admin.disable(TICKETS_POLICY, '"1"')
+
+    response = enable(admin, TICKETS_POLICY, '"2"')
+
+    assert (response.status_code, response.headers["ETag"]) == (200, '"3"')
+    assert response.json["enabled"] is True
+    versions = admin.history(TICKETS_POLICY).json["versions"]
+    assert [(v["action"], v["changed_by"]) for v in versions][1:] == [
+        ("disable", "admin:ops"),
+        ("enable", "admin:ops"),
+    ]
+
+
+def test_enable_of_an_enabled_policy_keeps_its_version(admin: Admin) -> None:
+    response = enable(admin, TICKETS_POLICY, '"1"')
+
+    assert (response.status_code, response.headers["ETag"]) == (200, '"1"')
+    assert len(admin.history(TICKETS_POLICY).json["versions"]) == 1
+
+
+def test_enable_that_would_overlap_is_400(admin: Admin) -> None:
+    twin = wiki_policy(name="twin", audience=CODE_SEARCH, scopes=["code.read"], enabled=False)
+    assert admin.create(twin).status_code == 201
+
+    response = enable(admin, "twin", '"1"')
+
+    assert response.status_code == 400
+    assert error_of(response) == "invalid_policy"
+    assert document_of(admin, "twin")["enabled"] is False
+
+
+def test_delete_is_204_without_a_body_and_recorded(admin: Admin) -> None:
+    response = delete(admin, TICKETS_POLICY, '"1"')
+
+    assert response.status_code == 204
+    assert response.data == b""
+    assert "Content-Type" not in response.headers
+    assert admin.get(TICKETS_POLICY).status_code == 404
+    versions = admin.history(TICKETS_POLICY).json["versions"]
+    assert [(v["version"], v["action"]) for v in versions] == [(1, "create"), (2, "delete")]
+
+
+def test_rollback_restores_a_version_as_a_new_one(admin: Admin) -> None:
+    admin.put(TICKETS_POLICY, {**document_of(admin, TICKETS_POLICY), "ttl": 30}, '"1"')
+
+    response = rollback(admin, TICKETS_POLICY, '"2"', {"version": 1})
+
+    assert (response.status_code, response.headers["ETag"]) == (200, '"3"')
+    assert (response.json["ttl"], response.json["version"]) == (60, 3)
+    assert admin.history(TICKETS_POLICY).json["versions"][-1]["action"] == "rollback"
+
+
+def test_rollback_of_a_deleted_policy_names_the_deletion_s_version(admin: Admin) -> None:
+    delete(admin, TICKETS_POLICY, '"1"')
+
+    stale = rollback(admin, TICKETS_POLICY, '"1"', {"version": 1})
+    restored = rollback(admin, TICKETS_POLICY, '"2"', {"version": 1})
+
+    assert (stale.status_code, stale.headers["ETag"]) == (412, '"2"')
+    assert (restored.status_code, restored.headers["ETag"]) == (200, '"3"')
+    assert document_of(admin, TICKETS_POLICY)["ttl"] == 60
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        ({"version": 9}, 404, "not_found"),
+        ({"version": 2}, 400, "invalid_policy"),  # the deletion
+        ({"version": "1"}, 400, "invalid_request"),
+        ({"version": 1.0}, 400, "invalid_request"),
+        ({"version": True}, 400, "invalid_request"),
+        ({"version": 0}, 400, "invalid_request"),
+        ({"version": 1, "ttl": 5}, 400, "invalid_request"),
+        ([1], 400, "invalid_request"),
+        (None, 400, "invalid_request"),
+    ],
+    ids=["missing", "deletion", "string", "float", "bool", "zero", "extra", "list", "no body"],
+)
+def test_a_rollback_that_names_no_restorable_version_changes_nothing(
+    admin: Admin, services: Services, body: Any, status: int, error: str
+) -> None:
+    delete(admin, TICKETS_POLICY, '"1"')
+    before = table_state(services.engine)
+
+    response = rollback(admin, TICKETS_POLICY, '"2"', body)
+
+    assert response.status_code == status
+    assert error_of(response) == error
+    assert table_state(services.engine) == before
+
+
+@pytest.mark.parametrize("write", [enable, delete], ids=["enable", "delete"])
+def test_enable_and_delete_need_the_current_version(
+    admin: Admin, services: Services, write: Any
+) -> None:
+    admin.disable(TICKETS_POLICY, '"1"')
+    before = table_state(services.engine)
+
+    missing, stale, weak = (write(admin, TICKETS_POLICY, tag) for tag in (None, '"1"', 'W/"2"'))
+
+    assert (missing.status_code, error_of(missing)) == (428, "precondition_required")
+    assert (stale.status_code, stale.headers["ETag"]) == (412, '"2"')
+    assert weak.status_code == 412
+    assert table_state(services.engine) == before
+
+
+def test_rollback_needs_the_current_version(admin: Admin, services: Services) -> None:
+    before = table_state(services.engine)
+
+    missing = rollback(admin, TICKETS_POLICY, None, {"version": 1})
+    stale = rollback(admin, TICKETS_POLICY, '"7"', {"version": 1})
+
+    assert (missing.status_code, stale.status_code) == (428, 412)
+    assert table_state(services.engine) == before
+
+
+@pytest.mark.parametrize("write", [enable, delete], ids=["enable", "delete"])
+def test_enable_and_delete_of_an_unknown_policy_are_404(admin: Admin, write: Any) -> None:
+    response = write(admin, "nope", '"1"')
+
+    assert (response.status_code, error_of(response)) == (404, "not_found")
+
+
+def test_the_status_line_carries_the_reason_phrase(admin: Admin) -> None:
+    assert admin.put(TICKETS_POLICY, wiki_policy(), None).status == "428 Precondition Required"
+    assert enable(admin, TICKETS_POLICY, '"9"').status == "412 Precondition Failed"
+    assert delete(admin, TICKETS_POLICY, '"1"').status == "204 No Content"
+
+
+# --- history between two versions, export -------------------------------------------------------
+
+
+def test_history_from_to_is_the_diff_of_two_versions(admin: Admin) -> None:
+    admin.put(TICKETS_POLICY, {**document_of(admin, TICKETS_POLICY), "ttl": 30}, '"1"')
+
+    response = admin.request("GET", policy_path(TICKETS_POLICY, "/history?from=1&to=2"))
+
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.json == {
+        "name": TICKETS_POLICY,
+        "from": 1,
+        "to": 2,
+        "changes": [{"field": "ttl", "before": 60, "after": 30}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [("from=1", 400), ("from=1&to=x", 400), ("from=0&to=1", 400), ("from=-1&to=1", 400),
+     ("from=1&to=5", 404)],
+)  # fmt: skip
+def test_history_from_to_needs_two_versions_the_policy_has(
+    admin: Admin, query: str, status: int
+) -> None:
+    response = admin.request("GET", policy_path(TICKETS_POLICY, f"/history?{query}"))
+
+    assert response.status_code == status
+    assert error_of(response) == ("not_found" if status == 404 else "invalid_request")
+
+
+def test_export_is_the_policy_file_of_every_policy(admin: Admin, config: dict[str, Any]) -> None:
+    response = admin.request("GET", "/admin/export")
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/yaml")
+    assert response.headers["Cache-Control"] == "no-store"
+    exported = yaml.safe_load(response.text)["policies"]
+    assert [p["name"] for p in exported] == sorted(p["name"] for p in admin.list().json["policies"])
+    assert len(exported) == len(config["policies"])
+    assert all("version" not in p for p in exported)
+
+
 # --- history ----------------------------------------------------------------------------------
 
 
@@ -357,7 +555,7 @@ def test_history_lists_every_version_oldest_first(admin: Admin) -> None:
     versions = body["versions"]
     assert [(v["version"], v["action"], v["changed_by"]) for v in versions] == [
         (1, "create", "bootstrap"),
-        (2, "update", "admin:ops"),
+        (2, "disable", "admin:ops"),
     ]
     assert [v["policy"]["enabled"] for v in versions] == [True, False]
     assert versions[0]["changed_at"] <= versions[1]["changed_at"]
@@ -392,6 +590,19 @@ def test_a_post_to_name_percent_2f_disable_is_405_and_disables_nothing(wiki: Adm
     assert "POST" not in allowed
     assert document_of(wiki, "wiki")["enabled"] is True
     assert len(wiki.history("wiki").json["versions"]) == 1
+
+
+@pytest.mark.parametrize("word", ["enable", "rollback"])
+def test_a_post_to_name_percent_2f_enable_or_rollback_is_405(wiki: Admin, word: str) -> None:
+    wiki.disable("wiki", '"1"')
+
+    response = wiki.request(
+        "POST", f"/admin/policies/wiki%2F{word}", if_match='"2"', json={"version": 1}
+    )
+
+    assert response.status_code == 405
+    assert "POST" not in {m.strip() for m in response.headers["Allow"].split(",")}
+    assert len(wiki.history("wiki").json["versions"]) == 2
 
 
 def test_a_get_of_name_percent_2f_history_reads_that_name_not_the_history(wiki: Admin) -> None:

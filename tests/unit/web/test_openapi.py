@@ -106,8 +106,11 @@ def test_every_conditional_write_documents_its_preconditions() -> None:
             assert {"412", "428"} <= set(operation["responses"]), (path, method)
 
     assert sorted(conditional) == [
+        ("/admin/policies/{name}", "delete"),
         ("/admin/policies/{name}", "put"),
         ("/admin/policies/{name}/disable", "post"),
+        ("/admin/policies/{name}/enable", "post"),
+        ("/admin/policies/{name}/rollback", "post"),
     ]
 
 
