@@ -39,8 +39,10 @@ demo: install
 	$(BIN)/sidecar demo
 
 ## make test: the whole suite.
+## Two workers (pytest-xdist): the functional tests that start servers run one after the other
+## on one of them (tests/conftest.py), the unit and HTTP tests on the other.
 test: install tools
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 ## make bench: the service against a bare baseline app under the same load (bench/run.py):
 ## requests/s, p50/p99/p99.9, errors, peak RSS per worker. wrk (Debian's package) is installed

@@ -501,6 +501,20 @@ def captured_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
+# --- make test runs on two workers (pytest-xdist, --dist loadgroup) -------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The functional tests outside http/ (servers started and stopped, floods, idle
+    connections, wall-clock bounds, signals) run one after the other on one worker, as they do
+    alone; the unit tests and the HTTP tests share the other. Without xdist the mark is inert."""
+    for item in items:
+        if item.nodeid.startswith("tests/functional/") and not item.nodeid.startswith(
+            "tests/functional/http/"
+        ):
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
 # --- no process outlives the run --------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ VENDOR_KEY = "vendor-key-" + "k" * 24
 HEADER_KEY = "header-key-" + "h" * 24
 UPSTREAM_SECRET = "upstream-client-secret-" + "s" * 16
 LEAK_MARKER = "do-not-leak-this-upstream-detail"
-SCOPES = ["tickets.read", "t1", "t2", "t3", "t4", "t5", "t6", "t7"]
+SCOPES = ["tickets.read", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8"]
 
 
 @dataclass
@@ -464,15 +464,26 @@ def test_secrets_in_the_config_never_reach_the_policy_table(sidecar: Served) -> 
     assert "tickets-saas" in dump  # the policies name the upstream
 
 
-def test_upstream_token_fetches_are_counted_by_outcome(sidecar: Served) -> None:
-    # After the tests above: fetches that succeeded and fetches that failed, over both workers.
+def fetch_counts(sidecar: Served) -> dict[str, float]:
     scraped = requests.get(f"{sidecar.url}/metrics", timeout=10).text
-    counts = {
+    return {
         sample.labels["outcome"]: sample.value
         for family in text_string_to_metric_families(scraped)
         for sample in family.samples
         if sample.name == "sidecar_upstream_token_fetches_total"
         and sample.labels["upstream"] == "tickets-saas"
     }
-    assert counts["ok"] >= 3
-    assert counts["failed"] >= 4
+
+
+def test_upstream_token_fetches_are_counted_by_outcome(sidecar: Served, idp: TestIdP) -> None:
+    # After the tests above, fetches that succeeded and failed (summed over both workers); the
+    # authorization server is gone now: one more request is one more failed fetch.
+    before = fetch_counts(sidecar)
+
+    answer = exchange(sidecar, idp.token(), TICKETS_SAAS, scope="t8")
+
+    after = fetch_counts(sidecar)
+    assert answer.status_code == 503
+    assert before["ok"] >= 3
+    assert before["failed"] >= 1
+    assert (after["ok"], after["failed"]) == (before["ok"], before["failed"] + 1)

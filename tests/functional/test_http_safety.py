@@ -420,4 +420,4 @@ def test_an_encoded_slash_never_reaches_another_policy(served: Served) -> None:
         timeout=10,
     )
     assert refused.status_code == 400
-    assert "must not end with /history or /disable" in refused.text
+    assert "must not end with /history, /disable, /enable, /rollback" in refused.text

@@ -31,7 +31,10 @@ def recipe() -> list[list[str]]:
         text=True,
         check=True,
     )
-    commands = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith(str(BIN))]
+    # Only the recipe's own sidecar commands (not the install steps `make -n` also lists when
+    # the virtual environment looks out of date).
+    sidecar = str(BIN / "sidecar")
+    commands = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith(sidecar)]
     assert commands[-1][-1] == "serve", commands
     return commands
 
