@@ -34,7 +34,7 @@ run: install
 	$(BIN)/sidecar --config $(CONFIG) serve
 
 ## make demo: the whole idea in one command, on loopback: a demo IdP, the sidecar, a gateway
-## and two upstreams (sidecar/walkthrough.py); every process it starts is stopped at the end.
+## and two upstreams (sidecar/walkthrough/); every process it starts is stopped at the end.
 demo: install
 	$(BIN)/sidecar demo
 

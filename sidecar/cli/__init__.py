@@ -275,4 +275,13 @@ def _report_db_check(result: dict[str, Any], as_json: bool) -> NoReturn:
 
 
 # The command groups live in modules of their own; importing them registers their commands.
-from sidecar.cli import audit, demo, keys, policy, policy_test, upstreams  # noqa: E402, F401
+from sidecar.cli import (  # noqa: E402, F401
+    audit,
+    demo,
+    keys,
+    policy,
+    policy_apply,
+    policy_test,
+    policy_versions,
+    upstreams,
+)

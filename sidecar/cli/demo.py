@@ -1,5 +1,5 @@
 """`sidecar demo-init` / `demo-token`: the demo identity provider of `make run`; `sidecar demo`:
-the whole story of `make demo` (sidecar/walkthrough.py)."""
+the whole story of `make demo` (sidecar/walkthrough/)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from sidecar.cli import fail, main, services_of, table, when
-from sidecar.cli.policy import actor_option
+from sidecar.cli.actors import actor_option
 
 
 @main.group()

@@ -1,7 +1,8 @@
 """The configuration: one YAML file, read once at start-up into one typed, validated object.
 
 - :mod:`sidecar.config.common`: errors, durations, strict models, protocol constants;
-- :mod:`sidecar.config.models`: one model per section, and :class:`Settings`;
+- :mod:`sidecar.config.parties`: who the service trusts and serves (issuers, clients, admins);
+- :mod:`sidecar.config.models`: the token, key and cache sections, and :class:`Settings`;
 - :mod:`sidecar.config.policies`: ``policies:`` entries and the checks of a whole policy set;
 - :mod:`sidecar.config.loading`: YAML, ``${NAME}`` substitution, validation with key paths.
 """
@@ -29,15 +30,17 @@ from sidecar.config.loading import (
     substitute_env,
 )
 from sidecar.config.models import (
-    AdminConfig,
-    AdminCredential,
     CachesConfig,
-    ClientConfig,
     KeysConfig,
-    KubernetesConfig,
-    RateLimitConfig,
     Settings,
     TokensConfig,
+)
+from sidecar.config.parties import (
+    AdminConfig,
+    AdminCredential,
+    ClientConfig,
+    KubernetesConfig,
+    RateLimitConfig,
     TrustedIssuerConfig,
 )
 from sidecar.config.policies import (

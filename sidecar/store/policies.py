@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.config import PolicyConfig
-from sidecar.exchange.policy import Condition, Policy, PolicySet
+from sidecar.exchange.policy import Policy, PolicySet
 from sidecar.store.changes import record_policy_change
 from sidecar.store.db import hold_lease
 from sidecar.store.models import PolicyRow, PolicyVersionRow
@@ -40,6 +40,13 @@ from sidecar.store.policy_documents import (
     policy_document,
     policy_file_text,
     policy_from_document,
+)
+from sidecar.store.policy_rows import (
+    history_row,
+    policy_from_row,
+    policy_version,
+    stored_policy,
+    write_policy_row,
 )
 
 __all__ = [
@@ -66,50 +73,6 @@ __all__ = [
 SetValidator = Callable[[list[Policy]], None]
 
 
-def _from_row(row: PolicyRow) -> Policy:
-    return Policy(
-        name=row.name,
-        client_id=row.client_id,
-        audience=row.audience,
-        scopes=frozenset(json.loads(row.scopes)),
-        default_scopes=frozenset(json.loads(row.default_scopes)),
-        ttl=row.ttl,
-        enabled=row.enabled,
-        require_subject_scopes=row.require_subject_scopes,
-        reuse_tokens=row.reuse_tokens,
-        copy_claims=tuple(json.loads(row.copy_claims)),
-        credential=row.credential,
-        upstream=row.upstream,
-        issuer=row.issuer,
-        conditions=tuple(
-            Condition(c["claim"], c["operator"], tuple(c["values"]))
-            for c in json.loads(row.conditions)
-        ),
-    )
-
-
-def _write_row(row: PolicyRow, policy: Policy) -> None:
-    row.name = policy.name
-    row.client_id = policy.client_id
-    row.audience = policy.audience
-    row.issuer = policy.issuer
-    row.conditions = json.dumps(
-        [
-            {"claim": c.claim, "operator": c.operator, "values": list(c.values)}
-            for c in policy.conditions
-        ]
-    )
-    row.scopes = json.dumps(sorted(policy.scopes))
-    row.default_scopes = json.dumps(sorted(policy.default_scopes))
-    row.ttl = policy.ttl
-    row.enabled = policy.enabled
-    row.require_subject_scopes = policy.require_subject_scopes
-    row.reuse_tokens = policy.reuse_tokens
-    row.copy_claims = json.dumps(list(policy.copy_claims))
-    row.credential = policy.credential
-    row.upstream = policy.upstream
-
-
 class PolicyStore:
     def __init__(
         self,
@@ -132,7 +95,9 @@ class PolicyStore:
         disabled then enabled again is equal to what it was)."""
         with self._sessions() as session:
             marker = self._marker(session)
-            rows = [(row.version, _from_row(row)) for row in session.scalars(select(PolicyRow))]
+            rows = [
+                (row.version, policy_from_row(row)) for row in session.scalars(select(PolicyRow))
+            ]
         previous, loaded = self._loaded, {}
         for version, policy in rows:
             known = previous.get(policy.name)
@@ -171,12 +136,12 @@ class PolicyStore:
     def all(self) -> list[StoredPolicy]:
         with self._sessions() as session:
             rows = session.scalars(select(PolicyRow).order_by(PolicyRow.name)).all()
-            return [_stored(row) for row in rows]
+            return [stored_policy(row) for row in rows]
 
     def get(self, name: str) -> StoredPolicy | None:
         with self._sessions() as session:
             row = session.scalars(select(PolicyRow).where(PolicyRow.name == name)).first()
-            return _stored(row) if row is not None else None
+            return stored_policy(row) if row is not None else None
 
     def history(self, name: str) -> list[PolicyVersion]:
         with self._sessions() as session:
@@ -185,7 +150,7 @@ class PolicyStore:
                 .where(PolicyVersionRow.name == name)
                 .order_by(PolicyVersionRow.version, PolicyVersionRow.id)
             ).all()
-            return [_version(row) for row in rows]
+            return [policy_version(row) for row in rows]
 
     def diff(self, name: str, from_version: int, to_version: int) -> list[FieldChange]:
         """The fields that differ between two versions of policy ``name``, as its history
@@ -225,7 +190,7 @@ class PolicyStore:
                     changes.created.append(policy)
                     self._create(session, policy, actor)
                     continue
-                before = _from_row(row)
+                before = policy_from_row(row)
                 if before == policy:
                     changes.unchanged.append(policy)
                     continue
@@ -234,7 +199,7 @@ class PolicyStore:
             if prune:
                 for name, row in rows.items():
                     if name not in wanted:
-                        changes.deleted.append(_from_row(row))
+                        changes.deleted.append(policy_from_row(row))
                         self._delete(session, row, actor)
             changed = [*changes.created, *(after for _, after in changes.updated), *changes.deleted]
             changes.previous = {p.name: heads[p.name] for p in changed if p.name in heads}
@@ -262,13 +227,13 @@ class PolicyStore:
                     raise PolicyNotFound(f"no policy {policy.name}")
                 if if_version is None or row.version != if_version:
                     raise StaleVersion(policy.name, row.version)
-                if _from_row(row) == policy:
+                if policy_from_row(row) == policy:
                     self._check(session)
-                    return _stored(row)
+                    return stored_policy(row)
                 self._update(session, row, policy, actor, "update")
             self._check(session)
             notify_change(session, POLICIES)
-            return _stored(row)
+            return stored_policy(row)
 
     def set_enabled(
         self, name: str, enabled: bool, *, actor: str, if_version: int | None = None
@@ -280,12 +245,12 @@ class PolicyStore:
             hold_lease(session, "policies")
             row = self._current(session, name, if_version)
             if row.enabled == enabled:
-                return _stored(row)
-            policy = dataclasses.replace(_from_row(row), enabled=enabled)
+                return stored_policy(row)
+            policy = dataclasses.replace(policy_from_row(row), enabled=enabled)
             self._update(session, row, policy, actor, "enable" if enabled else "disable")
             self._check(session)
             notify_change(session, POLICIES)
-            return _stored(row)
+            return stored_policy(row)
 
     def delete(self, name: str, *, actor: str, if_version: int | None = None) -> int:
         """Delete policy ``name``, recorded as action ``delete`` (its history stays, so it can
@@ -328,7 +293,7 @@ class PolicyStore:
                 self._update(session, row, policy, actor, "rollback")
             self._check(session)
             notify_change(session, POLICIES)
-            return _stored(row)
+            return stored_policy(row)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -336,7 +301,7 @@ class PolicyStore:
         session.flush()
         if self._validate is None:
             return
-        resulting = [_from_row(row) for row in session.scalars(select(PolicyRow))]
+        resulting = [policy_from_row(row) for row in session.scalars(select(PolicyRow))]
         try:
             self._validate(resulting)
         except ValueError as exc:
@@ -364,7 +329,7 @@ class PolicyStore:
             .group_by(PolicyVersionRow.name)
         )
         rows = session.scalars(select(PolicyVersionRow).where(PolicyVersionRow.id.in_(newest)))
-        return {row.name: _version(row) for row in rows}
+        return {row.name: policy_version(row) for row in rows}
 
     def _next_version(self, session: Session, name: str) -> int:
         versions = session.scalars(
@@ -378,7 +343,7 @@ class PolicyStore:
         # A re-created policy continues its history's numbering.
         version = self._next_version(session, policy.name)
         row = PolicyRow(version=version, updated_at=self._clock(), updated_by=actor)
-        _write_row(row, policy)
+        write_policy_row(row, policy)
         session.add(row)
         self._record(session, policy, version, action, actor)
         return row
@@ -386,14 +351,14 @@ class PolicyStore:
     def _update(
         self, session: Session, row: PolicyRow, policy: Policy, actor: str, action: str
     ) -> None:
-        before = _from_row(row)
-        _write_row(row, policy)
+        before = policy_from_row(row)
+        write_policy_row(row, policy)
         row.version = self._next_version(session, policy.name)
         row.updated_at, row.updated_by = self._clock(), actor
         self._record(session, policy, row.version, action, actor, before)
 
     def _delete(self, session: Session, row: PolicyRow, actor: str) -> int:
-        policy = _from_row(row)
+        policy = policy_from_row(row)
         version = self._next_version(session, policy.name)
         self._record(session, policy, version, "delete", actor)
         session.delete(row)
@@ -410,18 +375,7 @@ class PolicyStore:
     ) -> None:
         """The history row, and the change's row in the audit trail (same transaction)."""
         now = self._clock()
-        session.add(
-            PolicyVersionRow(
-                name=policy.name,
-                client_id=policy.client_id,
-                audience=policy.audience,
-                version=version,
-                action=action,
-                document=json.dumps(policy_document(policy)),
-                changed_at=now,
-                changed_by=actor,
-            )
-        )
+        session.add(history_row(policy, version, action, changed_at=now, changed_by=actor))
         reason = None
         if before is not None and before.enabled != policy.enabled:
             reason = "enabled" if policy.enabled else "disabled"
@@ -436,18 +390,3 @@ class PolicyStore:
             audience=policy.audience,
             reason=reason,
         )
-
-
-def _stored(row: PolicyRow) -> StoredPolicy:
-    return StoredPolicy(_from_row(row), row.version, row.updated_at, row.updated_by)
-
-
-def _version(row: PolicyVersionRow) -> PolicyVersion:
-    return PolicyVersion(
-        name=row.name,
-        version=row.version,
-        action=row.action,
-        document=json.loads(row.document),
-        changed_at=row.changed_at,
-        changed_by=row.changed_by,
-    )

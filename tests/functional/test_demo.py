@@ -1,4 +1,4 @@
-"""``sidecar demo`` (sidecar/walkthrough.py) as a test of the topology it shows: a demo IdP, a
+"""``sidecar demo`` (sidecar/walkthrough/) as a test of the topology it shows: a demo IdP, a
 real ``sidecar serve``, a gateway using sidecar.client and two upstreams that record every
 request they receive. The user's token never reaches an upstream through the gateway; each
 upstream sees only its own credential; the demo prints no secret and leaves no process behind."""
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import jwt
 import pytest
 
-from sidecar.walkthrough import CODE_SEARCH, DemoReport, RecordedRequest, run_demo
+from sidecar.walkthrough.narration import fingerprint, masked
+from sidecar.walkthrough.story import DemoReport, run_demo
+from sidecar.walkthrough.world import CODE_SEARCH, RecordedRequest
 from tests.launcher import SIDECAR
 
 STEP_LINES = (
@@ -172,3 +174,11 @@ def test_sidecar_demo_command_runs_the_story_and_leaves_no_process() -> None:
         os.killpg(int(pid.group(1)), 0)
     with pytest.raises(ProcessLookupError):
         os.killpg(process.pid, 0)
+
+
+def test_the_narration_shows_a_secret_only_as_a_fingerprint_or_a_masked_key() -> None:
+    key = "vk_" + "s" * 28 + "a083"
+
+    assert masked(key) == "vk_...a083"
+    assert fingerprint(key).startswith("sha256:")
+    assert key[3:-4] not in masked(key) + fingerprint(key)

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from sidecar.cli.policy import EXIT_DIFFERS
+from sidecar.cli.policy_apply import NOT_BY_APPLY
 from tests.conftest import CODE_SEARCH, TICKETS, write_config
 from tests.unit.support import cli, one_line_error
 
@@ -509,3 +510,9 @@ def test_a_file_that_matches_a_rolled_back_policy_does_not_warn(
     result = ok(wiki, "policy", "apply", str(wiki_files[0]), "--dry-run")
 
     assert result.stderr == ""  # nothing would change, so nothing is undone
+
+
+def test_the_changes_apply_warns_it_would_undo_are_the_ones_a_file_never_makes() -> None:
+    # A policy file creates, updates and deletes; a newest version made any other way (or by
+    # an admin: actor) is what applying a file would silently undo.
+    assert frozenset({"rollback", "enable", "disable"}) == NOT_BY_APPLY

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.cli.policy_test import Expectation, differences
+from sidecar.cli.policy_cases import Expectation
+from sidecar.cli.policy_test import differences
 from tests.conftest import CODE_SEARCH, TICKETS, TestIdP, write_config
 from tests.unit.support import cli, one_line_error
 

@@ -12,17 +12,19 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from sidecar.config import (
-    AdminConfig,
-    AdminCredential,
     CachesConfig,
-    ClientConfig,
     ConfigError,
     KeysConfig,
-    RateLimitConfig,
     TokensConfig,
-    TrustedIssuerConfig,
     format_validation_error,
     settings_from_mapping,
+)
+from sidecar.config.parties import (
+    AdminConfig,
+    AdminCredential,
+    ClientConfig,
+    RateLimitConfig,
+    TrustedIssuerConfig,
 )
 from sidecar.exchange.request import TOKEN_EXCHANGE_GRANT
 

@@ -233,3 +233,21 @@ def test_load_if_changed_keeps_the_set_until_the_table_changes(store: PolicyStor
     restored = store.load_if_changed(pruned)
     assert [p.name for p in restored if p.name == pruned_name] == [pruned_name]
     assert restored.find("gateway", TICKETS).ttl == 60  # type: ignore[union-attr]
+
+
+def test_a_policy_written_to_a_row_reads_back_the_same() -> None:
+    from sidecar.store.models import PolicyRow
+    from sidecar.store.policy_rows import policy_from_row, write_policy_row
+
+    wanted = policy(
+        CODE_SEARCH,
+        enabled=False,
+        require_subject_scopes=True,
+        copy_claims=["email"],
+        subject={"groups": {"contains": "eng"}, "mfa": {"equals": True}},
+    ).to_policy()
+    row = PolicyRow()
+
+    write_policy_row(row, wanted)
+
+    assert policy_from_row(row) == wanted
