@@ -26,6 +26,7 @@ from sidecar.metrics import KeyringCollector, Metrics
 from sidecar.services import Services
 from sidecar.store.db import observe_errors
 from sidecar.web.admin import admin_blueprint
+from sidecar.web.bodies import FinishBodies
 from sidecar.web.ext_authz import ExtAuthzEndpoint
 from sidecar.web.responses import (
     NO_STORE,
@@ -179,9 +180,9 @@ def create_app(
     ext_authz = None
     if settings.ext_authz is not None:
         ext_authz = ExtAuthzEndpoint(services, endpoint, settings.ext_authz)
-    app.wsgi_app = TokenRouter(  # type: ignore[method-assign]
-        endpoint, app.wsgi_app, listener_of=listener_of, ext_authz=ext_authz
-    )
+    router = TokenRouter(endpoint, app.wsgi_app, listener_of=listener_of, ext_authz=ext_authz)
+    # Outermost: a refusal that left the body unread still leaves the connection usable.
+    app.wsgi_app = FinishBodies(router, MAX_BODY_BYTES)  # type: ignore[method-assign]
     return app
 
 

@@ -278,6 +278,85 @@ def test_a_parse_error_never_echoes_the_request(served: Served) -> None:
     assert marker.encode() not in received
 
 
+# --- 2b. a refusal decided before the body arrived leaves the connection honest ------------------
+
+
+def read_answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bool]:
+    """One answer read with h11: its status, its headers (lower-case names), and whether the
+    server closed the connection right after it."""
+    conn = h11.Connection(our_role=h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    status, headers = 0, {}
+    sock.settimeout(timeout)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    return status, headers, closed_within(sock, 1.0)
+
+
+EARLY_REFUSALS = {
+    # /token refuses parameters in the URL before reading the body.
+    "token, query string": ("POST /token?scope=x", "gateway", 400),
+    # The admin API refuses a request without credentials before reading its JSON.
+    "admin, no credentials": ("PUT /admin/policies/x", "admin", 401),
+}
+
+
+@pytest.mark.parametrize("refusal", EARLY_REFUSALS, ids=list(EARLY_REFUSALS))
+def test_a_refusal_before_its_body_arrives_leaves_the_connection_usable(
+    served: Served, refusal: str
+) -> None:
+    """The next request on the connection is answered, not dropped (the client sent it because
+    nothing said the connection would close)."""
+    request_line, listener, status = EARLY_REFUSALS[refusal]
+    admin_port = int(served.config["admin"]["listen"].rpartition(":")[2])
+    port = served.port if listener == "gateway" else admin_port
+    body = token_form(served.extra["idp"].token())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"{request_line} HTTP/1.1\r\nHost: x\r\nAuthorization: {_basic()}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        time.sleep(0.3)  # the refusal is decided meanwhile
+        sock.sendall(body)
+        first_status, headers, closed = read_answer(sock)
+        assert (first_status, closed) == (status, False)
+        assert headers.get("connection", "keep-alive").lower() != "close"
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = Responses(sock)
+        second = reader.expect("GET", timeout=5)
+    assert second is not None, "the connection was closed without saying so"
+    assert second[0] in (200, 404)  # the admin listener answers nothing but /admin/
+
+
+def test_a_refused_body_over_the_cap_is_answered_with_connection_close(
+    served: Served, request: pytest.FixtureRequest
+) -> None:
+    """A body too large to read is never read: the answer says the connection closes, and it
+    does."""
+    known_weakness(request, served, "drops the app's Connection: close and waits for the body")
+    with connect(served) as sock:
+        sock.sendall(
+            f"POST /token HTTP/1.1\r\nHost: x\r\nAuthorization: {_basic()}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            "Content-Length: 10000000\r\n\r\n".encode()
+            + b"a="
+            + b"b" * 1000
+        )
+        status, headers, closed = read_answer(sock)
+    assert status == 400
+    assert headers.get("connection", "").lower() == "close"
+    assert closed
+
+
 # --- 3. idle and slow clients are closed; a flood locks no one out ------------------------------
 
 
