@@ -181,8 +181,8 @@ def create_app(
     if settings.ext_authz is not None:
         ext_authz = ExtAuthzEndpoint(services, endpoint, settings.ext_authz)
     router = TokenRouter(endpoint, app.wsgi_app, listener_of=listener_of, ext_authz=ext_authz)
-    # Outermost: a refusal that left the body unread still leaves the connection usable.
-    app.wsgi_app = FinishBodies(router, MAX_BODY_BYTES)  # type: ignore[method-assign]
+    # Outermost: an answer that left the body unread tells the client the connection closes.
+    app.wsgi_app = FinishBodies(router)  # type: ignore[method-assign]
     return app
 
 

@@ -1,19 +1,17 @@
-"""A request's body is read to its end before its answer goes out, or the answer says
-``Connection: close``.
+"""An answer given before the request's body was read says ``Connection: close``.
 
 Many refusals are decided before the body is read (a query string on ``/token``, an admin
-request without credentials, a body over the size cap). granian hands the app the body as a
-stream; when the app answers without reading it, hyper cannot reuse the connection and closes it
-after the answer, without saying so. A client that sends its next request on that kept-alive
-connection meanwhile loses it (``Connection aborted``; RFC 9112 §9.3: a client may resend only
-idempotent requests, and ``POST /token`` is not one). So, as the answer starts:
+request without credentials, a method a path does not take, a body over the size cap). granian
+hands the app the body as a stream; when the app answers without reading it, hyper cannot reuse
+the connection and closes it after the answer. Unless the answer says so (RFC 9112 §9.6), a
+client sends its next request on that kept-alive connection and loses it (``Connection
+aborted``; RFC 9112 §9.3.1: a client may resend only idempotent requests, and ``POST /token`` is
+not one).
 
-- a body of known length within :data:`~sidecar.exchange.request.MAX_BODY_BYTES` that the app
-  left unread is read and dropped (the bytes a valid request of that size would have been read
-  for anyway), and the connection stays usable;
-- any other (over the cap, or chunked beyond it) gets ``Connection: close`` (RFC 9112 §9.6): the
-  client knows not to reuse the connection. gunicorn drops that header and reads an unread body
-  itself before the next request.
+The unread body is never read here to keep the connection: a client that sends a head and
+withholds the body would hold an app thread for as long as it liked, on any path of any
+listener. A client that is refused opens a new connection instead. (gunicorn drops the header
+and reads an unread body itself before the next request.)
 """
 
 from __future__ import annotations
@@ -22,12 +20,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-# One read of the drain; bounded so that a body is never held in memory whole.
-_CHUNK = 16 * 1024
 
 
 class TrackedBody:
-    """``wsgi.input`` that counts what the app read, and can read the rest."""
+    """``wsgi.input`` that knows whether the app read it to its end."""
 
     def __init__(self, stream: Any, length: int | None) -> None:
         self._stream = stream
@@ -63,25 +59,12 @@ class TrackedBody:
         while line := self.readline():
             yield line
 
-    def drain(self, limit: int) -> bool:
-        """Read and drop what the app left, up to ``limit`` bytes in all; whether the body's end
-        was reached."""
-        if self.complete:
-            return True
-        if self._length is not None and self._length > limit:
-            return False
-        while not self.complete and self._seen <= limit:
-            wanted = _CHUNK if self._length is None else min(_CHUNK, self._length - self._seen)
-            self.read(wanted)
-        return self.complete
-
 
 class FinishBodies:
-    """WSGI middleware: see the module docstring. ``limit``: the largest body drained."""
+    """WSGI middleware: see the module docstring."""
 
-    def __init__(self, app: WSGIApp, limit: int) -> None:
+    def __init__(self, app: WSGIApp) -> None:
         self._app = app
-        self._limit = limit
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
@@ -93,14 +76,14 @@ class FinishBodies:
         length: int | None = None
         if not chunked:
             # The server checked the framing; a value that is not a plain number is still
-            # never read as a length (too long for the cap either way).
+            # never read as a length (one that no read completes).
             digits = length_header.isascii() and length_header.isdigit()
-            length = int(length_header) if digits and len(length_header) <= 12 else self._limit + 1
+            length = int(length_header) if digits and len(length_header) <= 18 else 2**63
         body = TrackedBody(environ.get("wsgi.input"), length)
         environ["wsgi.input"] = body
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            if not body.drain(self._limit):
+            if not body.complete:
                 headers = [*headers, ("Connection", "close")]
             if exc_info is None:
                 return start_response(status, headers)

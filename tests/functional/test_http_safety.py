@@ -278,7 +278,7 @@ def test_a_parse_error_never_echoes_the_request(served: Served) -> None:
     assert marker.encode() not in received
 
 
-# --- 2b. a refusal decided before the body arrived leaves the connection honest ------------------
+# --- 2b. an answer given before the body arrived never strands the next request ----------------
 
 
 def read_answer(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bool]:
@@ -306,15 +306,17 @@ EARLY_REFUSALS = {
     "token, query string": ("POST /token?scope=x", "gateway", 400),
     # The admin API refuses a request without credentials before reading its JSON.
     "admin, no credentials": ("PUT /admin/policies/x", "admin", 401),
+    # /healthz takes no POST.
+    "method not allowed": ("POST /healthz", "gateway", 405),
 }
 
 
 @pytest.mark.parametrize("refusal", EARLY_REFUSALS, ids=list(EARLY_REFUSALS))
-def test_a_refusal_before_its_body_arrives_leaves_the_connection_usable(
+def test_a_refusal_before_its_body_arrives_never_strands_the_next_request(
     served: Served, refusal: str
 ) -> None:
-    """The next request on the connection is answered, not dropped (the client sent it because
-    nothing said the connection would close)."""
+    """Either the answer says the connection closes (and it does), or the next request on the
+    connection is answered: a client never sends a request into a connection closed silently."""
     request_line, listener, status = EARLY_REFUSALS[refusal]
     admin_port = int(served.config["admin"]["listen"].rpartition(":")[2])
     port = served.port if listener == "gateway" else admin_port
@@ -328,12 +330,14 @@ def test_a_refusal_before_its_body_arrives_leaves_the_connection_usable(
         time.sleep(0.3)  # the refusal is decided meanwhile
         sock.sendall(body)
         first_status, headers, closed = read_answer(sock)
-        assert (first_status, closed) == (status, False)
-        assert headers.get("connection", "keep-alive").lower() != "close"
+        assert first_status == status
+        if headers.get("connection", "").lower() == "close":
+            assert closed
+            return
+        assert not closed, "the connection was closed without saying so"
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        reader = Responses(sock)
-        second = reader.expect("GET", timeout=5)
-    assert second is not None, "the connection was closed without saying so"
+        second = Responses(sock).expect("GET", timeout=5)
+    assert second is not None, "the next request was dropped"
     assert second[0] in (200, 404)  # the admin listener answers nothing but /admin/
 
 
@@ -357,12 +361,80 @@ def test_a_refused_body_over_the_cap_is_answered_with_connection_close(
     assert closed
 
 
+@contextlib.contextmanager
+def withheld_bodies(served: Served, path: str, count: int = 10) -> Iterator[None]:
+    """``count`` connections, each with a request head whose body never comes; closed after."""
+    held = []
+    try:
+        for _ in range(count):
+            sock = connect(served)
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                "Content-Length: 100\r\n\r\na=".encode()
+            )
+            held.append(sock)
+        time.sleep(0.5)
+        yield
+    finally:
+        for sock in held:  # the server's reads of these bodies end with the connections
+            sock.close()
+
+
+def exchange_within(served: Served, seconds: float) -> bool:
+    try:
+        response = requests.post(
+            served.token_url,
+            data=token_form(served.extra["idp"].token()),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Authorization": _basic(),
+            },
+            timeout=seconds,
+        )
+    except requests.Timeout:
+        return False
+    return response.status_code == 200
+
+
+def test_bodies_withheld_on_a_path_that_reads_none_hold_no_worker(
+    served: Served, request: pytest.FixtureRequest
+) -> None:
+    """The answer (405) goes out at once with ``Connection: close``; nothing waits for the
+    body."""
+    known_weakness(request, served, "a worker thread may wait for the unread body", strict=False)
+    with withheld_bodies(served, "/healthz"):
+        assert exchange_within(served, 5.0)
+
+
+def test_bodies_withheld_on_token_hold_no_worker(
+    served: Served, request: pytest.FixtureRequest
+) -> None:
+    """A known limit of both servers: the app reads /token's body on one of its threads, and
+    neither server bounds how long a body may take (granian's header_read_timeout covers the
+    head only). Clients that withhold their bodies hold every thread of both workers until they
+    disconnect (the rows after this one show the threads released). Hence /token listens on
+    loopback, for the pod's gateway alone (README, Deployment)."""
+    # Under gunicorn, how many threads they hold depends on which worker takes each connection.
+    strict = served.extra["kind"] == "granian"
+    request.applymarker(
+        pytest.mark.xfail(strict=strict, reason="no deadline on a request body (both servers)")
+    )
+    # Twenty: whichever way they fall on the two workers, each gets more than its two threads.
+    with withheld_bodies(served, "/token", count=20):
+        assert exchange_within(served, 5.0)
+
+
 # --- 3. idle and slow clients are closed; a flood locks no one out ------------------------------
 
 
-def known_weakness(request: pytest.FixtureRequest, served: Served, reason: str) -> None:
+def known_weakness(
+    request: pytest.FixtureRequest, served: Served, reason: str, *, strict: bool = True
+) -> None:
+    """Under gunicorn, the row fails for ``reason``: a strict xfail, or (``strict=False``) one
+    that depends on how the connections fall on its workers."""
     if served.extra["kind"] == "gunicorn":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"gunicorn gthread: {reason}"))
+        request.applymarker(pytest.mark.xfail(strict=strict, reason=f"gunicorn gthread: {reason}"))
 
 
 def test_idle_and_slow_connections_are_closed_within_keepalive(
