@@ -26,7 +26,7 @@ from sidecar.metrics import KeyringCollector, Metrics
 from sidecar.services import Services
 from sidecar.store.db import observe_errors
 from sidecar.web.admin import admin_blueprint
-from sidecar.web.bodies import FinishBodies
+from sidecar.web.bodies import CloseOnUnreadBody
 from sidecar.web.ext_authz import ExtAuthzEndpoint
 from sidecar.web.responses import (
     NO_STORE,
@@ -182,7 +182,7 @@ def create_app(
         ext_authz = ExtAuthzEndpoint(services, endpoint, settings.ext_authz)
     router = TokenRouter(endpoint, app.wsgi_app, listener_of=listener_of, ext_authz=ext_authz)
     # Outermost: an answer that left the body unread tells the client the connection closes.
-    app.wsgi_app = FinishBodies(router)  # type: ignore[method-assign]
+    app.wsgi_app = CloseOnUnreadBody(router)  # type: ignore[method-assign]
     return app
 
 

@@ -60,7 +60,7 @@ class TrackedBody:
             yield line
 
 
-class FinishBodies:
+class CloseOnUnreadBody:
     """WSGI middleware: see the module docstring."""
 
     def __init__(self, app: WSGIApp) -> None:

@@ -381,20 +381,21 @@ def withheld_bodies(served: Served, path: str, count: int = 10) -> Iterator[None
             sock.close()
 
 
+def exchange(served: Served, timeout: float) -> requests.Response:
+    """A real exchange, over a connection of its own."""
+    return requests.post(
+        served.token_url,
+        data=token_form(served.extra["idp"].token()),
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Authorization": _basic()},
+        timeout=timeout,
+    )
+
+
 def exchange_within(served: Served, seconds: float) -> bool:
     try:
-        response = requests.post(
-            served.token_url,
-            data=token_form(served.extra["idp"].token()),
-            headers={
-                "Content-Type": "application/x-www-form-urlencoded",
-                "Authorization": _basic(),
-            },
-            timeout=seconds,
-        )
+        return exchange(served, seconds).status_code == 200
     except requests.Timeout:
         return False
-    return response.status_code == 200
 
 
 def test_bodies_withheld_on_a_path_that_reads_none_hold_no_worker(
@@ -504,15 +505,7 @@ def test_a_connection_flood_locks_out_neither_the_gateway_nor_the_admin_listener
             flood.append(sock)
         time.sleep(0.5)
         started = time.monotonic()
-        response = requests.post(
-            served.token_url,
-            data=token_form(served.extra["idp"].token()),
-            headers={
-                "Content-Type": "application/x-www-form-urlencoded",
-                "Authorization": _basic(),
-            },
-            timeout=10,
-        )
+        response = exchange(served, timeout=10)
         assert response.status_code == 200, response.text
         assert time.monotonic() - started < 5
         admin = served.config["admin"]["listen"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.web.bodies import FinishBodies, TrackedBody
+from sidecar.web.bodies import CloseOnUnreadBody, TrackedBody
 
 CLOSE = ("Connection", "close")
 
@@ -17,7 +17,7 @@ CLOSE = ("Connection", "close")
 def run(
     body: bytes, *, reads: int | None, headers: dict[str, str]
 ) -> tuple[list[tuple[str, str]], io.BytesIO]:
-    """The headers FinishBodies answers with when the app reads ``reads`` bytes (None: all),
+    """The headers CloseOnUnreadBody answers with when the app reads ``reads`` bytes (None: all),
     and the body stream (to see how much was read of it)."""
     stream = io.BytesIO(body)
 
@@ -35,7 +35,7 @@ def run(
         sent.extend(response_headers)
 
     environ = {"wsgi.input": stream, **headers}
-    FinishBodies(app)(environ, start_response)
+    CloseOnUnreadBody(app)(environ, start_response)
     return sent, stream
 
 
@@ -72,7 +72,7 @@ def test_a_request_without_a_body_passes_through_untouched(length: str) -> None:
         start_response("200 OK", [])
         return []
 
-    FinishBodies(app)({"wsgi.input": stream, "CONTENT_LENGTH": length}, lambda *a: None)
+    CloseOnUnreadBody(app)({"wsgi.input": stream, "CONTENT_LENGTH": length}, lambda *a: None)
     assert seen["input"] is stream
 
 
