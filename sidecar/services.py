@@ -27,7 +27,7 @@ from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker, ping
 from sidecar.store.jtis import JtiStore
 from sidecar.store.key_directory import DirectoryKeyStore
 from sidecar.store.keys import KeyStore
-from sidecar.store.models import PolicyRow
+from sidecar.store.models import PolicyRow, PolicyVersionRow
 from sidecar.store.notify import KEYS, POLICIES, ChangeListener, listen_conninfo
 from sidecar.store.policies import PolicyStore
 from sidecar.upstreams import ConfiguredUpstreams
@@ -110,7 +110,7 @@ class Services:
     def prepare(self, *, migrate_sqlite: bool = True) -> None:
         """Start-up work done once, before serving: migrate an embedded SQLite database, check
         the schema is current, make sure a key signs (and that every stored key decrypts), and
-        bootstrap the policy table from the config when it is empty."""
+        bootstrap the policy table from the config when it never held a policy."""
         # Imported here: Alembic is start-up work of the serving command, not of each worker.
         from sidecar.store import migrate
 
@@ -132,10 +132,12 @@ class Services:
                     "SIGNING KEYS ARE STORED UNENCRYPTED in the database: set "
                     "keys.encryption_key to encrypt them at rest"
                 )
-        if self.settings.policies and self.count_policies() == 0:
+        # Only a table that never held a policy: one emptied on purpose (every policy deleted,
+        # its history kept) stays empty, denying every exchange, across restarts.
+        if self.settings.policies and not self.policy_history_exists():
             changes = self.policy_store.apply(self.settings.policies, actor="bootstrap")
             log.info(
-                "policy table was empty: applied %d policies from the config", len(changes.created)
+                "policy table was new: applied %d policies from the config", len(changes.created)
             )
 
     def start_background(self) -> None:
@@ -178,6 +180,11 @@ class Services:
     def count_policies(self) -> int:
         with self.engine.connect() as connection:
             return int(connection.scalar(select(func.count()).select_from(PolicyRow)) or 0)
+
+    def policy_history_exists(self) -> bool:
+        """Whether the policy table ever held a policy (a deletion keeps the history)."""
+        with self.engine.connect() as connection:
+            return connection.scalar(select(PolicyVersionRow.id).limit(1)) is not None
 
     def readiness(self) -> dict[str, bool]:
         checks = {"database": True, "signing_key": True, "serving": not self.draining.is_set()}

@@ -4,6 +4,7 @@ loopback port (tests/launcher.py)."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import jwt
 import pytest
 import requests
+import yaml
 from sqlalchemy import text
 
 from sidecar.store import migrate
@@ -26,7 +28,7 @@ from tests.conftest import (
     base_config,
 )
 from tests.functional.http.helpers import verify_as_upstream
-from tests.launcher import START_TIMEOUT, Served, free_port, start_serve
+from tests.launcher import SIDECAR, START_TIMEOUT, Served, free_port, start_serve
 from tests.loopback import wait_for
 
 
@@ -140,6 +142,33 @@ def test_sighup_replaces_the_workers_and_keeps_serving(tmp_path: Path, server: s
         assert exchange(served, served.extra["idp"].token()).status_code == 200
     finally:
         served.kill()
+
+
+def test_policies_deleted_by_the_cli_stay_deleted_after_a_restart(tmp_path: Path) -> None:
+    """serve fills only a policy table that never held a policy from the config file: after
+    ``policy delete`` of every policy, a restart denies the exchange the config once allowed."""
+    served = start_default(tmp_path)
+    try:
+        assert exchange(served, served.extra["idp"].token()).status_code == 200
+    finally:
+        served.stop(timeout=10)
+    cli = [*SIDECAR, "--config", str(served.config_file)]
+    listed = subprocess.run(
+        [*cli, "policy", "export"], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    names = [p["name"] for p in yaml.safe_load(listed.stdout)["policies"]]
+    assert names
+    for name in names:
+        subprocess.run(
+            [*cli, "policy", "delete", name, "--yes"], capture_output=True, check=True, cwd=tmp_path
+        )
+
+    again = start_serve(tmp_path, served.config)
+    try:
+        refused = exchange(again, served.extra["idp"].token())
+        assert (refused.status_code, refused.json()["error"]) == (400, "invalid_target")
+    finally:
+        again.kill()
 
 
 @pytest.mark.parametrize("server", ["granian", "gunicorn"])

@@ -98,6 +98,21 @@ def test_prepare_leaves_a_policy_table_that_has_policies_alone(
     assert again.count_policies() == 5  # the table, not the file, holds the policies now
 
 
+def test_prepare_never_refills_a_policy_table_emptied_on_purpose(
+    config: dict[str, Any], closing: list[Services]
+) -> None:
+    first = make_services(settings_from_mapping(config, env={}))
+    closing.append(first)
+    for stored in first.policy_store.all():
+        first.policy_store.delete(stored.policy.name, actor="alice")
+
+    again = make_services(settings_from_mapping(config, env={}))  # a restart
+    closing.append(again)
+
+    assert again.count_policies() == 0  # every exchange denied, as the deletions meant
+    assert again.policy_history_exists()
+
+
 def test_prepare_warns_when_signing_keys_are_stored_unencrypted(
     settings: Settings, closing: list[Services], caplog: pytest.LogCaptureFixture
 ) -> None:
