@@ -226,9 +226,11 @@ def load_policies_with_origins(
         try:
             policies.append(PolicyConfig.model_validate(item))
         except ValidationError as exc:
-            text = format_validation_error(exc)
+            named = _policy_named(item)
+            prefix = f"{at}: {named}, " if named else f"{at}: "
+            lines = [_with_fix(line) for line in format_validation_error(exc).splitlines()]
             raise ConfigError(
-                "\n".join(f"{at}: policies[{index}].{line}" for line in text.splitlines())
+                "\n".join(f"{prefix}policies[{index}].{line}" for line in lines)
             ) from None
     labels = [f"{path}, line {lines[i]}" if i < len(lines) else str(path) for i in range(len(raw))]
     elsewhere = f"in the database, not in {path}"
@@ -239,6 +241,30 @@ def load_policies_with_origins(
         raise ConfigError(str(exc)) from None
     names = [p.name or default_policy_name(p.client_id, p.audience) for p in policies]
     return policies, Origins(dict(zip(names, labels, strict=True)), elsewhere, hint)
+
+
+def _policy_named(item: Any) -> str | None:
+    """``policy "NAME"`` for a policy item that failed validation, when its name (or the client
+    and audience its default name is made of) can be read."""
+    if not isinstance(item, dict):
+        return None
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        client_id, audience = item.get("client_id"), item.get("audience")
+        if not (isinstance(client_id, str) and isinstance(audience, str)):
+            return None
+        name = default_policy_name(client_id, audience)
+    return f'policy "{name}"'
+
+
+# Keys of ``policy list --json`` and of the admin API's answers that a policy file does not take.
+_LISTING_KEYS = ("version:", "updated_at:", "updated_by:")
+
+
+def _with_fix(line: str) -> str:
+    if line.startswith(_LISTING_KEYS) and line.endswith("Extra inputs are not permitted"):
+        return line + " (a listing, not a policy file: `policy export` writes one that applies)"
+    return line
 
 
 def _item_lines(path: Path, key: str) -> list[int]:

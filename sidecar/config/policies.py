@@ -198,14 +198,17 @@ def validate_policies(
         if policy.name in first:
             raise ValueError(
                 f'policy "{policy.name}" ({labels[index]}): the name is already used by the '
-                f"policy at {labels[first[policy.name]]}; give policies for the same client and "
-                "audience distinct names"
+                f"policy at {labels[first[policy.name]]}; {RENAME}"
             )
         first[policy.name] = index
     origins = Origins(
         {p.name: label for p, label in zip(built, labels, strict=True)}, elsewhere, hint
     )
     check_policy_set(built, settings, origins)
+
+
+# The fix for a name used twice (a policy without ``name:`` is named "CLIENT -> AUDIENCE").
+RENAME = "give each a name of its own (name:; two for the same client and audience need one)"
 
 
 def check_policy_set(
@@ -249,19 +252,30 @@ def check_policy_set(
                 f"{where}: ttl {policy.ttl} exceeds tokens.max_ttl ({settings.tokens.max_ttl})"
             )
         if policy.name in seen:
+            fix = _with_hint(RENAME, origins, policy)
             raise ValueError(
-                f"{where}: the name is already used by {origins.of(seen[policy.name])}; give "
-                "policies for the same client and audience distinct names"
+                f"{where}: the name is already used by {origins.of(seen[policy.name])}; {fix}"
             )
         for other in seen.values():
             if could_overlap(policy, other):
-                fix = "make their issuer or subject conditions exclusive, or disable one"
-                if origins.hint and other.name not in origins.by_name:
-                    fix += f"; {origins.hint}"
+                fix = _with_hint(
+                    "make their issuer or subject conditions exclusive, or disable one",
+                    origins,
+                    policy,
+                    other,
+                )
                 raise ValueError(
                     f"{where} could match the same requests as {origins.of(other)}: {fix}"
                 )
         seen[policy.name] = policy
+
+
+def _with_hint(fix: str, origins: Origins, *policies: Policy) -> str:
+    """``fix``, and the origins' hint (``--prune``) when one of ``policies`` is only in the
+    database, whichever order the set came in."""
+    if origins.hint and any(p.name not in origins.by_name for p in policies):
+        return f"{fix}; {origins.hint}"
+    return fix
 
 
 def _absolute_uri(value: str) -> bool:

@@ -207,9 +207,9 @@ def test_an_invalid_policy_file_exits_2_and_changes_nothing(
 
     assert result.exit_code == 2
     line = one_line_error(result)
-    # Where the user wrote it: the file, the line, the entry and the key.
+    # Where the user wrote it: the file, the line, the policy by name, the entry and the key.
     assert line.startswith(f"sidecar: error: invalid policies: {policies}, line ")
-    assert ": policies[5].scopes: " in line
+    assert f': policy "gateway -> {WIKI}", policies[5].scopes: ' in line
     assert documents(started) == before
 
 

@@ -994,21 +994,26 @@ def test_default_name_is_client_arrow_audience(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("bad", "named"),
     [
-        pytest.param({"scopes": ["code.read", "*"]}, "policies[1].scopes", id="wildcard"),
-        pytest.param({"scopes": ["code.read", "all"]}, "policies[1].scopes", id="all"),
+        pytest.param({"scopes": ["code.read", "*"]}, '"bad-policy", policies[1].scopes', id="*"),
+        pytest.param(
+            {"scopes": ["code.read", "all"]}, '"bad-policy", policies[1].scopes', id="all"
+        ),
         pytest.param({"ttl": 301}, '"bad-policy" (', id="ttl"),
         pytest.param(
             {"default_scopes": ["code.read", "code.write"]},
-            "policies[1].default_scopes",
+            '"bad-policy", policies[1].default_scopes',
             id="dflt",
         ),
+        pytest.param({"scope": "code.read"}, '"bad-policy", policies[1].scope', id="unknown"),
         pytest.param({"client_id": "nobody"}, '"bad-policy" (', id="client"),
         pytest.param({"issuer": "https://nobody.example"}, '"bad-policy" (', id="iss"),
         pytest.param({"name": "good-policy"}, '"good-policy" (', id="name"),
         pytest.param(
             {"audience": "https://code-search.internal/mcp"}, '"bad-policy" (', id="overlap"
         ),
-        pytest.param({"subject": {"tenant": {"equals": 0.5}}}, "policies[1].subject", id="cond"),
+        pytest.param(
+            {"subject": {"tenant": {"equals": 0.5}}}, '"bad-policy", policies[1].subject', id="cond"
+        ),
     ],
 )
 def test_every_policy_refusal_in_a_policy_file_names_the_policy(
@@ -1023,6 +1028,36 @@ def test_every_policy_refusal_in_a_policy_file_names_the_policy(
 
     assert named in str(caught.value)
     assert f"{path}, line " in str(caught.value)  # where it is written
+
+
+def test_a_policy_without_a_name_is_named_by_its_client_and_audience_in_a_refusal(
+    tmp_path: Path, settings: Settings
+) -> None:
+    unnamed = {**BASE["policies"][0], "scopes": "code.read"}
+    path = write(tmp_path, {"policies": [unnamed]}, "p.yaml")
+
+    with pytest.raises(ConfigError) as caught:
+        load_policies_file(path, settings)
+
+    assert str(caught.value).startswith(
+        f'{path}, line 2: policy "gateway -> https://code-search.internal/mcp", '
+        "policies[0].scopes: "
+    )
+
+
+def test_a_policy_listing_applied_as_a_file_is_pointed_at_policy_export(
+    tmp_path: Path, settings: Settings
+) -> None:
+    listed = {**BASE["policies"][0], "name": "code", "version": 3}
+    path = write(tmp_path, {"policies": [listed]}, "p.yaml")
+
+    with pytest.raises(ConfigError) as caught:
+        load_policies_file(path, settings)
+
+    assert str(caught.value) == (
+        f'{path}, line 2: policy "code", policies[0].version: Extra inputs are not permitted '
+        "(a listing, not a policy file: `policy export` writes one that applies)"
+    )
 
 
 def test_a_default_name_too_long_to_store_is_refused(tmp_path: Path) -> None:
@@ -1131,20 +1166,28 @@ def test_a_policy_credential_must_fit_a_configured_upstream(
     assert expected in message
 
 
+@pytest.mark.parametrize("database_first", [True, False], ids=["database-first", "file-first"])
 def test_an_overlap_with_a_policy_only_in_the_database_suggests_prune(
-    tmp_path: Path, settings: Settings
+    tmp_path: Path, settings: Settings, database_first: bool
 ) -> None:
+    """In whichever order the resulting set comes (the store lists it in database order)."""
     stored = {**BASE["policies"][0], "name": "old-code-search"}
     path = write(tmp_path, {"policies": [{**BASE["policies"][0], "name": "code"}]}, "p.yaml")
     configs, origins = load_policies_with_origins(path, settings)
     resulting = [PolicyConfig.model_validate(stored).to_policy(), configs[0].to_policy()]
+    if not database_first:
+        resulting.reverse()
 
     with pytest.raises(ValueError, match="could match") as refused:
         check_policy_set(resulting, settings, origins)
 
+    file_policy = f'policy "code" ({path}, line 2)'
+    database_policy = f'policy "old-code-search" (in the database, not in {path})'
+    first, second = (
+        (file_policy, database_policy) if database_first else (database_policy, file_policy)
+    )
     assert str(refused.value) == (
-        f'policy "code" ({path}, line 2) could match the same requests as policy '
-        f'"old-code-search" (in the database, not in {path}): make their issuer or subject '
+        f"{first} could match the same requests as {second}: make their issuer or subject "
         "conditions exclusive, or disable one; `policy apply --prune` deletes the database's "
         "policies the file does not name"
     )
