@@ -228,9 +228,9 @@ def load_policies_with_origins(
         except ValidationError as exc:
             named = _policy_named(item)
             prefix = f"{at}: {named}, " if named else f"{at}: "
-            lines = [_with_fix(line) for line in format_validation_error(exc).splitlines()]
+            errors = [_with_fix(line) for line in format_validation_error(exc).splitlines()]
             raise ConfigError(
-                "\n".join(f"{prefix}policies[{index}].{line}" for line in lines)
+                "\n".join(f"{prefix}policies[{index}].{error}" for error in errors)
             ) from None
     labels = [f"{path}, line {lines[i]}" if i < len(lines) else str(path) for i in range(len(raw))]
     elsewhere = f"in the database, not in {path}"
