@@ -155,7 +155,7 @@ class Services:
             report(self.clock() - holder.age())
         self.policies.start()
         self.keyring.start()
-        conninfo = listen_conninfo(self.settings.database_url)
+        conninfo = listen_conninfo(self.settings.database_url, self.settings.database)
         if conninfo is not None and self.listener is None:
             self.listener = ChangeListener(conninfo, {POLICIES: self.policies, KEYS: self.keyring})
             self.listener.start()

@@ -28,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from sidecar.config.deployment import DatabaseConfig
 from sidecar.refreshing import Refreshing
 
 CHANNEL = "sidecar_changes"
@@ -55,13 +56,30 @@ def notify_change(session: Session, what: str) -> None:
     session.execute(text("SELECT pg_notify(:channel, :what)"), {"channel": CHANNEL, "what": what})
 
 
-def listen_conninfo(database_url: str) -> str | None:
-    """The libpq URL of a PostgreSQL ``database_url`` (None for another database). It carries
-    the password: it is given to the driver and never logged."""
+def listen_conninfo(database_url: str, options: DatabaseConfig | None = None) -> str | None:
+    """The libpq connection string of a PostgreSQL ``database_url`` (None for another
+    database), with the TLS parameters and timeouts of ``database:`` overriding the URL's own,
+    as they do for the service's connections (sidecar.store.db): the listener's connection
+    carries the same password. It is given to the driver, never logged."""
     url = make_url(database_url)
     if url.get_backend_name() != "postgresql":
         return None
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    from psycopg.conninfo import make_conninfo
+
+    from sidecar.store.db import postgres_connect_args
+
+    query = {k: v if isinstance(v, str) else v[-1] for k, v in url.query.items()}
+    parts = {
+        "host": url.host,
+        "port": url.port,
+        "dbname": url.database,
+        "user": url.username,
+        "password": url.password,
+    }
+    parameters = postgres_connect_args(options or DatabaseConfig.model_validate({}))
+    parameters.pop("application_name")  # the listener's own, set on connect
+    given = {k: v for k, v in {**parts, **query, **parameters}.items() if v is not None}
+    return make_conninfo("", **given)
 
 
 def _connect(conninfo: str) -> Any:
@@ -71,14 +89,11 @@ def _connect(conninfo: str) -> Any:
     # unacknowledged data while a ping waits (about ten seconds either way).
     import psycopg
 
-    from sidecar.store.db import CONNECT_TIMEOUT_SECONDS, STATEMENT_TIMEOUT_MS
-
+    # The timeouts and TLS parameters are in the conninfo (listen_conninfo).
     return psycopg.Connection.connect(
         conninfo,
         autocommit=True,
-        connect_timeout=CONNECT_TIMEOUT_SECONDS,
         application_name=APPLICATION_NAME,
-        options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
         keepalives=1,
         keepalives_idle=5,
         keepalives_interval=2,

@@ -13,12 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.event import listen as event_listen
 from sqlalchemy.orm import Session
 
+from sidecar.config.deployment import DatabaseConfig
 from sidecar.refreshing import Refreshing
 from sidecar.store.db import make_engine
 from sidecar.store.notify import (
@@ -29,6 +32,7 @@ from sidecar.store.notify import (
     POLICIES,
     POLL_SECONDS,
     ChangeListener,
+    _connect,
     listen_conninfo,
     notify_change,
 )
@@ -145,9 +149,73 @@ def listener_threads() -> list[threading.Thread]:
 # --- the notification ---------------------------------------------------------------------------
 
 
-def test_the_conninfo_is_the_libpq_url_with_its_password() -> None:
+def test_the_conninfo_is_the_urls_with_its_password_and_the_default_timeouts() -> None:
     conninfo = listen_conninfo(f"postgresql+psycopg://sidecar:{PASSWORD}@db:5433/s?sslmode=require")
-    assert conninfo == f"postgresql://sidecar:{PASSWORD}@db:5433/s?sslmode=require"
+    assert conninfo is not None
+    assert conninfo_to_dict(conninfo) == {
+        "host": "db",
+        "port": "5433",
+        "dbname": "s",
+        "user": "sidecar",
+        "password": PASSWORD,
+        "sslmode": "require",
+        "connect_timeout": "2",
+        "options": "-c statement_timeout=2000",
+    }
+
+
+def test_the_tls_parameters_and_timeouts_of_database_reach_the_listener() -> None:
+    """The listener's connection carries the password too: it must never be the one connection
+    made without the TLS the configuration asks for."""
+    options = DatabaseConfig(
+        sslmode="verify-full",
+        sslrootcert=Path("/etc/sidecar/ca.pem"),
+        sslcert=Path("/etc/sidecar/client.pem"),
+        sslkey=Path("/etc/sidecar/client.key"),
+        connect_timeout=7,
+        statement_timeout=3.5,
+    )
+    conninfo = listen_conninfo("postgresql+psycopg://sidecar@db/s?sslmode=disable", options)
+    assert conninfo is not None
+    parsed = conninfo_to_dict(conninfo)
+    assert {k: parsed[k] for k in ("sslmode", "sslrootcert", "sslcert", "sslkey")} == {
+        "sslmode": "verify-full",  # database: wins over the URL, as for the engine's connections
+        "sslrootcert": "/etc/sidecar/ca.pem",
+        "sslcert": "/etc/sidecar/client.pem",
+        "sslkey": "/etc/sidecar/client.key",
+    }
+    assert (parsed["connect_timeout"], parsed["options"]) == ("7", "-c statement_timeout=3500")
+
+
+def test_a_password_with_spaces_and_quotes_survives_the_conninfo() -> None:
+    conninfo = listen_conninfo("postgresql+psycopg://sidecar:p%20w%27%3D%40x@db/s")
+    assert conninfo is not None
+    assert conninfo_to_dict(conninfo)["password"] == "p w'=@x"
+
+
+@pytest.mark.postgres
+def test_the_listener_never_connects_without_the_tls_it_is_asked_for(postgres_url: str) -> None:
+    plain = listen_conninfo(postgres_url)
+    conninfo = listen_conninfo(postgres_url, DatabaseConfig(sslmode="require"))
+    assert plain is not None
+    assert conninfo is not None
+    with _connect(plain) as connection:
+        server_has_tls = connection.execute("SHOW ssl").fetchone() == ("on",)
+    if not server_has_tls:  # libpq refuses, as asked, rather than connect in clear text
+        with pytest.raises(psycopg.OperationalError, match="SSL"):
+            _connect(conninfo)
+        return
+    with _connect(conninfo) as connection:
+        row = connection.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert row.fetchone() == (True,)
+
+
+@pytest.mark.postgres
+def test_the_listener_has_the_statement_timeout_of_database(postgres_url: str) -> None:
+    conninfo = listen_conninfo(postgres_url, DatabaseConfig(statement_timeout=3.5))
+    assert conninfo is not None
+    with _connect(conninfo) as connection:
+        assert connection.execute("SHOW statement_timeout").fetchone() == ("3500ms",)
 
 
 def test_there_is_no_conninfo_for_sqlite(tmp_path: Path) -> None:
