@@ -6,7 +6,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import jwt
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from sidecar.store import migrate
@@ -128,6 +131,61 @@ def test_metrics_are_served(served: Served) -> None:
     assert exchange(served, served.extra["idp"].token()).status_code == 200
     metrics = requests.get(f"{served.url}/metrics", timeout=5).text
     assert 'sidecar_token_requests_total{error="",outcome="granted"}' in metrics
+
+
+def samples(metrics_text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one metric in Prometheus text, by their sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def test_metrics_after_a_mix_of_exchanges_on_two_workers_add_up(tmp_path: Path) -> None:
+    """Every answer of either worker is counted once, in the counters and in the histogram,
+    whichever worker the scrape lands on."""
+    served = start_default(tmp_path)  # two workers
+    idp = served.extra["idp"]
+    mix = [("granted", CODE_SEARCH, GATEWAY_SECRET)] * 24
+    mix += [("invalid_target", "https://nowhere.internal/mcp", GATEWAY_SECRET)] * 10
+    mix += [("invalid_client", CODE_SEARCH, "wrong-" + GATEWAY_SECRET)] * 6
+
+    def send(case: tuple[str, str, str]) -> int:
+        _, audience, secret = case
+        response = requests.post(  # a connection each: the kernel spreads them over the workers
+            served.token_url,
+            data={
+                "grant_type": TOKEN_EXCHANGE,
+                "subject_token": idp.token(sub=f"user-{uuid.uuid4().hex[:8]}"),
+                "subject_token_type": ACCESS_TOKEN_TYPE,
+                "audience": audience,
+            },
+            auth=("gateway", secret),
+            headers={"Connection": "close"},
+            timeout=10,
+        )
+        return response.status_code
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = list(pool.map(send, mix))
+        scrapes = [requests.get(f"{served.url}/metrics", timeout=5).text for _ in range(4)]
+    finally:
+        served.stop(timeout=10)
+
+    assert statuses == [200] * 24 + [400] * 10 + [401] * 6
+    for scraped in scrapes:  # each scrape, from either worker, sums both
+        answers = samples(scraped, "sidecar_token_requests_total")
+        assert answers == {
+            (("error", ""), ("outcome", "granted")): 24.0,
+            (("error", "invalid_target"), ("outcome", "denied")): 10.0,
+            (("error", "invalid_client"), ("outcome", "denied")): 6.0,
+        }
+        assert samples(scraped, "sidecar_token_request_seconds_count") == {(): 40.0}
+        pids = {dict(k)["pid"] for k in samples(scraped, "sidecar_state_age_seconds")}
+        assert len(pids) == 2  # both workers report
 
 
 @pytest.mark.parametrize("server", ["granian", "gunicorn"])
@@ -302,8 +360,10 @@ def test_rate_limits_are_shared_by_every_worker_through_redis(
 def test_a_gateway_authenticates_with_its_kubernetes_service_account_token(
     tmp_path: Path,
 ) -> None:
+    """Tokens shaped as a cluster's (issuer, ``kubernetes.io`` claims, expiry, audience), from a
+    key generated here: the gateway's own account is accepted; the wrong audience, an expired
+    token, another issuer and the same account name in another namespace are 401s."""
     import json as json_module
-    import uuid
 
     from cryptography.hazmat.primitives.asymmetric import rsa
     from jwt.algorithms import RSAAlgorithm
@@ -332,25 +392,29 @@ def test_a_gateway_authenticates_with_its_kubernetes_service_account_token(
             "default_scopes": ["code.read"],
         }
     )
-    now = int(time.time())
-    service_account_token = jwt.encode(
-        {
-            "aud": ["token-exchange-sidecar"],
+
+    def service_account_token(
+        *, namespace: str = "gw", audience: str = "token-exchange-sidecar", **overrides: Any
+    ) -> str:
+        now = int(time.time())
+        claims = {
+            "aud": [audience],
             "exp": now + 3600,
             "iat": now,
             "nbf": now,
             "iss": cluster,
             "jti": str(uuid.uuid4()),
-            "kubernetes.io": {"namespace": "gw", "serviceaccount": {"name": "gw", "uid": "1"}},
-            "sub": "system:serviceaccount:gw:gw",
-        },
-        key,
-        algorithm="RS256",
-        headers={"kid": "cluster-1"},
-    )
-    served = start_serve(tmp_path, config)
-    try:
-        response = requests.post(
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": "gw", "uid": str(uuid.uuid4())},
+            },
+            "sub": f"system:serviceaccount:{namespace}:gw",
+            **overrides,
+        }
+        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "cluster-1"})
+
+    def exchange_as(assertion: str) -> requests.Response:
+        return requests.post(
             served.token_url,
             data={
                 "grant_type": TOKEN_EXCHANGE,
@@ -358,17 +422,30 @@ def test_a_gateway_authenticates_with_its_kubernetes_service_account_token(
                 "subject_token_type": ACCESS_TOKEN_TYPE,
                 "audience": CODE_SEARCH,
                 "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                "client_assertion": service_account_token,
+                "client_assertion": assertion,
             },
             timeout=10,
         )
+
+    refused = {
+        "wrong audience": service_account_token(audience="https://kubernetes.default.svc"),
+        "expired": service_account_token(exp=int(time.time()) - 120, iat=int(time.time()) - 4000),
+        "another issuer": service_account_token(iss="https://other-cluster.example"),
+        "another namespace": service_account_token(namespace="other"),
+    }
+    served = start_serve(tmp_path, config)
+    try:
+        response = exchange_as(service_account_token())
         assert response.status_code == 200, response.text
         token = response.json()["access_token"]
         jwks = jwt.PyJWKClient(f"{served.url}/.well-known/jwks.json")
         claims = verify_as_upstream(jwks, token)
+        answers = {case: exchange_as(assertion) for case, assertion in refused.items()}
     finally:
         served.kill()
     assert claims["client_id"] == "k8s-gateway"
+    for case, answer in answers.items():
+        assert (case, answer.status_code, answer.json()["error"]) == (case, 401, "invalid_client")
 
 
 @pytest.mark.parametrize("server", ["granian", "gunicorn"])
@@ -393,8 +470,33 @@ def test_json_logs_carry_every_record_and_the_request_id(tmp_path: Path, server:
             headers={"X-Request-ID": "gw-req-0001"},
             timeout=10,
         )
+        denied = requests.post(
+            served.token_url,
+            data={
+                "grant_type": TOKEN_EXCHANGE,
+                "subject_token": subject,
+                "subject_token_type": ACCESS_TOKEN_TYPE,
+                "audience": "https://nowhere.internal/mcp",
+            },
+            auth=("gateway", GATEWAY_SECRET),
+            headers={"X-Request-ID": "gw-req-0002"},
+            timeout=10,
+        )
+        wrong_secret = "wrong-" + GATEWAY_SECRET
+        unauthenticated = requests.post(
+            served.token_url,
+            data={
+                "grant_type": TOKEN_EXCHANGE,
+                "subject_token": subject,
+                "subject_token_type": ACCESS_TOKEN_TYPE,
+                "audience": CODE_SEARCH,
+            },
+            auth=("gateway", wrong_secret),
+            headers={"X-Request-ID": "gw-req-0003"},
+            timeout=10,
+        )
         generated = requests.get(f"{served.url}/healthz", timeout=5).headers["X-Request-ID"]
-        assert wait_for(lambda: '"gw-req-0001"' in served.log(), 5)
+        assert wait_for(lambda: '"gw-req-0003"' in served.log(), 5)
     finally:
         # Not a test of shutdown (gunicorn drains for up to graceful_timeout): the records
         # asserted below are written by now.
@@ -410,11 +512,23 @@ def test_json_logs_carry_every_record_and_the_request_id(tmp_path: Path, server:
     for record in records:
         assert record["time"].endswith("Z")
         assert {"level", "logger", "message"} <= record.keys()
-    [exchange] = [r for r in records if r.get("message") == "exchange"]
-    assert exchange["request_id"] == "gw-req-0001"
-    assert exchange["decision"] == "granted"
-    assert exchange["client_id"] == "gateway"
-    assert exchange["latency_ms"] > 0
-    assert exchange["policies"].endswith("@1")
-    assert subject not in served.log()
-    assert response.json()["access_token"] not in served.log()
+    exchanges = {r["request_id"]: r for r in records if r.get("message") == "exchange"}
+    assert (denied.status_code, unauthenticated.status_code) == (400, 401)
+    granted = exchanges["gw-req-0001"]
+    minted = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert granted["decision"] == "granted"
+    assert granted["client_id"] == "gateway"
+    assert granted["audiences"] == [CODE_SEARCH]
+    assert granted["jti"] == minted["jti"]  # the minted token is named by its jti, never shown
+    assert granted["latency_ms"] > 0
+    assert granted["policies"].endswith("@1")
+    refused = exchanges["gw-req-0002"]
+    assert (refused["decision"], refused["error"]) == ("denied", "invalid_target")
+    assert refused["audiences"] == ["https://nowhere.internal/mcp"]
+    assert refused["reason"]
+    assert refused["client_id"] == "gateway"
+    assert refused["latency_ms"] > 0
+    assert exchanges["gw-req-0003"]["error"] == "invalid_client"
+    log = served.log()
+    for secret in (subject, response.json()["access_token"], GATEWAY_SECRET, wrong_secret):
+        assert secret not in log

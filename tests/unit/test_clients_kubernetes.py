@@ -128,10 +128,13 @@ def test_the_same_token_authenticates_again_until_it_expires(
     [
         ({"aud": ["https://kubernetes.default.svc"]}, "audience"),
         # Another issuer's token is no service-account token here: it is tried (and fails) as
-        # an ordinary private_key_jwt assertion of a client named like its sub.
-        ({"iss": "https://other-cluster.example"}, ""),
+        # an ordinary private_key_jwt assertion of the client its sub names, which has no keys
+        # of its own (it authenticates only with the cluster's tokens).
+        ({"iss": "https://other-cluster.example"}, "client has no keys"),
         ({"exp": int(time.time()) - 120}, "expired"),
         ({"name": "intruder"}, "no client"),
+        # The same account name in another namespace is another account.
+        ({"namespace": "other"}, "no client"),
         (
             {"kubernetes.io": {"namespace": "other", "serviceaccount": {"name": "gateway"}}},
             "disagree",
