@@ -357,6 +357,67 @@ def test_rate_limits_are_shared_by_every_worker_through_redis(
     assert statuses[4:] == [429] * 4
 
 
+def test_rate_limits_are_shared_by_two_instances_through_redis(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two replicas (two ``sidecar serve``, two workers each) spend one budget per client."""
+    prefix = f"sidecar-test:{uuid.uuid4().hex}:"
+    instances = []
+    try:
+        for name in ("a", "b"):
+            directory = tmp_path / name
+            directory.mkdir()
+            idp = TestIdP(directory)
+            config: dict[str, Any] = base_config(
+                idp, ClientKeys(), f"sqlite:///{directory / 's.db'}"
+            )
+            config["rate_limit"] = {"per_second": 0.2, "burst": 4}
+            config["redis"] = {"url": redis_url, "key_prefix": prefix}
+            served = start_serve(directory, config)
+            served.extra["idp"] = idp
+            instances.append(served)
+        statuses = [
+            exchange(server, server.extra["idp"].token()).status_code
+            for _ in range(4)
+            for server in instances  # alternating: each alone would allow 4
+        ]
+    finally:
+        for served in instances:
+            served.kill()
+    assert statuses[:4] == [200] * 4
+    assert statuses[4:] == [429] * 4
+
+
+@pytest.mark.parametrize("on_failure", ["local", "open", "closed"])
+def test_with_redis_down_rate_limits_do_as_configured(tmp_path: Path, on_failure: str) -> None:
+    """Redis unreachable (a port nothing listens on): ``local`` falls back to each worker's own
+    buckets, ``open`` stops limiting, ``closed`` refuses with 503."""
+    idp = TestIdP(tmp_path)
+    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    config["rate_limit"] = {"per_second": 0.2, "burst": 2}
+    config["redis"] = {
+        "url": f"redis://127.0.0.1:{free_port()}/0",
+        "timeout": "100ms",
+        "on_failure": on_failure,
+    }
+    served = start_serve(tmp_path, config)
+    try:
+        answers = [exchange(served, idp.token()) for _ in range(8)]
+    finally:
+        served.kill()
+    statuses = [answer.status_code for answer in answers]
+    if on_failure == "open":
+        assert statuses == [200] * 8
+    elif on_failure == "closed":
+        assert statuses == [503] * 8
+        assert {a.json()["error"] for a in answers} == {"temporarily_unavailable"}
+        assert all(a.headers.get("Retry-After") for a in answers)
+    else:  # two workers, a burst of 2 each: 2 to 4 granted, whichever way connections fall
+        granted = statuses.count(200)
+        assert 2 <= granted <= 4
+        assert statuses.count(429) == 8 - granted
+
+
 def test_a_gateway_authenticates_with_its_kubernetes_service_account_token(
     tmp_path: Path,
 ) -> None:
