@@ -7,7 +7,7 @@ import hmac
 import io
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -51,6 +51,28 @@ class ExplainingVerifier(TokenVerifier):
         except VerificationError as exc:
             self.refusal = str(exc)
             raise
+
+
+def idp_app(story: Story, jwks: bytes, sign: Callable[[str], str | None]) -> Flask:
+    """The demo identity provider: its JWKS (which the sidecar fetches), and a login that hands
+    a known user a token for the gateway (``sign``: the token of a user, None for a stranger).
+    No password: a demo, on loopback only."""
+    app = Flask("demo-idp")
+
+    @app.get("/.well-known/jwks.json")
+    def keys() -> Response:
+        return Response(jwks, content_type="application/json")
+
+    @app.post("/login")
+    def login() -> Any:
+        user = request.form.get("username", "")
+        token = sign(user)
+        if token is None:
+            return {"error": "unknown user"}, 401
+        story.say(f"POST /login {user}: token {fingerprint(token)}", "demo IdP -> user")
+        return {"access_token": token, "token_type": "Bearer"}
+
+    return app
 
 
 def code_search_app(story: Story, verifier: ExplainingVerifier) -> Flask:

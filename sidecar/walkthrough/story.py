@@ -21,7 +21,14 @@ import jwt
 from sidecar.client import TokenExchangeClient
 from sidecar.demo import demo_token, init_demo_idp
 
-from .apps import ExplainingVerifier, Recorder, code_search_app, gateway_app, vendor_app
+from .apps import (
+    ExplainingVerifier,
+    Recorder,
+    code_search_app,
+    gateway_app,
+    idp_app,
+    vendor_app,
+)
 from .narration import StepOutcome, Story, fingerprint, masked
 from .world import (
     CODE_SEARCH,
@@ -78,9 +85,13 @@ def run_demo(out: TextIO = sys.stdout, *, keep: bool = False) -> DemoReport:
 
 def _run(story: Story, directory: Path, stack: contextlib.ExitStack) -> DemoReport:
     idp_key, idp_jwks = directory / "idp.key.pem", directory / "idp.jwks.json"
-    init_demo_idp(idp_key, idp_jwks)  # a fresh key pair; the sidecar trusts its JWKS file
-    tokens = {
-        user: demo_token(
+    init_demo_idp(idp_key, idp_jwks)  # a fresh key pair, published by the demo IdP
+
+    def sign(user: str) -> str | None:
+        if user not in USERS:
+            return None
+        scope, verified = USERS[user]
+        return demo_token(
             idp_key,
             issuer=IDP_ISSUER,
             audience=GATEWAY,
@@ -89,15 +100,16 @@ def _run(story: Story, directory: Path, stack: contextlib.ExitStack) -> DemoRepo
             ttl=600,
             extra={"email_verified": verified},
         )
-        for user, (scope, verified) in USERS.items()
-    }
+
+    idp = serve_app(stack, idp_app(story, idp_jwks.read_bytes(), sign))
     vendor_key, client_secret = "vk_" + secrets.token_hex(16), secrets.token_urlsafe(32)
     with socket.socket() as probe:  # a free port, so that the issuer URL is known beforehand
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     issuer = f"http://127.0.0.1:{port}"
     config_file = directory / "sidecar.yaml"
-    config_file.write_text(json.dumps(sidecar_config(directory, issuer, idp_jwks), indent=1))
+    idp_jwks_uri = f"{idp}/.well-known/jwks.json"
+    config_file.write_text(json.dumps(sidecar_config(directory, issuer, idp_jwks_uri), indent=1))
     env = {"VENDOR_API_KEY": vendor_key, "GATEWAY_CLIENT_SECRET": client_secret}
     story.say("Starting sidecar serve ...")
     pid = stack.enter_context(sidecar_serving(config_file, port, env))
@@ -122,7 +134,7 @@ def _run(story: Story, directory: Path, stack: contextlib.ExitStack) -> DemoRepo
     gateway = serve_app(stack, gateway_app(story, exchanger, gateway_http, urls))
     for line in (
         "\nOne credential per hop; the user's token never leaves the gateway. On loopback:",
-        f"  demo IdP     {IDP_ISSUER}: signs user tokens for the gateway, {GATEWAY}",
+        f"  demo IdP     {idp}: issuer {IDP_ISSUER}, signs user tokens for the gateway",
         f"  sidecar      {issuer} (sidecar serve, pid {pid}): trusts the demo IdP",
         f"  gateway      {gateway}: the sidecar's client 'gateway'",
         f"  code-search  {urls['code-search']}: accepts tokens minted for {CODE_SEARCH}",
@@ -134,8 +146,13 @@ def _run(story: Story, directory: Path, stack: contextlib.ExitStack) -> DemoRepo
     ):
         story.say(line)
 
+    tokens: dict[str, str] = {}
     for name, user, route, shows in SCRIPT:
         story.begin(name, f"{user} -> {route}: {shows}")
+        if user not in tokens:  # the user signs in once, at the demo IdP
+            login = user_http.post(f"{idp}/login", data={"username": user}, timeout=10)
+            login.raise_for_status()
+            tokens[user] = login.json()["access_token"]
         bearer = {"Authorization": f"Bearer {tokens[user]}"}
         answer = user_http.get(gateway + route, headers=bearer, timeout=30)
         story.say(f"{answer.status_code} {answer.text.strip()[:60]}", "gateway -> user")

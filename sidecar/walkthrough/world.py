@@ -57,9 +57,10 @@ class RecordedRequest:
         return "\n".join([*lines, self.body.decode("latin-1")])
 
 
-def sidecar_config(directory: Path, issuer: str, idp_jwks: Path) -> dict[str, Any]:
-    """The sidecar's configuration (JSON is YAML); the two secrets come from the environment."""
-    trusted = {"issuer": IDP_ISSUER, "jwks_file": str(idp_jwks), "audiences": [GATEWAY]}
+def sidecar_config(directory: Path, issuer: str, idp_jwks_uri: str) -> dict[str, Any]:
+    """The sidecar's configuration (JSON is YAML); the two secrets come from the environment.
+    It trusts the demo IdP, whose keys it fetches from the IdP's JWKS on loopback."""
+    trusted = {"issuer": IDP_ISSUER, "jwks_uri": idp_jwks_uri, "audiences": [GATEWAY]}
     vendor = {"type": "bearer", "token": "${VENDOR_API_KEY}"}
     return {
         "issuer": issuer,

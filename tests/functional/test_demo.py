@@ -64,6 +64,19 @@ def user_token_traces(report: DemoReport) -> list[str]:
     return [piece for t in report.user_tokens.values() for piece in (t, t.split(".")[1])]
 
 
+def test_users_sign_in_at_a_demo_idp_on_loopback_whose_jwks_the_sidecar_fetches(
+    demo: Demo,
+) -> None:
+    [idp_line] = [line for line in demo.output.splitlines() if "demo IdP     " in line]
+    assert re.search(
+        r"demo IdP +http://127\.0\.0\.1:\d+: issuer https://idp\.demo\.local", idp_line
+    )
+    signed_in = re.findall(r"demo IdP -> user +POST /login (\w+): token (sha256:\w+)", demo.output)
+    assert signed_in == [
+        (user, fingerprint(token)) for user, token in demo.report.user_tokens.items()
+    ]
+
+
 def test_no_user_token_reaches_an_upstream_through_the_gateway(demo: Demo) -> None:
     records = through_gateway(demo.report)
 
