@@ -13,8 +13,12 @@ with ", " in the returned dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
 
 import requests
+import yaml
 from urllib3.util import SKIP_HEADER
 
 _HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
@@ -40,6 +44,11 @@ class Checked:
     check_headers: dict[str, str] = field(default_factory=dict)  # headers of the check request
 
 
+def _upper_snake(code: str) -> str:
+    """Envoy's StatusCode enum name (``ServiceUnavailable``) as http.HTTPStatus's."""
+    return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(code)).upper()
+
+
 def _add(headers: dict[str, str], key: str, value: str) -> None:
     headers[key] = f"{headers[key]}, {value}" if key in headers else value
 
@@ -58,6 +67,45 @@ class EnvoyExtAuthz:
     headers_to_add: tuple[tuple[str, str], ...] = ()  # authorization_request.headers_to_add
     failure_mode_allow: bool = False
     status_on_error: int = 403
+
+    @classmethod
+    def from_envoy_config(
+        cls, path: Path, service_url: str, *, secret: str | None = None
+    ) -> EnvoyExtAuthz:
+        """The filter as an Envoy configuration file (static_resources) sets it up: its first
+        ``envoy.filters.http.ext_authz`` filter, with exact-match header patterns. ``secret``
+        replaces the value of every ``headers_to_add`` entry (the file holds a placeholder)."""
+        document = yaml.safe_load(path.read_text())
+        [ext_authz] = [
+            f["typed_config"]
+            for listener in document["static_resources"]["listeners"]
+            for chain in listener["filter_chains"]
+            for network in chain["filters"]
+            for f in network["typed_config"].get("http_filters", [])
+            if f["name"] == "envoy.filters.http.ext_authz"
+        ]
+        service = ext_authz["http_service"]
+        request = service.get("authorization_request", {})
+        response = service.get("authorization_response", {})
+
+        def exact(patterns: dict[str, Any] | None) -> tuple[str, ...]:
+            return tuple(p["exact"] for p in (patterns or {}).get("patterns", []))
+
+        status = ext_authz.get("status_on_error", {}).get("code", "Forbidden")
+        return cls(
+            service_url,
+            path_prefix=service.get("path_prefix", ""),
+            allowed_headers=exact(ext_authz.get("allowed_headers")),
+            allowed_upstream_headers=exact(response.get("allowed_upstream_headers")),
+            allowed_client_headers=exact(response.get("allowed_client_headers")),
+            timeout=float(str(service["server_uri"]["timeout"]).removesuffix("s")),
+            headers_to_add=tuple(
+                (h["key"], h["value"] if secret is None else secret)
+                for h in request.get("headers_to_add", [])
+            ),
+            failure_mode_allow=bool(ext_authz.get("failure_mode_allow", False)),
+            status_on_error=int(HTTPStatus[_upper_snake(status)]),
+        )
 
     def check(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> Checked:
         """Run one downstream request through the filter. ``headers`` must include Host.

@@ -1,8 +1,8 @@
 """Envoy's ``ext_authz`` HTTP service end to end: ``sidecar serve`` with its default server and
 settings plus an ``ext_authz:`` listener, driven exactly as Envoy drives it
-(tests/envoy_ext_authz.py, configured as deploy/envoy/envoy.yaml: ``path_prefix: /ext_authz``,
-``allowed_upstream_headers`` authorization and x-api-key, ``allowed_client_headers``
-www-authenticate). What is asserted is what Envoy would send upstream, or answer the client.
+(tests/envoy_ext_authz.py, configured from deploy/envoy/envoy.yaml itself: its path_prefix,
+header allow-lists, timeout, the secret header it adds and its status_on_error). What is
+asserted is what Envoy would send upstream, or answer the client.
 
 The user's token never reaches an upstream: it is replaced by our minted token, or by the
 upstream's API key (and then removed). Every check is a decision of the audit trail, under
@@ -38,6 +38,8 @@ from tests.functional.http.helpers import jwks_client, verify_as_upstream
 from tests.launcher import Served, free_port, start_serve
 
 VENDOR = "https://vendor.example/api"
+ENVOY_CONFIG = Path(__file__).parents[2] / "deploy" / "envoy" / "envoy.yaml"
+EXT_AUTHZ_SECRET = "ext-authz-secret-" + "e" * 24
 BEARER_VENDOR = "https://api.bearer-vendor.example/v1"
 RAW_VENDOR = "https://raw.example/api"
 NO_POLICY = "https://no-policy.internal/mcp"
@@ -86,6 +88,7 @@ def ext_authz_config(home: Path, idp: TestIdP, listen: str) -> dict[str, Any]:
     ]
     config["ext_authz"] = {
         "listen": listen,
+        "secret": EXT_AUTHZ_SECRET,  # as the example Envoy configuration sends it
         "client_id": "gateway",
         "path_prefix": "/ext_authz",
         "routes": [
@@ -130,15 +133,9 @@ def serve_with_ext_authz(
 
 
 def envoy_for(url: str) -> EnvoyExtAuthz:
-    """Envoy's ext_authz filter as deploy/envoy/envoy.yaml configures it."""
-    return EnvoyExtAuthz(
-        url,
-        path_prefix="/ext_authz",
-        allowed_headers=("authorization",),
-        allowed_upstream_headers=("authorization", "x-api-key"),
-        allowed_client_headers=("www-authenticate",),
-        timeout=5.0,
-    )
+    """Envoy's ext_authz filter as deploy/envoy/envoy.yaml configures it (read from the file,
+    with this test's ext_authz.secret in place of its placeholder)."""
+    return EnvoyExtAuthz.from_envoy_config(ENVOY_CONFIG, url, secret=EXT_AUTHZ_SECRET)
 
 
 @pytest.fixture(scope="module")
@@ -471,9 +468,20 @@ def test_the_ext_authz_listener_serves_no_token_endpoint(served: Served, idp: Te
     }
     url = served.extra["ext_authz"]
 
-    direct = requests.post(f"{url}/token", data=form, auth=("gateway", GATEWAY_SECRET), timeout=5)
+    envoy = {"x-sidecar-ext-authz": EXT_AUTHZ_SECRET}  # as Envoy sends its checks
+    direct = requests.post(
+        f"{url}/token", data=form, auth=("gateway", GATEWAY_SECRET), headers=envoy, timeout=5
+    )
     # Under the prefix, for a host with a route: a check like any other, with no bearer token.
     routed = requests.post(
+        f"{url}/ext_authz/token",
+        data=form,
+        auth=("gateway", GATEWAY_SECRET),
+        headers={"Host": "vendor.example", **envoy},
+        timeout=5,
+    )
+    # Without the secret, the caller is not Envoy: refused before anything else.
+    stranger = requests.post(
         f"{url}/ext_authz/token",
         data=form,
         auth=("gateway", GATEWAY_SECRET),
@@ -483,7 +491,8 @@ def test_the_ext_authz_listener_serves_no_token_endpoint(served: Served, idp: Te
 
     assert (direct.status_code, direct.json()) == (403, DENIED[403])
     assert (routed.status_code, routed.json()) == (401, DENIED[401])
-    for answer in (direct, routed):
+    assert (stranger.status_code, stranger.json()) == (403, DENIED[403])
+    for answer in (direct, routed, stranger):
         assert "access_token" not in answer.text
         for secret in (subject_token, VENDOR_KEY):
             assert secret not in answer.text
