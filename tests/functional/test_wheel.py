@@ -5,6 +5,7 @@ checkout on the path), as a non-root user (``nobody`` when the suite runs as roo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -100,19 +101,58 @@ def installed() -> Iterator[Path]:
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    """The configuration's directory, owned by the unprivileged user."""
+    """The configuration's directory (the image's /etc/sidecar), made read-only once the test
+    has written the configuration into it (see :func:`read_only`)."""
     path = reachable_directory("sidecar-run-")
+    yield path
+    path.chmod(0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def state() -> Iterator[Path]:
+    """The only writable places (the image's /var/lib/sidecar and /tmp): the database's
+    directory and TMPDIR, owned by the unprivileged user."""
+    path = reachable_directory("sidecar-state-")
+    (path / "tmp").mkdir()
     if AS_USER:
-        os.chown(path, NOBODY, NOBODY)
+        for owned in (path, path / "tmp"):
+            os.chown(owned, NOBODY, NOBODY)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run(sidecar: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def read_only(directory: Path) -> None:
+    """The unprivileged user may read ``directory`` but create nothing in it (as on a read-only
+    root filesystem)."""
+    directory.chmod(0o555)
+
+
+@contextlib.contextmanager
+def checkout_out_of_reach() -> Iterator[None]:
+    """Under root, the checkout is closed to the unprivileged user for the duration (root's own
+    processes, the rest of the suite included, are not affected by a mode)."""
+    if not AS_USER:
+        yield
+        return
+    mode = CHECKOUT.stat().st_mode & 0o7777
+    CHECKOUT.chmod(0o700)
+    try:
+        yield
+    finally:
+        CHECKOUT.chmod(mode)
+
+
+def deployed_env(state: Path) -> dict[str, str]:
+    """As in the image: temporary files under the writable state, no usable home directory."""
+    return {**_clean_env(), "TMPDIR": str(state / "tmp"), "HOME": "/nonexistent"}
+
+
+def run(sidecar: Path, cwd: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(sidecar), "--config", str(cwd / "sidecar.yaml"), *args],
         cwd=cwd,
-        env=_clean_env(),
+        env=deployed_env(state),
         **AS_USER,
         capture_output=True,
         text=True,
@@ -122,35 +162,47 @@ def run(sidecar: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str
 
 
 def test_an_installed_wheel_runs_outside_the_checkout_as_a_non_root_user(
-    installed: Path, workdir: Path
+    installed: Path, workdir: Path, state: Path
 ) -> None:
-    tmp_path = workdir
+    """From a read-only configuration directory, writing only to the state directory and
+    TMPDIR, with the checkout out of reach (under root)."""
+    with checkout_out_of_reach():
+        run_every_deployment_step(installed, workdir, state)
+
+
+def run_every_deployment_step(installed: Path, tmp_path: Path, state: Path) -> None:
     idp = TestIdP(tmp_path)
-    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    config: dict[str, Any] = base_config(idp, ClientKeys(), f"sqlite:///{state / 's.db'}")
     (tmp_path / "sidecar.yaml").write_text(yaml.safe_dump(config))
+    written_by_the_test = [p.name for p in tmp_path.iterdir()]
+    read_only(tmp_path)
     # Nothing of the checkout is importable from there.
     probe = subprocess.run(
         [str(installed.parent / "python"), "-c", "import sidecar; print(sidecar.__file__)"],
         cwd=tmp_path,
-        env=_clean_env(),
+        env=deployed_env(state),
         capture_output=True,
         text=True,
         check=True,
+        **AS_USER,
     )
     assert not probe.stdout.strip().startswith(str(CHECKOUT))
+    if AS_USER:  # and nothing of it is even readable
+        listing = subprocess.run(["ls", str(CHECKOUT)], capture_output=True, check=False, **AS_USER)
+        assert listing.returncode != 0
 
-    checked = run(installed, tmp_path, "check-config")
+    checked = run(installed, tmp_path, state, "check-config")
     assert checked.returncode == 0, checked.stderr
-    upgraded = run(installed, tmp_path, "db", "upgrade")
+    upgraded = run(installed, tmp_path, state, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    applied = run(installed, tmp_path, "policy", "apply", str(tmp_path / "sidecar.yaml"))
+    applied = run(installed, tmp_path, state, "policy", "apply", str(tmp_path / "sidecar.yaml"))
     assert applied.returncode == 0, applied.stderr
-    listed = run(installed, tmp_path, "policy", "list", "--json")
+    listed = run(installed, tmp_path, state, "policy", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert "code-search" in listed.stdout
 
     port = free_port()
-    output = tmp_path / "serve.log"
+    output = state / "serve.log"
     with output.open("wb") as sink:
         process = subprocess.Popen(
             [
@@ -162,7 +214,7 @@ def test_an_installed_wheel_runs_outside_the_checkout_as_a_non_root_user(
                 f"127.0.0.1:{port}",
             ],
             cwd=tmp_path,
-            env=_clean_env(),
+            env=deployed_env(state),
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -188,6 +240,7 @@ def test_an_installed_wheel_runs_outside_the_checkout_as_a_non_root_user(
         assert response.status_code == 200, response.text
     finally:
         served.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written_by_the_test)
     # The gunicorn alternative ships in the wheel too.
     gunicorn_conf = subprocess.run(
         [
@@ -196,7 +249,7 @@ def test_an_installed_wheel_runs_outside_the_checkout_as_a_non_root_user(
             "from sidecar.serving.gunicorn import DEFAULT_CONFIG; print(DEFAULT_CONFIG.is_file())",
         ],
         cwd=tmp_path,
-        env=_clean_env(),
+        env=deployed_env(state),
         capture_output=True,
         text=True,
         check=True,
