@@ -150,11 +150,12 @@ def policy_apply(
     2 when FILE is invalid (nothing is changed).
     """
     _, changes = _load_and_compare(ctx, file, actor=actor, dry_run=dry_run, prune=prune)
-    for warning in drift_warnings(changes, file):
+    warnings = drift_warnings(changes, file)
+    for warning in warnings:
         click.echo(warning, err=True)
     if as_json:
         report = {"dry_run": dry_run, "changes": _changes_json(changes),
-                  "unchanged": len(changes.unchanged)}  # fmt: skip
+                  "unchanged": len(changes.unchanged), "warnings": warnings}  # fmt: skip
         click.echo(json.dumps(report))
     else:
         _print_changes(changes, dry_run)

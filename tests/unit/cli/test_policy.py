@@ -125,6 +125,7 @@ def test_apply_creates_the_policies_of_the_file_then_finds_nothing_to_change(
         "dry_run": False,
         "changes": [],
         "unchanged": len(config["policies"]),
+        "warnings": [],
     }
     assert set(documents(migrated)) == {c["name"] for c in created["changes"]}
 

@@ -462,6 +462,7 @@ def test_apply_warns_and_still_applies(wiki: Path, wiki_files: tuple[Path, Path]
 
     [warning] = result.stderr.splitlines()
     assert "version 3 was a disable by oncall at " in warning
+    assert json.loads(result.stdout)["warnings"] == [warning]  # in the report too, for CI
     assert documents(wiki)["wiki"]["enabled"] is True
     assert history(wiki, "wiki")[-1]["action"] == "update"
 
