@@ -21,11 +21,13 @@ It owns the signals:
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -189,6 +191,33 @@ def serve_granian(
                 f"sidecar: error: {kind}.listen port {extra_port} is also the gateway listener's"
             )
         listeners.append(Listener(f"sidecar.serving.common:{kind}_app", extra_host, extra_port, 1))
+    for listener in listeners:
+        if not address_free(listener.host, listener.port):
+            raise SystemExit(
+                f"sidecar: error: {listener.host}:{listener.port} is already in use "
+                "(another server listens there)"
+            )
     share_metrics()
     configure_logging(settings.log.format)
     sys.exit(Supervisor(config_path, settings, listeners).run())
+
+
+def address_free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port``. granian binds with SO_REUSEPORT, with no way to
+    turn it off: a second server on a port in use (a copy started twice, an old instance still
+    running) would bind too, and the kernel would share the connections between the two,
+    whatever their configurations. A bind without SO_REUSEPORT fails on a port where any socket
+    listens (SO_REUSEADDR lets it pass one merely in TIME_WAIT, after a restart). The probe is
+    closed before granian binds; a server that takes the port in between is not caught."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise SystemExit(
+                f"sidecar: error: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+    return True

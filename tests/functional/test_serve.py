@@ -202,6 +202,22 @@ def test_sighup_replaces_the_workers_and_keeps_serving(tmp_path: Path, server: s
         served.kill()
 
 
+def test_a_second_serve_on_a_port_in_use_exits_and_the_first_keeps_serving(
+    served: Served, tmp_path: Path
+) -> None:
+    """granian binds with SO_REUSEPORT: without the check, both would listen and the kernel
+    would share the connections between two services."""
+    idp = TestIdP(tmp_path)
+    config = base_config(idp, ClientKeys(), f"sqlite:///{tmp_path / 's.db'}")
+    second = start_serve(tmp_path, config, port=served.port, wait=False)
+    try:
+        assert second.process.wait(timeout=START_TIMEOUT) != 0
+    finally:
+        second.kill()
+    assert f"127.0.0.1:{served.port} is already in use" in second.log()
+    assert exchange(served, served.extra["idp"].token()).status_code == 200
+
+
 def test_policies_deleted_by_the_cli_stay_deleted_after_a_restart(tmp_path: Path) -> None:
     """serve fills only a policy table that never held a policy from the config file: after
     ``policy delete`` of every policy, a restart denies the exchange the config once allowed."""

@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -472,3 +473,38 @@ def test_serve_granian_workers_option_overrides_the_configuration(
     assert started.listeners == [
         Listener("sidecar.serving.common:gateway_app", "127.0.0.1", 8080, 5)
     ]
+
+
+# --- a port in use is refused, though granian binds with SO_REUSEPORT ---------------------------
+
+
+def listening(*, reuse_port: bool) -> socket.socket:
+    """A loopback socket listening on a free port, as granian binds (SO_REUSEPORT) or not."""
+    sock = socket.socket()
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("reuse_port", [True, False], ids=["granian-like", "plain"])
+def test_a_port_another_server_listens_on_is_not_free(reuse_port: bool) -> None:
+    with listening(reuse_port=reuse_port) as other:
+        port = other.getsockname()[1]
+        assert not granian.address_free("127.0.0.1", port)
+    assert granian.address_free("127.0.0.1", port)  # closed: free again
+
+
+def test_serve_refuses_a_port_in_use_before_starting_any_server(
+    settings: Settings, tmp_path: Path
+) -> None:
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text("{}")
+    with listening(reuse_port=True) as other:
+        port = other.getsockname()[1]
+        with pytest.raises(SystemExit) as refused:
+            serve_granian(config_file, settings, bind=f"127.0.0.1:{port}", workers=1)
+    assert str(refused.value) == (
+        f"sidecar: error: 127.0.0.1:{port} is already in use (another server listens there)"
+    )
