@@ -36,13 +36,15 @@ def settings_of(ctx: click.Context) -> Settings:
         fail("invalid configuration: " + "; ".join(str(exc).splitlines()), 2)
 
 
-def services_of(ctx: click.Context, *, needs_schema: bool = True) -> Any:
+def services_of(ctx: click.Context, *, needs_schema: bool = True, unready_exit: int = 1) -> Any:
+    """The services of the configuration; ``unready_exit``: the exit status when the database
+    schema is not current (a command whose 1 means something else passes another)."""
     from sidecar.services import Services
     from sidecar.store import migrate
 
     services = Services(settings_of(ctx))
     if needs_schema and not migrate.is_current(services.engine):
-        fail("the database schema is not current: run `sidecar db upgrade`")
+        fail("the database schema is not current: run `sidecar db upgrade`", unready_exit)
     return services
 
 

@@ -205,7 +205,7 @@ def policy_test(
     file (--policies, or the case file's `policies:`) or else the live policy table.
 
     Exit status: 0 when every case passed, 1 when one failed, 2 when CASES or the policy file is
-    invalid.
+    invalid or the live table cannot be read.
     """
     from sidecar.cli.explain import policies_from_file
 
@@ -217,7 +217,8 @@ def policy_test(
         fail("invalid test cases: " + "; ".join(str(exc).splitlines()), 2)
     source = None if live else policies_file or suite.policies
     # A policy file needs no database: a proposed change is tested before it is applied.
-    services = services_of(ctx, needs_schema=source is None)
+    # 1 is a failed case: a table that cannot be read is not one.
+    services = services_of(ctx, needs_schema=source is None, unready_exit=2)
     try:
         if source is None:
             policies = services.policies.get()
@@ -226,7 +227,7 @@ def policy_test(
     except ConfigError as exc:
         fail("invalid policies: " + "; ".join(str(exc).splitlines()), 2)
     except ProtocolError as exc:  # the table could not be read (fail closed: no verdict)
-        fail(f"cannot read the policy table: {exc.reason}")
+        fail(f"cannot read the policy table: {exc.reason}", 2)
     started = time.monotonic()
     outcomes = run_cases(services, suite, policies, int(time.time()))
     if junit_file is not None:
