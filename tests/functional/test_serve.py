@@ -58,16 +58,26 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server.kill()
 
 
-def exchange(server: Served, subject_token: str, url: str | None = None) -> requests.Response:
+def exchange(
+    server: Served,
+    subject_token: str,
+    url: str | None = None,
+    *,
+    audience: str = CODE_SEARCH,
+    secret: str = GATEWAY_SECRET,
+    headers: dict[str, str] | None = None,
+) -> requests.Response:
+    """POST /token as the gateway (with ``secret``), for ``audience``."""
     return requests.post(
         url or f"{server.url}/token",
         data={
             "grant_type": TOKEN_EXCHANGE,
             "subject_token": subject_token,
             "subject_token_type": ACCESS_TOKEN_TYPE,
-            "audience": CODE_SEARCH,
+            "audience": audience,
         },
-        auth=("gateway", GATEWAY_SECRET),
+        auth=("gateway", secret),
+        headers=headers,
         timeout=10,
     )
 
@@ -154,19 +164,12 @@ def test_metrics_after_a_mix_of_exchanges_on_two_workers_add_up(tmp_path: Path) 
 
     def send(case: tuple[str, str, str]) -> int:
         _, audience, secret = case
-        response = requests.post(  # a connection each: the kernel spreads them over the workers
-            served.token_url,
-            data={
-                "grant_type": TOKEN_EXCHANGE,
-                "subject_token": idp.token(sub=f"user-{uuid.uuid4().hex[:8]}"),
-                "subject_token_type": ACCESS_TOKEN_TYPE,
-                "audience": audience,
-            },
-            auth=("gateway", secret),
-            headers={"Connection": "close"},
-            timeout=10,
+        subject = idp.token(sub=f"user-{uuid.uuid4().hex[:8]}")
+        # A connection each: the kernel spreads them over the workers.
+        answer = exchange(
+            served, subject, audience=audience, secret=secret, headers={"Connection": "close"}
         )
-        return response.status_code
+        return answer.status_code
 
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -535,42 +538,16 @@ def test_json_logs_carry_every_record_and_the_request_id(tmp_path: Path, server:
     served = start_serve(tmp_path, config, "--server", server)
     subject = idp.token()
     try:
-        response = requests.post(
-            served.token_url,
-            data={
-                "grant_type": TOKEN_EXCHANGE,
-                "subject_token": subject,
-                "subject_token_type": ACCESS_TOKEN_TYPE,
-                "audience": CODE_SEARCH,
-            },
-            auth=("gateway", GATEWAY_SECRET),
-            headers={"X-Request-ID": "gw-req-0001"},
-            timeout=10,
-        )
-        denied = requests.post(
-            served.token_url,
-            data={
-                "grant_type": TOKEN_EXCHANGE,
-                "subject_token": subject,
-                "subject_token_type": ACCESS_TOKEN_TYPE,
-                "audience": "https://nowhere.internal/mcp",
-            },
-            auth=("gateway", GATEWAY_SECRET),
+        response = exchange(served, subject, headers={"X-Request-ID": "gw-req-0001"})
+        denied = exchange(
+            served,
+            subject,
+            audience="https://nowhere.internal/mcp",
             headers={"X-Request-ID": "gw-req-0002"},
-            timeout=10,
         )
         wrong_secret = "wrong-" + GATEWAY_SECRET
-        unauthenticated = requests.post(
-            served.token_url,
-            data={
-                "grant_type": TOKEN_EXCHANGE,
-                "subject_token": subject,
-                "subject_token_type": ACCESS_TOKEN_TYPE,
-                "audience": CODE_SEARCH,
-            },
-            auth=("gateway", wrong_secret),
-            headers={"X-Request-ID": "gw-req-0003"},
-            timeout=10,
+        unauthenticated = exchange(
+            served, subject, secret=wrong_secret, headers={"X-Request-ID": "gw-req-0003"}
         )
         generated = requests.get(f"{served.url}/healthz", timeout=5).headers["X-Request-ID"]
         assert wait_for(lambda: '"gw-req-0003"' in served.log(), 5)
