@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from sidecar.audit import AuditTrail
 from sidecar.clients import ClientAuthenticator
@@ -27,7 +27,7 @@ from sidecar.store.db import is_sqlite, make_engine, make_sessionmaker, ping
 from sidecar.store.jtis import JtiStore
 from sidecar.store.key_directory import DirectoryKeyStore
 from sidecar.store.keys import KeyStore
-from sidecar.store.models import PolicyRow, PolicyVersionRow
+from sidecar.store.models import PolicyVersionRow
 from sidecar.store.notify import KEYS, POLICIES, ChangeListener, listen_conninfo
 from sidecar.store.policies import PolicyStore
 from sidecar.upstreams import ConfiguredUpstreams
@@ -176,10 +176,6 @@ class Services:
             from sidecar import metrics
 
             metrics.forget_this_process()
-
-    def count_policies(self) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.scalar(select(func.count()).select_from(PolicyRow)) or 0)
 
     def policy_history_exists(self) -> bool:
         """Whether the policy table ever held a policy (a deletion keeps the history)."""

@@ -95,7 +95,7 @@ def test_prepare_leaves_a_policy_table_that_has_policies_alone(
     again = make_services(settings_from_mapping(config, env={}))
     closing.append(again)
 
-    assert again.count_policies() == 5  # the table, not the file, holds the policies now
+    assert len(again.policy_store.all()) == 5  # the table, not the file, holds the policies now
 
 
 def test_prepare_never_refills_a_policy_table_emptied_on_purpose(
@@ -109,7 +109,7 @@ def test_prepare_never_refills_a_policy_table_emptied_on_purpose(
     again = make_services(settings_from_mapping(config, env={}))  # a restart
     closing.append(again)
 
-    assert again.count_policies() == 0  # every exchange denied, as the deletions meant
+    assert again.policy_store.all() == []  # every exchange denied, as the deletions meant
     assert again.policy_history_exists()
 
 
