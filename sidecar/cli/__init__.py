@@ -141,6 +141,10 @@ def serve(
     from sidecar.serving.common import configure_logging
 
     configure_logging(settings.log.format)  # the preparation's warnings too, in the format
+    if kind == "granian":  # before any preparation: a second instance touches nothing
+        from sidecar.serving.granian import granian_listeners, refuse_ports_in_use
+
+        refuse_ports_in_use(granian_listeners(settings, bind=bind, workers=workers))
     _in_child_process(_prepare_to_serve, settings)
     if kind == "gunicorn":
         from sidecar.serving.gunicorn import serve_gunicorn

@@ -178,6 +178,17 @@ class Supervisor:
 def serve_granian(
     config_path: Path, settings: Settings, *, bind: str | None, workers: int | None
 ) -> None:
+    listeners = granian_listeners(settings, bind=bind, workers=workers)
+    refuse_ports_in_use(listeners)  # again: the narrowest window before granian binds
+    share_metrics()
+    configure_logging(settings.log.format)
+    sys.exit(Supervisor(config_path, settings, listeners).run())
+
+
+def granian_listeners(
+    settings: Settings, *, bind: str | None, workers: int | None
+) -> list[Listener]:
+    """The gateway's listener (``--bind``, default 127.0.0.1:8080) and the configured others."""
     host, port = split_bind(bind or "127.0.0.1:8080")
     listeners = [
         Listener(
@@ -191,15 +202,17 @@ def serve_granian(
                 f"sidecar: error: {kind}.listen port {extra_port} is also the gateway listener's"
             )
         listeners.append(Listener(f"sidecar.serving.common:{kind}_app", extra_host, extra_port, 1))
+    return listeners
+
+
+def refuse_ports_in_use(listeners: list[Listener]) -> None:
+    """Exits, naming the address, when another server listens on a listener's port."""
     for listener in listeners:
         if not address_free(listener.host, listener.port):
             raise SystemExit(
                 f"sidecar: error: {listener.host}:{listener.port} is already in use "
                 "(another server listens there)"
             )
-    share_metrics()
-    configure_logging(settings.log.format)
-    sys.exit(Supervisor(config_path, settings, listeners).run())
 
 
 def address_free(host: str, port: int) -> bool:
