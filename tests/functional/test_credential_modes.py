@@ -477,13 +477,16 @@ def fetch_counts(sidecar: Served) -> dict[str, float]:
 
 def test_upstream_token_fetches_are_counted_by_outcome(sidecar: Served, idp: TestIdP) -> None:
     # After the tests above, fetches that succeeded and failed (summed over both workers); the
-    # authorization server is gone now: one more request is one more failed fetch.
+    # authorization server is gone now: one more request is one more failed fetch. How many
+    # fetches the tests above made depends on which worker answered each request (each worker
+    # caches its own tokens) and on timing: 4 and 7 successful ones in local runs, 1 and 2 in
+    # two CI runs. So only their presence is asserted; the delta below is exact.
     before = fetch_counts(sidecar)
 
     answer = exchange(sidecar, idp.token(), TICKETS_SAAS, scope="t8")
 
     after = fetch_counts(sidecar)
     assert answer.status_code == 503
-    assert before["ok"] >= 3
+    assert before["ok"] >= 1
     assert before["failed"] >= 1
     assert (after["ok"], after["failed"]) == (before["ok"], before["failed"] + 1)
