@@ -96,14 +96,28 @@ class Served:
                     f"sidecar serve exited with {self.process.returncode}:\n{self.log()}"
                 )
             try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200 and (
-                    self._admin_ready()
+                if (
+                    requests.get(f"{self.url}/readyz", timeout=2).status_code == 200
+                    and self._admin_ready()
+                    and self._workers_started()
                 ):
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.1)
         raise ServerFailed(f"sidecar serve not ready after {timeout}s:\n{self.log()}")
+
+    def _workers_started(self) -> bool:
+        """Every worker of the gateway's listener has started, not just the one that answered:
+        a worker still booting when SIGTERM comes may miss it (granian 2.8), and the server
+        then takes its whole graceful_timeout to stop."""
+        workers = self.extra.get("workers")
+        if not workers:
+            return True
+        log = self.log()
+        if "Starting granian" in log:  # the gateway's is the only server with several workers
+            return f"Started worker-{workers}" in log
+        return log.count("Booting worker with pid") >= workers  # gunicorn
 
     def _admin_ready(self) -> bool:
         """The admin API's and the management listener, when configured, answer too: each is
@@ -159,6 +173,7 @@ def start_serve(
         )
     STARTED.append(process)
     served = Served(process, f"http://127.0.0.1:{port}", port, config, config_file, output)
+    served.extra["workers"] = workers
     if wait:
         try:
             served.wait_ready()
