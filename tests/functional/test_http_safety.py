@@ -308,6 +308,8 @@ EARLY_REFUSALS = {
     "admin, no credentials": ("PUT /admin/policies/x", "admin", 401),
     # /healthz takes no POST.
     "method not allowed": ("POST /healthz", "gateway", 405),
+    # The admin API is not on the gateway's listener when it has one of its own.
+    "admin path on the gateway": ("PUT /admin/policies/x", "gateway", 404),
 }
 
 
